@@ -1,0 +1,211 @@
+"""``App``: the loops of one application and the way to run them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from typing import Any, TypeVar, overload
+
+from ostinato.coordinators import Coordinator, Event, from_url
+from ostinato.durations import Duration, parse_duration
+from ostinato.errors import ConfigurationError, UnknownLoopError
+from ostinato.loop import Body, LoopSpec, declare
+from ostinato.runner import Runner
+
+log = logging.getLogger("ostinato")
+
+DEFAULT_COORDINATOR = "sqlite:///ostinato.db"
+ENV_COORDINATOR = "OSTINATO_COORDINATOR"
+_APP_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+F = TypeVar("F", bound=Body)
+T = TypeVar("T")
+
+
+def resolve_url(given: str | None, app_default: str | None = None) -> str:
+    """The coordinator URL: the one given, else the app's, else the environment's, else SQLite."""
+    return given or app_default or os.environ.get(ENV_COORDINATOR) or DEFAULT_COORDINATOR
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from sync code, even when called inside an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="ostinato-sync-call")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class App:
+    """A named set of loops sharing one coordinator.
+
+    ``coordinator`` is a URL (``sqlite:///ostinato.db``, ``redis://...``) or a
+    ``Coordinator``; when not given, ``$OSTINATO_COORDINATOR`` or
+    ``sqlite:///ostinato.db`` is used.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        coordinator: str | Coordinator | None = None,
+        *,
+        grace: Duration = "30s",
+    ) -> None:
+        if not isinstance(name, str) or not _APP_NAME.match(name):
+            raise ConfigurationError(
+                f"bad app name {name!r}: use letters, digits, '_', '.' or '-'"
+            )
+        self.name = name
+        self._coordinator = coordinator
+        try:
+            self.grace = parse_duration(grace, what="grace")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self.loops: dict[str, LoopSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"<ostinato.App {self.name!r} loops={list(self.loops)}>"
+
+    @overload
+    def loop(self, body: F, /) -> F: ...
+
+    @overload
+    def loop(
+        self,
+        body: None = None,
+        /,
+        *,
+        name: str | None = None,
+        every: Duration | None = None,
+        pause: Duration | None = None,
+        cron: str | None = None,
+        idle: tuple[Duration, Duration] = ("100ms", "5s"),
+        error_backoff: tuple[Duration, Duration] = ("1s", "1m"),
+        lease: Duration = "10s",
+        timeout: Duration | None = None,
+        stall_after: Duration | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def loop(self, body: Any = None, /, **options: Any) -> Any:
+        """Declare a loop: ``@app.loop`` or ``@app.loop(every="2s", ...)``.
+
+        A bad declaration raises ``DeclarationError`` here, naming the loop and the field.
+        """
+
+        def register(fn: F) -> F:
+            spec = declare(fn, **options)
+            if spec.name in self.loops:
+                raise ConfigurationError(
+                    f"app {self.name!r} already has a loop named {spec.name!r}; "
+                    "give one of them name=..."
+                )
+            self.loops[spec.name] = spec
+            return fn
+
+        if body is not None:
+            return register(body)
+        return register
+
+    # -- the coordinator -------------------------------------------------------------
+
+    def coordinator_url(self, override: str | None = None) -> str:
+        default = self._coordinator if isinstance(self._coordinator, str) else None
+        return resolve_url(override, default)
+
+    def connect(self, override: str | None = None) -> Coordinator:
+        """The coordinator to use: ``override``, else the app's own, else the environment's."""
+        if override is None and isinstance(self._coordinator, Coordinator):
+            return self._coordinator
+        return from_url(self.coordinator_url(override))
+
+    def wake(self, name: str) -> None:
+        """End the idle wait of loop ``name`` now, in whichever process runs it."""
+        run_sync(self.wake_async(name))
+
+    async def wake_async(self, name: str) -> None:
+        """``wake`` for async code."""
+        if name not in self.loops:
+            raise UnknownLoopError(f"app {self.name!r} has no loop named {name!r}")
+        coordinator = self.connect()
+        owned = not isinstance(self._coordinator, Coordinator)
+        try:
+            await coordinator.publish(Event("wake", f"{self.name}:{name}"))
+        finally:
+            if owned:
+                await coordinator.close()
+
+    # -- running --------------------------------------------------------------------------
+
+    def _specs(self, only: Collection[str] | None) -> list[LoopSpec]:
+        if not only:
+            return list(self.loops.values())
+        unknown = sorted(set(only) - set(self.loops))
+        if unknown:
+            raise UnknownLoopError(
+                f"app {self.name!r} has no loop named {', '.join(map(repr, unknown))}; "
+                f"its loops are {', '.join(self.loops) or '(none)'}"
+            )
+        return [spec for name, spec in self.loops.items() if name in only]
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self, *, only: Collection[str] | None = None, coordinator: str | None = None
+    ) -> AsyncIterator[Runner]:
+        """Host the loops inside the running event loop until the block exits."""
+        specs = self._specs(only)
+        store = self.connect(coordinator)
+        await store.open()
+        runner = Runner(self.name, specs, store, grace=self.grace)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")
+        try:
+            yield runner
+        finally:
+            stop.set()
+            await task
+            if store is not self._coordinator:
+                await store.close()
+
+    def run(
+        self, *, only: Collection[str] | None = None, coordinator: str | None = None
+    ) -> None:
+        """Host the loops in this process until SIGTERM or SIGINT, then stop gracefully."""
+        asyncio.run(self.serve(only=only, coordinator=coordinator))
+
+    async def serve(
+        self, *, only: Collection[str] | None = None, coordinator: str | None = None
+    ) -> None:
+        """``run`` for a caller that owns the event loop: stops on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        handled = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                handled.append(sig)
+        try:
+            async with self.running(only=only, coordinator=coordinator):
+                await stop.wait()
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,178 @@
+"""The ``ostinato`` command. It parses, then calls library functions."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import click
+
+from ostinato import control
+from ostinato.app import App, resolve_url
+from ostinato.coordinators import Coordinator, from_url, redact
+from ostinato.errors import ConfigurationError, OstinatoError
+
+T = TypeVar("T")
+
+COORDINATOR_HELP = (
+    "Coordinator URL: memory://, sqlite:///path.db, redis://..., postgresql://... "
+    "[default: the app's, else sqlite:///ostinato.db]"
+)
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attr`` or ``path/to/file.py:attr`` and return the ``App`` it names."""
+    where, sep, attr = target.rpartition(":")
+    if not sep or not where or not attr:
+        raise ConfigurationError(
+            f"bad APP {target!r}: write module:attribute or path/to/file.py:attribute"
+        )
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigurationError(f"bad APP {target!r}: no file {where!r}")
+        sys.path.insert(0, str(path.resolve().parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ConfigurationError(f"bad APP {target!r}: cannot import {where!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        try:
+            spec.loader.exec_module(module)
+        except OstinatoError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(f"importing {where!r} failed: {exc!r}") from exc
+    else:
+        sys.path.insert(0, ".")
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            raise ConfigurationError(f"bad APP {target!r}: no module {where!r} ({exc})") from exc
+        except OstinatoError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(f"importing {where!r} failed: {exc!r}") from exc
+    if not hasattr(module, attr):
+        raise ConfigurationError(f"bad APP {target!r}: {where!r} has no attribute {attr!r}")
+    app = getattr(module, attr)
+    if not isinstance(app, App):
+        raise ConfigurationError(
+            f"bad APP {target!r}: {attr!r} is a {type(app).__name__}, not an ostinato.App"
+        )
+    return app
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"ostinato: error: {message}", err=True)
+    sys.exit(2)
+
+
+def guarded(debug: bool, call: Callable[[], T]) -> T:
+    """Run ``call``; an ``OstinatoError`` becomes one line on stderr and exit status 2."""
+    try:
+        return call()
+    except OstinatoError as exc:
+        if debug:
+            raise
+        fail(str(exc))
+
+
+async def _with(url: str, job: Callable[[Coordinator], Awaitable[T]]) -> T:
+    coordinator = from_url(url)
+    try:
+        await coordinator.open()
+        return await job(coordinator)
+    finally:
+        await coordinator.close()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+coordinator_option = click.option(
+    "--coordinator", envvar="OSTINATO_COORDINATOR", show_envvar=True, help=COORDINATOR_HELP
+)
+debug_option = click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ostinato")
+def main() -> None:
+    """Run continuous code: loops that repeat forever, one copy at a time."""
+
+
+@main.command()
+@click.argument("app")
+@coordinator_option
+@click.option("--only", multiple=True, metavar="NAME", help="Run only these loops (repeatable).")
+@click.option(
+    "--log-level", default="info", show_default=True, envvar="OSTINATO_LOG_LEVEL",
+    show_envvar=True, type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@debug_option
+def run(app: str, coordinator: str | None, only: tuple[str, ...], log_level: str,
+        debug: bool) -> None:
+    """Run the loops of APP (module:attr or path/to/file.py:attr) in this process.
+
+    Start as many runners as you like: each loop runs in exactly one of them at
+    a time. SIGTERM or SIGINT finishes the current passes, releases the leases
+    and exits 0.
+    """
+    _setup_logging("debug" if debug else log_level)
+    the_app = guarded(debug, lambda: load_app(app))
+    if not the_app.loops:
+        fail(f"app {app!r} declares no loops; add one with @app.loop")
+    url = the_app.coordinator_url(coordinator)
+    guarded(debug, lambda: from_url(url))  # a bad URL fails here, before any logging noise
+    guarded(debug, lambda: the_app.run(only=only or None, coordinator=url))
+
+
+@main.command()
+@coordinator_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@debug_option
+def status(coordinator: str | None, as_json: bool, debug: bool) -> None:
+    """Show every loop: holder, state, fence, passes, errors, timings."""
+    url = resolve_url(coordinator)
+    rows = guarded(debug, lambda: asyncio.run(_with(url, control.status)))
+    if as_json:
+        click.echo(json.dumps({"coordinator": redact(url), "loops": rows}, indent=2))
+    else:
+        click.echo(control.table(rows))
+
+
+def _control_command(name: str, action: Callable[[Coordinator, str], Awaitable[str]],
+                     verb: str, help_text: str) -> None:
+    @main.command(name=name, help=help_text)
+    @click.argument("loop")
+    @coordinator_option
+    @debug_option
+    def command(loop: str, coordinator: str | None, debug: bool) -> None:
+        url = resolve_url(coordinator)
+
+        async def job(store: Coordinator) -> str:
+            return await action(store, loop)
+
+        key = guarded(debug, lambda: asyncio.run(_with(url, job)))
+        click.echo(f"{verb} {key}")
+
+
+_control_command("pause", control.pause, "paused",
+                 "Pause LOOP (name or app:name): its holder stops and no runner takes it.")
+_control_command("resume", control.resume, "resumed", "Resume a paused LOOP.")
+_control_command("wake", control.wake, "woke", "End LOOP's idle wait now.")
+
+

@@ -1,0 +1,103 @@
+"""What the CLI's status, pause, resume and wake do, as library functions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ostinato.coordinators import Coordinator, Event, LoopRecord
+from ostinato.durations import format_duration
+from ostinato.errors import UnknownLoopError
+
+
+async def resolve(coordinator: Coordinator, name: str) -> str:
+    """The key of loop ``name`` (``loop`` or ``app:loop``); error if unknown or ambiguous."""
+    records = await coordinator.loops()
+    keys = [r.key for r in records]
+    if name in keys:
+        return name
+    matches = [r.key for r in records if r.name == name]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        known = ", ".join(r.name for r in records) or "(none yet: start a runner first)"
+        raise UnknownLoopError(f"no loop named {name!r} in {coordinator.display_url}; known: {known}")
+    raise UnknownLoopError(
+        f"{name!r} names loops of several apps ({', '.join(matches)}); write APP:LOOP"
+    )
+
+
+async def pause(coordinator: Coordinator, name: str) -> str:
+    key = await resolve(coordinator, name)
+    await coordinator.set_paused(key, True)
+    await coordinator.publish(Event("paused", key))
+    return key
+
+
+async def resume(coordinator: Coordinator, name: str) -> str:
+    key = await resolve(coordinator, name)
+    await coordinator.set_paused(key, False)
+    await coordinator.publish(Event("resumed", key))
+    return key
+
+
+async def wake(coordinator: Coordinator, name: str) -> str:
+    key = await resolve(coordinator, name)
+    await coordinator.publish(Event("wake", key))
+    return key
+
+
+def describe(record: LoopRecord, wall_now: float) -> dict[str, Any]:
+    """One loop's status as plain data (the ``--json`` form)."""
+    return {
+        "app": record.app,
+        "loop": record.name,
+        "state": record.state(wall_now),
+        "holder": record.holder,
+        "fence": record.fence,
+        "passes": record.passes,
+        "errors": record.errors,
+        "last_start": record.last_start,
+        "last_end": record.last_end,
+        "last_duration": record.last_duration,
+        "last_error": record.last_error,
+        "last_error_at": record.last_error_at,
+        "p50": record.p50,
+        "p99": record.p99,
+        "stall_after": record.stall_after,
+    }
+
+
+async def status(coordinator: Coordinator) -> list[dict[str, Any]]:
+    now = time.time()
+    return [describe(r, now) for r in await coordinator.loops()]
+
+
+def _ago(wall: float | None, now: float) -> str:
+    return "-" if wall is None else f"{format_duration(max(0.0, now - wall))} ago"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else format_duration(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Status as a table for people."""
+    if not rows:
+        return "no loops yet: start a runner with  ostinato run APP"
+    now = time.time()
+    head = ("LOOP", "STATE", "HOLDER", "FENCE", "PASSES", "ERRORS", "LAST START", "LAST END",
+            "LAST", "P50", "P99")
+    lines = [head]
+    for r in rows:
+        lines.append((
+            f"{r['app']}:{r['loop']}", r["state"], r["holder"] or "-", str(r["fence"]),
+            str(r["passes"]), str(r["errors"]), _ago(r["last_start"], now),
+            _ago(r["last_end"], now), _secs(r["last_duration"]), _secs(r["p50"]),
+            _secs(r["p99"]),
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )

@@ -1,0 +1,261 @@
+"""The contract every coordinator keeps.
+
+A coordinator is the shared store that holds each loop's lease. Loops are named
+by a *key*, ``"app:loop"``. Every backend implements the same rules, written
+into the docstrings below, and is checked by one contract suite
+(``tests/contract``).
+
+A lease has an owner (the runner's id), an expiry and a fence. The expiry is
+judged by the coordinator's own clock (the server's for Redis and PostgreSQL,
+the host's monotonic clock for SQLite), never by a runner's wall clock. Every
+grant bumps the loop's fence, so a fence is strictly greater than every fence
+granted before it for that loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import socket
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """Who asks: one runner process."""
+
+    id: str
+    host: str
+    pid: int
+
+    @classmethod
+    def here(cls) -> RunnerInfo:
+        return cls(id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease was granted with this fence.
+
+    ``last_start`` is the wall-clock time of the loop's last recorded pass
+    start (any holder), so pacing can carry on across a hand-over.
+    """
+
+    fence: int
+    last_start: float | None = None
+
+
+@dataclass(frozen=True)
+class Denied:
+    """The lease was not granted: another runner holds it, or the loop is paused."""
+
+    holder: str | None
+    expires_in: float | None
+    paused: bool = False
+
+
+class Renewal(enum.Enum):
+    HELD = "held"
+    LOST = "lost"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A notice between processes. ``kind`` is one of ``KINDS``."""
+
+    kind: str
+    key: str
+
+    KINDS = ("wake", "released", "paused", "resumed")
+
+
+@dataclass
+class LoopStats:
+    """What a runner reports of one loop since its last report (counts are deltas)."""
+
+    key: str
+    passes: int = 0
+    errors: int = 0
+    last_start: float | None = None
+    last_end: float | None = None
+    last_duration: float | None = None
+    last_outcome: str | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+    running_since: float | None = None
+    stall_after: float | None = None
+
+
+@dataclass(frozen=True)
+class LoopRecord:
+    """What the coordinator knows of one loop, for status."""
+
+    key: str
+    fence: int
+    paused: bool
+    holder: str | None
+    held_since: float | None
+    passes: int = 0
+    errors: int = 0
+    last_start: float | None = None
+    last_end: float | None = None
+    last_duration: float | None = None
+    last_outcome: str | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+    running_since: float | None = None
+    stall_after: float | None = None
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def app(self) -> str:
+        return self.key.partition(":")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.partition(":")[2]
+
+    def state(self, wall_now: float) -> str:
+        """``paused``, ``no runner``, ``stalled``, ``idle`` or ``running``."""
+        if self.paused:
+            return "paused"
+        if self.holder is None:
+            return "no runner"
+        if self.stall_after is not None:
+            since = max(t for t in (self.last_end, self.held_since, 0.0) if t is not None)
+            if wall_now - since > self.stall_after:
+                return "stalled"
+        if self.last_outcome == "idle" and self.running_since is None:
+            return "idle"
+        return "running"
+
+
+@dataclass(frozen=True)
+class RunnerRecord:
+    """A live runner, as registered by its heartbeat."""
+
+    id: str
+    label: str
+    seen: float
+
+
+def stats_fields(stats: LoopStats) -> dict[str, object]:
+    """The fields of a report that replace the stored ones (the counts add up instead)."""
+    out: dict[str, object] = {}
+    for name in (
+        "last_start", "last_end", "last_duration", "last_outcome", "last_error",
+        "last_error_at", "p50", "p99", "stall_after",
+    ):
+        value = getattr(stats, name)
+        if value is not None:
+            out[name] = value
+    out["running_since"] = stats.running_since
+    return out
+
+
+def drift_margin(ttl: float) -> float:
+    """How much sooner than the coordinator a holder assumes its lease ends.
+
+    Clocks tick at slightly different rates, so the local deadline is cut short
+    by 1% of the TTL plus 2 ms.
+    """
+    return ttl * 0.01 + 0.002
+
+
+class Coordinator(abc.ABC):
+    """The shared store of leases. Implementations are safe for use from one event loop.
+
+    Calls that cannot reach the store raise ``CoordinatorUnavailable``.
+    """
+
+    #: The URL with any password replaced by ``***``.
+    display_url: str = ""
+
+    async def open(self) -> None:  # noqa: B027 - most backends connect lazily
+        """Connect, and create the schema if it is missing. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Disconnect. Leases still held are left to expire."""
+
+    @abc.abstractmethod
+    async def acquire(
+        self, key: str, runner: RunnerInfo, ttl: float
+    ) -> Grant | Denied:
+        """Grant ``runner`` the lease of ``key`` for ``ttl`` seconds, with a new fence.
+
+        The lease is granted when:
+
+        * it is unclaimed (never held, or released);
+        * its claim has expired on the coordinator's clock;
+        * it is claimed by ``runner`` itself (a re-grant, with a new fence);
+        * its holder is known to be dead (a backend-specific shortcut, such as a
+          lock the kernel or the server frees when the holder's process or
+          connection ends).
+
+        It is refused with ``Denied`` when the loop is paused, or claimed by
+        another runner whose claim has not expired; ``Denied.expires_in`` then
+        says when that claim runs out, if known.
+        """
+
+    @abc.abstractmethod
+    async def renew(
+        self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+    ) -> dict[str, Renewal]:
+        """Extend each lease in ``leases`` (key -> (fence, ttl)) by its ttl from now.
+
+        A lease is extended only if ``runner`` still owns it with that same fence
+        (checked atomically with the extension): then ``HELD``. If the loop was
+        paused, the lease is released and the answer is ``PAUSED``. Otherwise
+        nothing is changed and the answer is ``LOST``.
+        """
+
+    @abc.abstractmethod
+    async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
+        """Give the lease up now, only if ``runner`` owns it with ``fence``.
+
+        The fence counter is kept: the next grant is still greater. Returns
+        whether a lease was released.
+        """
+
+    @abc.abstractmethod
+    async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
+        """Record that ``runner`` is alive for ``ttl`` more seconds and store ``stats``.
+
+        Counts in ``stats`` are added to the stored ones; other fields replace them.
+        """
+
+    @abc.abstractmethod
+    async def runners(self) -> list[RunnerRecord]:
+        """The runners whose last report has not expired."""
+
+    @abc.abstractmethod
+    async def set_paused(self, key: str, paused: bool) -> None:
+        """Pause or resume ``key``. Pausing a loop no runner has seen yet is allowed."""
+
+    @abc.abstractmethod
+    async def loops(self) -> list[LoopRecord]:
+        """Every loop the coordinator knows of, sorted by key."""
+
+    @abc.abstractmethod
+    async def publish(self, event: Event) -> None:
+        """Deliver ``event`` to every runner subscribed to this coordinator, on any host."""
+
+    @abc.abstractmethod
+    async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` on the current event loop for each event published from now on.
+
+        The coordinator may also call it with ``released`` events it infers
+        itself (a holder it saw die).
+        """

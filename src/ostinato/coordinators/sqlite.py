@@ -1,0 +1,515 @@
+"""``sqlite:///path.db``: the embedded default, for runner processes on one host.
+
+Expiry is judged on the host's monotonic clock (``CLOCK_MONOTONIC`` is shared by
+every process of one boot), tagged with the boot id, so a wall-clock jump never
+expires or extends a lease. Every grant bumps the loop's fence in the same
+write transaction; the database is synced on every commit, so a fence survives
+a crash of the process or of the host.
+
+A dead holder is noticed at once instead of after its TTL: each runner holds an
+exclusive ``flock`` on a file of its own (``<db>-runners/<id>.lock``) for its
+whole life, which the kernel frees when the process dies. A lease whose
+holder's lock can be taken is up for grabs, and a standby that was refused
+watches the holder's process (``pidfd``) to try again the moment it exits. A
+holder that is merely stopped (SIGSTOP) keeps its lock, so it loses its lease
+only when the TTL runs out.
+
+Events reach the runners of this database as UDP datagrams on the loopback
+interface, sent to the port each runner registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ostinato.coordinators.protocol import (
+    Coordinator,
+    Denied,
+    Event,
+    Grant,
+    LoopRecord,
+    LoopStats,
+    Renewal,
+    RunnerInfo,
+    RunnerRecord,
+    stats_fields,
+)
+from ostinato.errors import ConfigurationError, CoordinatorUnavailable
+
+log = logging.getLogger("ostinato.sqlite")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ostinato_loops (
+    key TEXT PRIMARY KEY,
+    fence INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    holder TEXT,
+    holder_pid INTEGER,
+    boot TEXT,
+    expires REAL,
+    held_since REAL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    passes INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    last_start REAL, last_end REAL, last_duration REAL, last_outcome TEXT,
+    last_error TEXT, last_error_at REAL, p50 REAL, p99 REAL,
+    running_since REAL, stall_after REAL
+);
+CREATE TABLE IF NOT EXISTS ostinato_runners (
+    id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    expires REAL NOT NULL,
+    port INTEGER
+);
+"""
+
+STAT_COLUMNS = (
+    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
+    "last_error_at", "p50", "p99", "running_since", "stall_after",
+)
+
+# A runner lock file younger than this is never removed as stale: its runner may
+# have created it and not yet locked it.
+STALE_LOCK_AGE = 60.0
+# How often a standby checks a holder's lock where pidfd is not available.
+HOLDER_POLL = 0.1
+
+
+def boot_id() -> str:
+    """An id of this boot of the host: monotonic times are comparable only within one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        # Elsewhere the boot time, to the second, tells boots apart.
+        return str(round(time.time() - time.monotonic()))
+
+
+def sqlite_path(url: str) -> Path:
+    """The database path of a ``sqlite:///`` URL; its folder must exist."""
+    rest = url[len("sqlite://"):]
+    if not rest.startswith("/") or rest == "/":
+        raise ConfigurationError(
+            f"bad SQLite URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    raw = rest[1:]
+    if raw in ("", ":memory:"):
+        raise ConfigurationError(
+            f"bad SQLite URL {url!r}: an in-memory SQLite database is private to one "
+            "connection; use memory:// for a coordinator inside one process"
+        )
+    path = Path(raw)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigurationError(
+            f"SQLite database folder {str(folder)!r} does not exist (from {url!r}); "
+            "create it first, or point the URL elsewhere"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ConfigurationError(
+            f"SQLite database folder {str(folder)!r} is not writable (from {url!r})"
+        )
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigurationError(f"SQLite database {str(path)!r} is not writable")
+    return path
+
+
+class SQLiteCoordinator(Coordinator):
+    """Leases in a SQLite database shared by the processes of one host."""
+
+    def __init__(self, url: str) -> None:
+        self.path = sqlite_path(url)
+        self.display_url = url
+        self.lock_dir = self.path.with_name(self.path.name + "-runners")
+        self._boot = boot_id()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ostinato-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._own_locks: dict[str, int] = {}
+        self._watched: dict[str, set[str]] = {}
+        self._watch_tasks: set[asyncio.Task[None]] = set()
+        self._callbacks: list[Callable[[Event], None]] = []
+        self._transport: asyncio.DatagramTransport | None = None
+        self._send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._closed = False
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
+        loop = asyncio.get_running_loop()
+
+        def call() -> T:
+            conn = self._connect()
+            return fn(conn, *args)
+
+        try:
+            return await loop.run_in_executor(self._executor, call)
+        except sqlite3.OperationalError as exc:
+            raise CoordinatorUnavailable(f"SQLite database {self.path}: {exc}") from exc
+
+    async def open(self) -> None:
+        try:
+            await self._run(lambda conn: None)
+        except CoordinatorUnavailable as exc:
+            raise ConfigurationError(str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._watch_tasks:
+            task.cancel()
+        if self._transport is not None:
+            self._transport.close()
+        self._send.close()
+
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+            for runner_id, fd in self._own_locks.items():
+                with contextlib.suppress(OSError):
+                    (self.lock_dir / f"{runner_id}.lock").unlink()
+                os.close(fd)
+            self._own_locks.clear()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=False)
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection) -> contextlib.AbstractContextManager[None]:
+        @contextlib.contextmanager
+        def transaction() -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        return transaction()  # type: ignore[no-any-return]
+
+    # -- runner liveness locks ------------------------------------------------
+
+    def _hold_runner_lock(self, runner: RunnerInfo) -> None:
+        """Take this runner's liveness lock; runs before its first grant."""
+        if runner.id in self._own_locks:
+            return
+        self.lock_dir.mkdir(exist_ok=True)
+        path = self.lock_dir / f"{runner.id}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A stale-file sweep may have unlinked the file between open and lock.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self._own_locks[runner.id] = fd
+        self._sweep_stale_locks()
+
+    def _sweep_stale_locks(self) -> None:
+        now = time.time()
+        for path in self.lock_dir.glob("*.lock"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STALE_LOCK_AGE and self._lock_is_free(path):
+                    path.unlink()
+
+    @staticmethod
+    def _lock_is_free(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing the descriptor also drops a lock just taken
+        return True
+
+    def _runner_dead(self, runner_id: str) -> bool:
+        if runner_id in self._own_locks:
+            return False
+        return self._lock_is_free(self.lock_dir / f"{runner_id}.lock")
+
+    # -- leases ----------------------------------------------------------------
+
+    def _expired(self, row: sqlite3.Row, now: float) -> bool:
+        return row["owner"] is None or row["boot"] != self._boot or row["expires"] <= now
+
+    async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
+        def grant(conn: sqlite3.Connection) -> tuple[Grant | Denied, int | None]:
+            self._hold_runner_lock(runner)
+            with self._write(conn):
+                conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
+                row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                now = time.monotonic()
+                if row["paused"]:
+                    return Denied(holder=None, expires_in=None, paused=True), None
+                if (
+                    row["owner"] != runner.id
+                    and not self._expired(row, now)
+                    and not self._runner_dead(row["owner"])
+                ):
+                    denied = Denied(holder=row["holder"], expires_in=row["expires"] - now)
+                    return denied, row["holder_pid"]
+                fence = row["fence"] + 1
+                conn.execute(
+                    "UPDATE ostinato_loops SET fence = ?, owner = ?, holder = ?, holder_pid = ?,"
+                    " boot = ?, expires = ?, held_since = ? WHERE key = ?",
+                    (fence, runner.id, runner.label, runner.pid, self._boot, now + ttl,
+                     time.time(), key),
+                )
+                return Grant(fence=fence, last_start=row["last_start"]), None
+
+        answer, holder_pid = await self._run(grant)
+        if isinstance(answer, Denied) and holder_pid is not None:
+            owner = await self._run(
+                lambda conn: conn.execute(
+                    "SELECT owner FROM ostinato_loops WHERE key = ?", (key,)
+                ).fetchone()["owner"]
+            )
+            if owner is not None:
+                self._watch_holder(owner, holder_pid, key)
+        return answer
+
+    async def renew(
+        self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+    ) -> dict[str, Renewal]:
+        def extend(conn: sqlite3.Connection) -> dict[str, Renewal]:
+            answers: dict[str, Renewal] = {}
+            with self._write(conn):
+                now = time.monotonic()
+                for key, (fence, ttl) in leases.items():
+                    row = conn.execute(
+                        "SELECT owner, fence, boot, expires, paused FROM ostinato_loops"
+                        " WHERE key = ?", (key,),
+                    ).fetchone()
+                    if (
+                        row is None or row["owner"] != runner.id or row["fence"] != fence
+                        or self._expired(row, now)
+                    ):
+                        answers[key] = Renewal.LOST
+                    elif row["paused"]:
+                        conn.execute(
+                            "UPDATE ostinato_loops SET owner = NULL, holder = NULL,"
+                            " holder_pid = NULL, expires = NULL WHERE key = ?", (key,),
+                        )
+                        answers[key] = Renewal.PAUSED
+                    else:
+                        conn.execute(
+                            "UPDATE ostinato_loops SET expires = ? WHERE key = ?", (now + ttl, key)
+                        )
+                        answers[key] = Renewal.HELD
+            return answers
+
+        return await self._run(extend)
+
+    async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
+        def drop(conn: sqlite3.Connection) -> bool:
+            with self._write(conn):
+                cursor = conn.execute(
+                    "UPDATE ostinato_loops SET owner = NULL, holder = NULL, holder_pid = NULL,"
+                    " expires = NULL WHERE key = ? AND owner = ? AND fence = ?",
+                    (key, runner.id, fence),
+                )
+                return cursor.rowcount == 1
+
+        return await self._run(drop)
+
+    # -- reports and status ----------------------------------------------------
+
+    async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
+        def store(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                conn.execute(
+                    "INSERT INTO ostinato_runners (id, label, pid, boot, expires) VALUES"
+                    " (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET expires = excluded.expires",
+                    (runner.id, runner.label, runner.pid, self._boot, time.monotonic() + ttl),
+                )
+                for item in stats:
+                    fields = stats_fields(item)
+                    sets = ", ".join(f"{name} = ?" for name in fields)
+                    conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (item.key,))
+                    conn.execute(
+                        f"UPDATE ostinato_loops SET passes = passes + ?, errors = errors + ?,"  # noqa: S608 - column names are ours
+                        f" {sets} WHERE key = ?",
+                        (item.passes, item.errors, *fields.values(), item.key),
+                    )
+
+        await self._run(store)
+
+    async def runners(self) -> list[RunnerRecord]:
+        def read(conn: sqlite3.Connection) -> list[RunnerRecord]:
+            rows = conn.execute(
+                "SELECT id, label, expires FROM ostinato_runners WHERE boot = ? AND expires > ?",
+                (self._boot, time.monotonic()),
+            ).fetchall()
+            return [RunnerRecord(r["id"], r["label"], r["expires"]) for r in rows]
+
+        return await self._run(read)
+
+    async def set_paused(self, key: str, paused: bool) -> None:
+        def store(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
+                conn.execute(
+                    "UPDATE ostinato_loops SET paused = ? WHERE key = ?", (int(paused), key)
+                )
+
+        await self._run(store)
+
+    async def loops(self) -> list[LoopRecord]:
+        def read(conn: sqlite3.Connection) -> list[LoopRecord]:
+            now = time.monotonic()
+            records = []
+            for row in conn.execute("SELECT * FROM ostinato_loops ORDER BY key"):
+                held = not self._expired(row, now) and not self._runner_dead(row["owner"])
+                records.append(
+                    LoopRecord(
+                        key=row["key"],
+                        fence=row["fence"],
+                        paused=bool(row["paused"]),
+                        holder=row["holder"] if held else None,
+                        held_since=row["held_since"] if held else None,
+                        passes=row["passes"],
+                        errors=row["errors"],
+                        **{name: row[name] for name in STAT_COLUMNS},
+                    )
+                )
+            return records
+
+        return await self._run(read)
+
+    # -- events ------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        def ports(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT port FROM ostinato_runners WHERE port IS NOT NULL AND boot = ?"
+                " AND expires > ?", (self._boot, time.monotonic()),
+            ).fetchall()
+            return [r["port"] for r in rows]
+
+        payload = json.dumps({"kind": event.kind, "key": event.key}).encode()
+        for port in await self._run(ports):
+            with contextlib.suppress(OSError):
+                self._send.sendto(payload, ("127.0.0.1", port))
+
+    async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
+        self._callbacks.append(callback)
+        if self._transport is not None:
+            return
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _EventProtocol(self._deliver), local_addr=("127.0.0.1", 0)
+        )
+        self._transport = transport
+        port = transport.get_extra_info("sockname")[1]
+
+        def register(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                conn.execute(
+                    "INSERT INTO ostinato_runners (id, label, pid, boot, expires, port)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    " port = excluded.port, expires = excluded.expires",
+                    (runner.id, runner.label, runner.pid, self._boot,
+                     time.monotonic() + 30.0, port),
+                )
+
+        await self._run(register)
+
+    def _deliver(self, event: Event) -> None:
+        for callback in list(self._callbacks):
+            callback(event)
+
+    # -- watching a holder die -----------------------------------------------------
+
+    def _watch_holder(self, owner: str, pid: int, key: str) -> None:
+        keys = self._watched.get(owner)
+        if keys is not None:
+            keys.add(key)
+            return
+        self._watched[owner] = {key}
+        task = asyncio.get_running_loop().create_task(self._await_death(owner, pid))
+        self._watch_tasks.add(task)
+        task.add_done_callback(self._watch_tasks.discard)
+
+    async def _await_death(self, owner: str, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        lock = self.lock_dir / f"{owner}.lock"
+        pidfd = _pidfd_open(pid)
+        try:
+            if pidfd is not None:
+                exited = loop.create_future()
+                loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+                try:
+                    await exited
+                finally:
+                    loop.remove_reader(pidfd)
+            # The kernel frees the lock before the pidfd turns readable; the lock is
+            # still what decides, in case the pid belonged to another process.
+            while not self._lock_is_free(lock):
+                await asyncio.sleep(HOLDER_POLL)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+            keys = self._watched.pop(owner, set())
+        for key in keys:
+            self._deliver(Event("released", key))
+
+
+def _pidfd_open(pid: int) -> int | None:
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        fd: int = opener(pid)
+    except OSError:
+        return None
+    return fd
+
+
+class _EventProtocol(asyncio.DatagramProtocol):
+    def __init__(self, deliver: Callable[[Event], None]) -> None:
+        self._deliver = deliver
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            message = json.loads(data)
+            event = Event(str(message["kind"]), str(message["key"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed event datagram from %s", addr)
+            return
+        if event.kind in Event.KINDS:
+            self._deliver(event)
+

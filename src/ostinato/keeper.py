@@ -1,0 +1,300 @@
+"""One loop inside a runner: win its lease, run its passes while the lease holds, give it back.
+
+The decisions (when to start, whether the lease still holds) come from
+``pacing`` and ``LocalLease``; this module only drives them. Sync bodies run
+in a thread of their own per loop, so a slow loop never delays another and a
+pass costs no hand-off between threads; ``async def`` bodies run on the event
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ostinato.coordinators.protocol import Denied, Event, Grant
+from ostinato.errors import CoordinatorUnavailable
+from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
+from ostinato.pacing import Outcome, Plan, plan_next
+from ostinato.stats import StatsBook
+
+if TYPE_CHECKING:
+    from ostinato.runner import Runner
+
+log = logging.getLogger("ostinato.loop")
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]
+
+
+class LoopKeeper:
+    """Keeps one loop going in one runner for as long as the runner lives."""
+
+    def __init__(self, runner: Runner, spec: LoopSpec) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.key = f"{runner.app_name}:{spec.name}"
+        self.stats = StatsBook(self.key, spec.stall_after)
+        self.lease: LocalLease | None = None
+        self.held_at = 0.0
+        self.paused = False
+        self.stalled = False
+        self.overrun_logged_at: float | None = None
+        # Set by an event that makes another try at the lease worthwhile.
+        self._chance = asyncio.Event()
+        # Wakes the pass driver: a wake-up, a lost lease, or the runner stopping.
+        self._signal = threading.Event()
+        self._woken = False
+        self._async_signal: asyncio.Event | None = None
+        self._outage_logged = False
+
+    # -- notices from the runner ----------------------------------------------
+
+    def wake(self) -> None:
+        """End the idle wait now."""
+        self._woken = True
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Make the pass driver look at its lease and the stop flag again."""
+        self._signal.set()
+        if self._async_signal is not None:
+            self._async_signal.set()
+
+    def chance(self) -> None:
+        """The lease may be free: try for it now instead of at the next retry."""
+        self._chance.set()
+
+    def lose(self, why: str) -> None:
+        """Stop starting passes at once: a renewal failed or said the lease is gone."""
+        lease = self.lease
+        if lease is None or lease.deadline == float("-inf"):
+            return
+        lease.revoke()
+        log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why)
+        self.nudge()
+
+    def on_event(self, event: Event) -> None:
+        if event.kind == "wake":
+            self.wake()
+        elif event.kind in ("released", "resumed"):
+            self.chance()
+
+    # -- the lease ------------------------------------------------------------
+
+    async def keep(self) -> None:
+        """Acquire, hold, release, again, until the runner stops."""
+        runner = self.runner
+        failures = 0
+        while not runner.stopping:
+            sent = time.monotonic()
+            try:
+                answer = await runner.coordinator.acquire(self.key, runner.info, self.spec.lease)
+            except CoordinatorUnavailable as exc:
+                failures += 1
+                if not self._outage_logged:
+                    log.error("%s: cannot reach the coordinator, retrying: %s", self.key, exc)
+                    self._outage_logged = True
+                await self._wait_chance(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+                continue
+            if self._outage_logged:
+                log.warning("%s: coordinator reachable again", self.key)
+                self._outage_logged = False
+            failures = 0
+            if isinstance(answer, Denied):
+                await self._stand_by(answer)
+                continue
+            await self._hold(answer, sent)
+
+    async def _stand_by(self, denied: Denied) -> None:
+        if denied.paused != self.paused:
+            self.paused = denied.paused
+            log.info("%s: %s", self.key, "paused" if denied.paused else "resumed")
+        # Try again when the holder's claim runs out, and at least every third of a TTL.
+        wait = self.spec.lease / 3
+        if denied.expires_in is not None:
+            wait = min(wait, max(denied.expires_in, 0.0) + 0.002)
+        await self._wait_chance(wait * (1 if denied.expires_in is not None else random.uniform(0.8, 1)))
+
+    async def _wait_chance(self, seconds: float) -> None:
+        self._chance.clear()
+        waiter = asyncio.ensure_future(self._chance.wait())
+        stopper = asyncio.ensure_future(self.runner.stopped.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            stopper.cancel()
+
+    async def _hold(self, grant: Grant, sent: float) -> None:
+        lease = LocalLease(grant.fence, self.spec.lease, sent)
+        if self.paused:
+            self.paused = False
+        self.lease = lease
+        self.held_at = time.monotonic()
+        log.info("%s: lease acquired (fence %d)", self.key, lease.fence)
+        first = self.spec.pacing.first_start(
+            now=time.monotonic(), wall_now=time.time(), last_start_wall=grant.last_start
+        )
+        finished = True
+        try:
+            if self.spec.is_async:
+                await self._run_async(lease, first)
+            else:
+                finished = await self._run_thread(lease, first)
+        finally:
+            self.lease = None
+            if finished and lease.deadline != float("-inf"):
+                await self.runner.give_back(self.key, lease)
+
+    # -- sync bodies: a thread per held lease -----------------------------------
+
+    async def _run_thread(self, lease: LocalLease, first: float) -> bool:
+        """Run passes in a thread; return whether it has finished (False: still in a pass)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def target() -> None:
+            try:
+                self._passes_in_thread(lease, first)
+            except BaseException as exc:  # a bug here must not end the loop silently
+                loop.call_soon_threadsafe(settle, exc)
+            else:
+                loop.call_soon_threadsafe(settle, None)
+
+        thread = threading.Thread(target=target, name=f"ostinato:{self.spec.name}", daemon=True)
+        thread.start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The runner gave up waiting: a sync pass cannot be interrupted, so the
+            # lease is left to expire rather than handed to a standby mid-pass.
+            return not thread.is_alive()
+        except Exception:
+            log.exception("%s: the pass driver failed; starting it again", self.key)
+        return True
+
+    def _passes_in_thread(self, lease: LocalLease, first: float) -> None:
+        spec, stats, signal = self.spec, self.stats, self._signal
+        body: Callable[[Pass], Any] = spec.body
+        runner = self.runner
+        slot = not_before = first
+        idle_until = 0.0
+        idle_streak = error_streak = number = 0
+        while True:
+            signal.clear()
+            if runner.stopping:
+                return
+            now = time.monotonic()
+            if self._woken:
+                self._woken = False
+                idle_until = now
+            start_at = not_before if not_before > idle_until else idle_until
+            if now < start_at:
+                signal.wait(min(start_at - now, lease.ttl))
+                continue
+            if not lease.holds(now):
+                return
+            number += 1
+            stats.started(now)
+            try:
+                result = body(Pass(spec.name, lease, number, now))
+            except BaseException as exc:
+                end = time.monotonic()
+                outcome = Outcome.FAILED
+                stats.failed(end, _error_text(exc))
+                log.error("%s: pass %d failed", self.key, number, exc_info=exc)
+            else:
+                end = time.monotonic()
+                outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED
+            stats.finished(now, end, outcome.value)
+            plan = self._plan(slot, end, outcome, idle_streak, error_streak)
+            slot, not_before, idle_until = plan.slot, plan.not_before, plan.idle_until
+            idle_streak, error_streak = plan.idle_streak, plan.error_streak
+
+    def _plan(
+        self, slot: float, end: float, outcome: Outcome, idle_streak: int, error_streak: int
+    ) -> Plan:
+        return plan_next(
+            self.spec.pacing,
+            slot=slot,
+            end=end,
+            wall_end=end + self.runner.wall_offset,
+            outcome=outcome,
+            idle_streak=idle_streak,
+            error_streak=error_streak,
+        )
+
+    # -- async bodies: on the event loop ---------------------------------------
+
+    async def _run_async(self, lease: LocalLease, first: float) -> None:
+        spec, stats, runner = self.spec, self.stats, self.runner
+        body: Callable[[Pass], Awaitable[Any]] = spec.body
+        signal = self._async_signal = asyncio.Event()
+        slot = not_before = first
+        idle_until = 0.0
+        idle_streak = error_streak = number = 0
+        try:
+            while True:
+                signal.clear()
+                if runner.stopping:
+                    return
+                now = time.monotonic()
+                if self._woken:
+                    self._woken = False
+                    idle_until = now
+                start_at = max(not_before, idle_until)
+                if now < start_at:
+                    try:
+                        await asyncio.wait_for(signal.wait(), min(start_at - now, lease.ttl))
+                    except TimeoutError:
+                        pass
+                    continue
+                if not lease.holds(now):
+                    return
+                number += 1
+                stats.started(now)
+                try:
+                    async with asyncio.timeout(spec.timeout):
+                        result = await body(Pass(spec.name, lease, number, now))
+                except Exception as exc:
+                    end = time.monotonic()
+                    outcome = Outcome.FAILED
+                    if isinstance(exc, TimeoutError) and spec.timeout is not None and (
+                        end - now >= spec.timeout
+                    ):
+                        log.error(
+                            "%s: pass %d cancelled after its timeout of %ss",
+                            self.key, number, spec.timeout,
+                        )
+                        stats.failed(end, f"TimeoutError: pass ran over its timeout of {spec.timeout}s")
+                    else:
+                        stats.failed(end, _error_text(exc))
+                        log.error("%s: pass %d failed", self.key, number, exc_info=exc)
+                else:
+                    end = time.monotonic()
+                    outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED
+                stats.finished(now, end, outcome.value)
+                plan = self._plan(slot, end, outcome, idle_streak, error_streak)
+                slot, not_before, idle_until = plan.slot, plan.not_before, plan.idle_until
+                idle_streak, error_streak = plan.idle_streak, plan.error_streak
+                if plan.start_at() <= end:
+                    await asyncio.sleep(0)  # let renewals and other loops in between passes
+        finally:
+            self._async_signal = None
+            if stats.running_since is not None:
+                stats.running_since = None

@@ -1,0 +1,184 @@
+"""A loop's declaration, checked once, and the ``Pass`` context its body receives."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ostinato.coordinators.protocol import drift_margin
+from ostinato.durations import Duration, parse_duration
+from ostinato.errors import DeclarationError
+from ostinato.pacing import Pacing, check_cron
+
+
+class _Idle:
+    """The value a pass returns when it found no work."""
+
+    _instance: _Idle | None = None
+
+    def __new__(cls) -> _Idle:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ostinato.IDLE"
+
+    def __reduce__(self) -> str:
+        return "IDLE"
+
+
+IDLE: Final = _Idle()
+
+Body = Callable[["Pass"], Any] | Callable[["Pass"], Awaitable[Any]]
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class LocalLease:
+    """This runner's view of a lease: its fence and its deadline on the local monotonic clock.
+
+    The deadline is moved only by the runner's renewals, and set to minus
+    infinity the moment a renewal fails, so ``holds()`` turns false at once.
+    """
+
+    __slots__ = ("deadline", "fence", "margin", "ttl")
+
+    def __init__(self, fence: int, ttl: float, sent_at: float) -> None:
+        self.fence = fence
+        self.ttl = ttl
+        # A pass may start only while at least this much of the lease is left.
+        self.margin = ttl / 10
+        self.deadline = sent_at + ttl - drift_margin(ttl)
+
+    def extend(self, sent_at: float) -> None:
+        self.deadline = sent_at + self.ttl - drift_margin(self.ttl)
+
+    def revoke(self) -> None:
+        self.deadline = float("-inf")
+
+    def holds(self, now: float | None = None) -> bool:
+        if now is None:
+            now = time.monotonic()
+        return now + self.margin < self.deadline
+
+
+class Pass:
+    """What a loop's body receives on each pass."""
+
+    __slots__ = ("_lease", "fence", "loop", "number", "started")
+
+    def __init__(self, loop: str, lease: LocalLease, number: int, started: float) -> None:
+        #: The loop's name.
+        self.loop = loop
+        #: The lease's fence: greater than every earlier holder's. Pass it to
+        #: stores that can refuse writes from a stale holder.
+        self.fence = lease.fence
+        #: Passes this holder has started so far, this one included.
+        self.number = number
+        #: When this pass started, on the monotonic clock.
+        self.started = started
+        self._lease = lease
+
+    def holds(self) -> bool:
+        """Whether this runner still holds the loop's lease with a safety margin left.
+
+        A long pass can call this between steps and stop early when it is false.
+        """
+        return self._lease.fence == self.fence and self._lease.holds()
+
+    def __repr__(self) -> str:
+        return f"<Pass {self.loop} fence={self.fence} number={self.number}>"
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """A loop as declared: its body and how it must be run."""
+
+    name: str
+    body: Body
+    is_async: bool
+    pacing: Pacing
+    lease: float
+    timeout: float | None
+    stall_after: float | None
+
+
+def _duration(loop: str, field: str, value: Duration, *, positive: bool = False) -> float:
+    try:
+        seconds = parse_duration(value, what=field)
+    except ValueError as exc:
+        raise DeclarationError(loop, field, str(exc)) from None
+    if positive and seconds <= 0:
+        raise DeclarationError(loop, field, f"{value!r} must be more than zero")
+    return seconds
+
+
+def _bounds(loop: str, field: str, value: object) -> tuple[float, float]:
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise DeclarationError(loop, field, f"expected a pair (min, max), got {value!r}")
+    low = _duration(loop, field, value[0], positive=True)
+    high = _duration(loop, field, value[1], positive=True)
+    if low > high:
+        raise DeclarationError(loop, field, f"min {value[0]!r} is more than max {value[1]!r}")
+    return low, high
+
+
+def declare(
+    body: Body,
+    *,
+    name: str | None = None,
+    every: Duration | None = None,
+    pause: Duration | None = None,
+    cron: str | None = None,
+    idle: tuple[Duration, Duration] = ("100ms", "5s"),
+    error_backoff: tuple[Duration, Duration] = ("1s", "1m"),
+    lease: Duration = "10s",
+    timeout: Duration | None = None,
+    stall_after: Duration | None = None,
+) -> LoopSpec:
+    """Check a declaration and build its ``LoopSpec``; raise ``DeclarationError`` if wrong."""
+    loop = name if name is not None else getattr(body, "__name__", "")
+    if not isinstance(loop, str) or not _NAME.match(loop):
+        raise DeclarationError(
+            str(loop), "name", "a loop name is letters, digits, '_', '.' or '-'"
+        )
+    if not callable(body):
+        raise DeclarationError(loop, "body", f"{body!r} is not callable")
+    given = [f for f, v in (("every", every), ("pause", pause), ("cron", cron)) if v is not None]
+    if len(given) > 1:
+        raise DeclarationError(
+            loop, given[1], f"give only one of every=, pause= and cron= (got {', '.join(given)})"
+        )
+    every_s = _duration(loop, "every", every, positive=True) if every is not None else None
+    pause_s = _duration(loop, "pause", pause) if pause is not None else None
+    if cron is not None and (problem := check_cron(cron)) is not None:
+        raise DeclarationError(loop, "cron", problem)
+    lease_s = _duration(loop, "lease", lease)
+    if lease_s < 0.2:
+        raise DeclarationError(loop, "lease", f"{lease!r} is too short; use at least '200ms'")
+    timeout_s = _duration(loop, "timeout", timeout, positive=True) if timeout is not None else None
+    stall_s = (
+        _duration(loop, "stall_after", stall_after, positive=True)
+        if stall_after is not None
+        else None
+    )
+    pacing = Pacing(
+        every=every_s,
+        pause=pause_s,
+        cron=cron,
+        idle=_bounds(loop, "idle", idle),
+        error_backoff=_bounds(loop, "error_backoff", error_backoff),
+    )
+    return LoopSpec(
+        name=loop,
+        body=body,
+        is_async=inspect.iscoroutinefunction(body),
+        pacing=pacing,
+        lease=lease_s,
+        timeout=timeout_s,
+        stall_after=stall_s,
+    )

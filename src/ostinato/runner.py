@@ -1,0 +1,244 @@
+"""A runner: one process hosting many loops, each under its own lease.
+
+Besides a ``LoopKeeper`` per loop, a runner has three side tasks: the renewer
+(extends every held lease about every third of its TTL, in one call), the
+reporter (sends batched statistics and the runner's heartbeat every second)
+and the watchdog (logs passes over their timeout and loops that stall). A
+side task that dies is logged and started again: it never ends the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from ostinato.coordinators.protocol import Coordinator, Event, Renewal, RunnerInfo
+from ostinato.errors import CoordinatorUnavailable
+from ostinato.keeper import LoopKeeper
+from ostinato.loop import LocalLease, LoopSpec
+from ostinato.stats import wall_offset
+
+log = logging.getLogger("ostinato.runner")
+
+#: How often statistics and the heartbeat are sent.
+REPORT_EVERY = 1.0
+#: A runner whose heartbeat is older than this counts as gone.
+RUNNER_TTL = 10.0
+
+
+class Runner:
+    """Hosts ``specs`` of the app ``app_name`` against ``coordinator`` until stopped."""
+
+    def __init__(
+        self,
+        app_name: str,
+        specs: Sequence[LoopSpec],
+        coordinator: Coordinator,
+        *,
+        grace: float = 30.0,
+    ) -> None:
+        self.app_name = app_name
+        self.coordinator = coordinator
+        self.grace = grace
+        self.info = RunnerInfo.here()
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self.wall_offset = wall_offset()
+        self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
+        self._renew_now = asyncio.Event()
+        self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
+
+    # -- life cycle ----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every loop until ``stop`` is set, then stop gracefully."""
+        log.info(
+            "runner %s started: %d loop(s) of %r on %s",
+            self.info.label, len(self.keepers), self.app_name, self.coordinator.display_url,
+        )
+        await self._subscribe()
+        keepers = [asyncio.create_task(k.keep(), name=k.key) for k in self.keepers.values()]
+        sides = [
+            asyncio.create_task(self._supervise(name, job), name=name)
+            for name, job in (
+                ("renewer", self._renew_forever),
+                ("reporter", self._report_forever),
+                ("watchdog", self._watch_forever),
+            )
+        ]
+        await stop.wait()
+        await self._stop(keepers, sides)
+
+    async def _subscribe(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.coordinator.subscribe(self.info, self._on_event)
+                return
+            except CoordinatorUnavailable as exc:
+                log.error("cannot subscribe to events yet, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _stop(self, keepers: list[asyncio.Task[None]], sides: list[asyncio.Task[None]]) -> None:
+        log.info("runner %s stopping: finishing current passes (grace %ss)", self.info.label, self.grace)
+        self.stopping = True
+        self.stopped.set()
+        for keeper in self.keepers.values():
+            keeper.nudge()
+        _, late = await asyncio.wait(keepers, timeout=self.grace) if keepers else (set(), set())
+        for task in late:
+            log.error("%s: pass still running after the grace period; cancelling it", task.get_name())
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=5.0)
+        for task in sides:
+            task.cancel()
+        await asyncio.gather(*sides, return_exceptions=True)
+        with contextlib.suppress(CoordinatorUnavailable):
+            await self._report()
+        log.info("runner %s stopped", self.info.label)
+
+    async def give_back(self, key: str, lease: LocalLease) -> None:
+        """Release a lease this runner no longer needs and tell standbys at once."""
+        try:
+            if await self.coordinator.release(key, self.info, lease.fence):
+                await self.coordinator.publish(Event("released", key))
+                log.info("%s: lease released (fence %d)", key, lease.fence)
+        except CoordinatorUnavailable as exc:
+            log.warning("%s: could not release the lease, it will expire: %s", key, exc)
+
+    def _on_event(self, event: Event) -> None:
+        keeper = self.keepers.get(event.key)
+        if keeper is None:
+            return
+        if event.kind == "paused":
+            self._renew_now.set()
+        keeper.on_event(event)
+
+    async def _supervise(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        while not self.stopping:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("runner task %s failed; starting it again", name)
+                await asyncio.sleep(1.0)
+
+    async def _sleep(self, seconds: float, early: asyncio.Event | None = None) -> None:
+        events = [self.stopped] + ([early] if early is not None else [])
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    # -- renewing ------------------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        while not self.stopping:
+            self._renew_now.clear()
+            await self.renew_once()
+            await self._sleep(self._shortest_lease / 3, self._renew_now)
+
+    async def renew_once(self) -> None:
+        """Extend every lease held here; a lease whose renewal fails stops its passes at once."""
+        held = {
+            key: (keeper, keeper.lease)
+            for key, keeper in self.keepers.items()
+            if keeper.lease is not None and keeper.lease.deadline != float("-inf")
+        }
+        if not held:
+            return
+        request = {key: (lease.fence, lease.ttl) for key, (_, lease) in held.items()}
+        # The call must not outlive the soonest lease: past that, its answer is moot.
+        soonest = min(lease.deadline for _, lease in held.values())
+        sent = time.monotonic()
+        try:
+            answers = await asyncio.wait_for(
+                self.coordinator.renew(self.info, request), timeout=max(soonest - sent, 0.001)
+            )
+        except (CoordinatorUnavailable, TimeoutError) as exc:
+            why = str(exc) or "the renewal timed out"
+            for keeper, _ in held.values():
+                keeper.lose(f"coordinator unreachable: {why}")
+            return
+        for key, answer in answers.items():
+            keeper, lease = held[key]
+            if keeper.lease is not lease:
+                continue
+            if answer is Renewal.HELD:
+                lease.extend(sent)
+            elif answer is Renewal.PAUSED:
+                keeper.paused = True
+                keeper.lose("the loop was paused")
+            else:
+                keeper.lose("another runner holds it now")
+
+    # -- reporting ----------------------------------------------------------------------
+
+    async def _report_forever(self) -> None:
+        failing = False
+        while not self.stopping:
+            try:
+                await self._report()
+            except CoordinatorUnavailable as exc:
+                if not failing:
+                    log.error("cannot report to the coordinator, will retry: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("reporting to the coordinator again")
+                failing = False
+            await self._sleep(REPORT_EVERY)
+
+    async def _report(self) -> None:
+        self.wall_offset = offset = wall_offset()
+        batch = [
+            (keeper, stats)
+            for keeper in self.keepers.values()
+            if (stats := keeper.stats.pending(offset)) is not None
+        ]
+        await self.coordinator.report(self.info, RUNNER_TTL, [stats for _, stats in batch])
+        for keeper, stats in batch:
+            keeper.stats.sent(stats)
+
+    # -- watching for overruns and stalls --------------------------------------------------
+
+    async def _watch_forever(self) -> None:
+        limits = [
+            s for k in self.keepers.values() for s in (k.spec.timeout, k.spec.stall_after) if s
+        ]
+        interval = min(1.0, max(0.05, min(limits, default=1.0) / 4))
+        while not self.stopping:
+            self.check_passes(time.monotonic())
+            await self._sleep(interval)
+
+    def check_passes(self, now: float) -> None:
+        """Log passes over their timeout (every timeout again) and stalls as they start and end."""
+        for keeper in self.keepers.values():
+            spec, stats = keeper.spec, keeper.stats
+            running = stats.running_since
+            if spec.timeout is not None and running is not None and now - running > spec.timeout:
+                last = keeper.overrun_logged_at
+                if last is None or last < running or now - last >= spec.timeout:
+                    keeper.overrun_logged_at = now
+                    log.error(
+                        "%s: pass has run for %.1fs, over its timeout of %ss; a sync pass cannot "
+                        "be interrupted, so the lease is kept until it returns",
+                        keeper.key, now - running, spec.timeout,
+                    )
+            if spec.stall_after is None or keeper.lease is None:
+                continue
+            since = max(stats.last_end or 0.0, keeper.held_at)
+            stalled = now - since > spec.stall_after
+            if stalled and not keeper.stalled:
+                log.error("%s: stalled: no pass finished for %.1fs", keeper.key, now - since)
+            elif keeper.stalled and not stalled:
+                log.warning("%s: recovered from a stall", keeper.key)
+            keeper.stalled = stalled

@@ -1,0 +1,98 @@
+"""Per-loop pass statistics, kept in memory and reported to the coordinator in batches."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from ostinato.coordinators.protocol import LoopStats
+
+#: Pass durations kept for the p50/p99 shown in status.
+SAMPLE = 1024
+
+
+class StatsBook:
+    """Counts and timings of one loop's passes in this runner.
+
+    Written by the thread or task that runs the passes and read by the
+    reporter; counts only grow, and a report sends the difference since the
+    last one that reached the coordinator, so a failed report loses nothing.
+    """
+
+    def __init__(self, key: str, stall_after: float | None) -> None:
+        self.key = key
+        self.stall_after = stall_after
+        self.passes = 0
+        self.errors = 0
+        self.last_start: float | None = None
+        self.last_end: float | None = None
+        self.last_duration: float | None = None
+        self.last_outcome: str | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.running_since: float | None = None
+        self.durations: deque[float] = deque(maxlen=SAMPLE)
+        self._sent_passes = 0
+        self._sent_errors = 0
+        self._sent_end: float | None = None
+
+    def started(self, start: float) -> None:
+        self.last_start = self.running_since = start
+
+    def finished(self, start: float, end: float, outcome: str) -> None:
+        self.running_since = None
+        self.last_end = end
+        self.last_duration = end - start
+        self.last_outcome = outcome
+        self.durations.append(end - start)
+        self.passes += 1
+
+    def failed(self, at: float, error: str) -> None:
+        self.errors += 1
+        self.last_error = error
+        self.last_error_at = at
+
+    def pending(self, wall_offset: float) -> LoopStats | None:
+        """What to report now, or ``None`` when nothing changed."""
+        passes, errors = self.passes, self.errors
+        if (
+            passes == self._sent_passes
+            and errors == self._sent_errors
+            and self.last_end == self._sent_end
+            and self.running_since is None
+        ):
+            return None
+
+        def wall(mono: float | None) -> float | None:
+            return None if mono is None else mono + wall_offset
+
+        p50 = p99 = None
+        if self.durations:
+            ordered = sorted(self.durations)
+            p50 = ordered[len(ordered) // 2]
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return LoopStats(
+            key=self.key,
+            passes=passes - self._sent_passes,
+            errors=errors - self._sent_errors,
+            last_start=wall(self.last_start),
+            last_end=wall(self.last_end),
+            last_duration=self.last_duration,
+            last_outcome=self.last_outcome,
+            last_error=self.last_error,
+            last_error_at=wall(self.last_error_at),
+            p50=p50,
+            p99=p99,
+            running_since=wall(self.running_since),
+            stall_after=self.stall_after,
+        )
+
+    def sent(self, stats: LoopStats) -> None:
+        self._sent_passes += stats.passes
+        self._sent_errors += stats.errors
+        self._sent_end = None if stats.last_end is None else self.last_end
+
+
+def wall_offset() -> float:
+    """Add to a monotonic time to get the wall-clock time (for display only)."""
+    return time.time() - time.monotonic()
