@@ -1,0 +1,221 @@
+"""The lease rules of ``Coordinator``, checked against every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ostinato.coordinators import Denied, Event, Grant, LoopStats, Renewal, RunnerInfo
+from tests.contract.conftest import Make
+
+KEY = "app:loop"
+
+
+def runner(n: int) -> RunnerInfo:
+    return RunnerInfo(id=f"runner-{n}-{time.monotonic_ns()}", host="test", pid=1000 + n)
+
+
+async def test_first_acquire_is_granted_and_others_are_denied(make: Make) -> None:
+    """An unclaimed lease is granted; another runner is refused and told who holds it."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert grant.fence >= 1
+    denied = await b.acquire(KEY, rb, 5.0)
+    assert isinstance(denied, Denied)
+    assert denied.holder == ra.label
+    assert denied.expires_in is not None
+    assert 0 < denied.expires_in <= 5.0
+
+
+async def test_fence_grows_on_every_grant(make: Make) -> None:
+    """Each grant, to anyone, carries a fence greater than all before it."""
+    a = await make()
+    fences = []
+    for n in range(4):
+        r = runner(n)
+        grant = await a.acquire(KEY, r, 5.0)
+        assert isinstance(grant, Grant)
+        fences.append(grant.fence)
+        assert await a.release(KEY, r, grant.fence)
+    assert fences == sorted(set(fences))
+
+
+async def test_expired_lease_is_taken_over_with_a_greater_fence(make: Make) -> None:
+    """Once its TTL has run out, a lease goes to the next runner that asks."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    first = await a.acquire(KEY, ra, 0.3)
+    assert isinstance(first, Grant)
+    assert isinstance(await b.acquire(KEY, rb, 0.3), Denied)
+    await asyncio.sleep(0.45)
+    second = await b.acquire(KEY, rb, 5.0)
+    assert isinstance(second, Grant)
+    assert second.fence > first.fence
+    assert (await a.renew(ra, {KEY: (first.fence, 5.0)}))[KEY] is Renewal.LOST
+
+
+async def test_renew_checks_owner_and_fence(make: Make) -> None:
+    """Only the owner with the current fence can extend a lease; others change nothing."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 0.5)
+    assert isinstance(grant, Grant)
+    assert (await b.renew(rb, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.LOST
+    assert (await a.renew(ra, {KEY: (grant.fence + 1, 5.0)}))[KEY] is Renewal.LOST
+    assert (await a.renew(ra, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.HELD
+    await asyncio.sleep(0.6)  # past the first TTL: only the renewal keeps it
+    assert isinstance(await b.acquire(KEY, rb, 5.0), Denied)
+
+
+async def test_renew_of_an_expired_lease_is_lost(make: Make) -> None:
+    """A lease whose TTL ran out cannot be renewed back to life."""
+    a = await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 0.2)
+    assert isinstance(grant, Grant)
+    await asyncio.sleep(0.3)
+    assert (await a.renew(ra, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.LOST
+
+
+async def test_renew_many_at_once(make: Make) -> None:
+    """One renewal call answers for every lease in it, each on its own merits."""
+    a = await make()
+    ra = runner(1)
+    fences = {}
+    for key in ("app:one", "app:two", "app:three"):
+        grant = await a.acquire(key, ra, 5.0)
+        assert isinstance(grant, Grant)
+        fences[key] = grant.fence
+    request = {key: (fence, 5.0) for key, fence in fences.items()}
+    request["app:two"] = (fences["app:two"] + 7, 5.0)
+    answers = await a.renew(ra, request)
+    assert answers == {"app:one": Renewal.HELD, "app:two": Renewal.LOST, "app:three": Renewal.HELD}
+
+
+async def test_release_checks_owner_and_fence(make: Make) -> None:
+    """A runner can give back only its own lease; the fence counter survives the release."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert not await b.release(KEY, rb, grant.fence)
+    assert not await a.release(KEY, ra, grant.fence - 1)
+    assert isinstance(await b.acquire(KEY, rb, 5.0), Denied)
+    assert await a.release(KEY, ra, grant.fence)
+    after = await b.acquire(KEY, rb, 5.0)
+    assert isinstance(after, Grant)
+    assert after.fence > grant.fence
+
+
+async def test_reacquire_by_owner_gets_a_new_fence(make: Make) -> None:
+    """A holder asking again gets a new, greater fence, and its old fence stops renewing."""
+    a = await make()
+    ra = runner(1)
+    first = await a.acquire(KEY, ra, 5.0)
+    second = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(first, Grant)
+    assert isinstance(second, Grant)
+    assert second.fence > first.fence
+    answers = await a.renew(ra, {KEY: (first.fence, 5.0)})
+    assert answers[KEY] is Renewal.LOST
+
+
+async def test_pause_refuses_grants_and_ends_the_holders_lease(make: Make) -> None:
+    """A paused loop is granted to nobody, its holder learns at renewal, resume undoes it."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    await b.set_paused(KEY, True)
+    assert (await a.renew(ra, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.PAUSED
+    denied = await b.acquire(KEY, rb, 5.0)
+    assert isinstance(denied, Denied)
+    assert denied.paused
+    [record] = [r for r in await b.loops() if r.key == KEY]
+    assert record.paused
+    assert record.holder is None
+    await b.set_paused(KEY, False)
+    again = await b.acquire(KEY, rb, 5.0)
+    assert isinstance(again, Grant)
+    assert again.fence > grant.fence
+
+
+async def test_pause_before_any_runner(make: Make) -> None:
+    """A loop can be paused before any runner has seen it."""
+    a = await make()
+    await a.set_paused("app:later", True)
+    denied = await a.acquire("app:later", runner(1), 5.0)
+    assert isinstance(denied, Denied)
+    assert denied.paused
+
+
+async def test_report_adds_counts_and_shows_in_loops(make: Make) -> None:
+    """Reports add pass and error counts and replace the latest timings."""
+    a, b = await make(), await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    now = time.time()
+    await a.report(ra, 5.0, [LoopStats(KEY, passes=3, errors=1, last_start=now - 1, last_end=now,
+                                       last_duration=0.5, last_outcome="worked", p50=0.1, p99=0.4,
+                                       last_error="ValueError: x", last_error_at=now)])
+    await a.report(ra, 5.0, [LoopStats(KEY, passes=2, last_end=now + 1, last_outcome="idle")])
+    [record] = [r for r in await b.loops() if r.key == KEY]
+    assert record.passes == 5
+    assert record.errors == 1
+    assert record.fence == grant.fence
+    assert record.holder == ra.label
+    assert record.last_end == now + 1
+    assert record.last_outcome == "idle"
+    assert record.last_error == "ValueError: x"
+    assert record.p99 == 0.4
+    assert record.app == "app"
+    assert record.name == "loop"
+
+
+async def test_runners_are_listed_while_their_heartbeat_lasts(make: Make) -> None:
+    """A runner's report registers it for its TTL; after that it is gone."""
+    a = await make()
+    ra, rb = runner(1), runner(2)
+    await a.report(ra, 0.3, [])
+    await a.report(rb, 10.0, [])
+    assert {r.id for r in await a.runners()} >= {ra.id, rb.id}
+    await asyncio.sleep(0.45)
+    ids = {r.id for r in await a.runners()}
+    assert rb.id in ids
+    assert ra.id not in ids
+
+
+async def test_released_lease_shows_no_holder(make: Make) -> None:
+    """After a release, status shows the loop with no runner and its last fence."""
+    a = await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert await a.release(KEY, ra, grant.fence)
+    [record] = [r for r in await a.loops() if r.key == KEY]
+    assert record.holder is None
+    assert record.fence == grant.fence
+    assert record.state(time.time()) == "no runner"
+
+
+async def test_published_events_reach_subscribers(make: Make) -> None:
+    """An event published through one coordinator reaches a runner subscribed through another."""
+    a, b = await make(), await make()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    await b.report(runner(2), 10.0, [])
+    await a.publish(Event("wake", KEY))
+    event = await asyncio.wait_for(got.get(), 2.0)
+    assert event == Event("wake", KEY)
+
+
+async def test_only_one_of_many_simultaneous_acquires_wins(make: Make) -> None:
+    """Runners racing for a free lease: exactly one is granted."""
+    coordinators = [await make() for _ in range(6)]
+    answers = await asyncio.gather(
+        *(c.acquire(KEY, runner(n), 5.0) for n, c in enumerate(coordinators))
+    )
+    assert sum(isinstance(a, Grant) for a in answers) == 1
