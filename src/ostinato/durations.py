@@ -1,4 +1,4 @@
-"""One converter for every duration a user can write: ``"250ms"``, ``"2s"``, ``5``, ``timedelta``."""
+"""One converter for every duration a user writes: ``"250ms"``, ``"2s"``, ``5``, ``timedelta``."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -259,10 +260,8 @@ class LoopKeeper:
                     idle_until = now
                 start_at = max(not_before, idle_until)
                 if now < start_at:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(signal.wait(), min(start_at - now, lease.ttl))
-                    except TimeoutError:
-                        pass
                     continue
                 if not lease.holds(now):
                     return

@@ -16,7 +16,7 @@ import enum
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from croniter import croniter
 
@@ -117,7 +117,7 @@ def idle_delay(bounds: tuple[float, float], streak: int) -> float:
     low, high = bounds
     if streak <= 0:
         return 0.0
-    return min(high, low * 2 ** min(streak - 1, 62))
+    return min(high, low * 2.0 ** min(streak - 1, 62))
 
 
 def error_delay(bounds: tuple[float, float], streak: int, rand: Callable[[], float]) -> float:
@@ -132,7 +132,7 @@ def error_delay(bounds: tuple[float, float], streak: int, rand: Callable[[], flo
 
 def cron_delay(expression: str, wall_now: float) -> float:
     """Seconds from ``wall_now`` to the next time the cron ``expression`` fires (UTC)."""
-    start = datetime.fromtimestamp(wall_now, tz=timezone.utc)
+    start = datetime.fromtimestamp(wall_now, tz=UTC)
     following: float = croniter(expression, start).get_next(float)
     return max(0.0, following - wall_now)
 

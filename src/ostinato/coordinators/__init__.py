@@ -70,8 +70,7 @@ def from_url(url: str) -> Coordinator:
             raise MissingExtraError("the Redis coordinator", "redis") from None
         from ostinato.coordinators.redis import RedisCoordinator  # type: ignore[import-not-found,unused-ignore]
 
-        coordinator: Coordinator = RedisCoordinator(url)
-        return coordinator
+        return RedisCoordinator(url)  # type: ignore[no-any-return,unused-ignore]
     if scheme in ("postgresql", "postgres"):
         try:
             import psycopg  # noqa: F401
@@ -79,8 +78,7 @@ def from_url(url: str) -> Coordinator:
             raise MissingExtraError("the PostgreSQL coordinator", "postgres") from None
         from ostinato.coordinators.postgres import PostgresCoordinator  # type: ignore[import-not-found,unused-ignore]
 
-        coordinator = PostgresCoordinator(url)
-        return coordinator
+        return PostgresCoordinator(url)  # type: ignore[no-any-return,unused-ignore]
     raise ConfigurationError(
         f"unknown coordinator scheme {scheme!r} in {redact(url)!r}: expected one of {SCHEMES}"
     )

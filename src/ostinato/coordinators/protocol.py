@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import abc
 import enum
-import socket
 import os
+import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field

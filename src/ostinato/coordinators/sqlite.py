@@ -212,7 +212,7 @@ class SQLiteCoordinator(Coordinator):
                 raise
             conn.execute("COMMIT")
 
-        return transaction()  # type: ignore[no-any-return]
+        return transaction()  # type: ignore[no-any-return,unused-ignore]
 
     # -- runner liveness locks ------------------------------------------------
 
@@ -471,14 +471,14 @@ class SQLiteCoordinator(Coordinator):
         try:
             if pidfd is not None:
                 exited = loop.create_future()
-                loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+                loop.add_reader(pidfd, _settle, exited)
                 try:
                     await exited
                 finally:
                     loop.remove_reader(pidfd)
             # The kernel frees the lock before the pidfd turns readable; the lock is
             # still what decides, in case the pid belonged to another process.
-            while not self._lock_is_free(lock):
+            while not self._lock_is_free(lock):  # noqa: ASYNC110 - a flock has no event to await
                 await asyncio.sleep(HOLDER_POLL)
         finally:
             if pidfd is not None:
@@ -486,6 +486,11 @@ class SQLiteCoordinator(Coordinator):
             keys = self._watched.pop(owner, set())
         for key in keys:
             self._deliver(Event("released", key))
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _pidfd_open(pid: int) -> int | None:

@@ -1,0 +1,294 @@
+"""Runners inside one process on the memory coordinator: the loop rules, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+
+import pytest
+
+import ostinato
+from ostinato import control
+from ostinato.coordinators import Coordinator, Denied, Grant, LoopStats, Renewal, RunnerInfo
+from ostinato.coordinators.memory import MemoryCoordinator
+from ostinato.errors import CoordinatorUnavailable
+from ostinato.loop import Pass
+from tests.history import PassRecord, fences_only_grow, overlaps
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition`` to hold, failing the test if it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+def memory_url() -> str:
+    return f"memory://{uuid.uuid4().hex}"
+
+
+class Recorder:
+    """Bodies call ``record`` so tests can check what ran, when and under which fence."""
+
+    def __init__(self) -> None:
+        self.records: list[PassRecord] = []
+        self.lock = threading.Lock()
+
+    def record(self, ctx: Pass, runner_tag: int, work: Callable[[], None] | None = None) -> None:
+        start = time.monotonic()
+        if work is not None:
+            work()
+        with self.lock:
+            self.records.append(PassRecord(runner_tag, ctx.fence, start, time.monotonic()))
+
+
+def two_runner_app(url: str, rec: Recorder, tag: int, **options: object) -> ostinato.App:
+    app = ostinato.App("pair", coordinator=url, grace="5s")
+
+    @app.loop(lease="1s", **options)  # type: ignore[call-overload]
+    def work(ctx: Pass) -> None:
+        rec.record(ctx, tag, lambda: time.sleep(0.002))
+
+    return app
+
+
+async def test_two_runners_never_overlap_and_graceful_stop_hands_over() -> None:
+    """Of two runners, one runs the passes; stopping it hands the loop over with a new fence."""
+    url, rec = memory_url(), Recorder()
+    first, second = two_runner_app(url, rec, 1), two_runner_app(url, rec, 2)
+    async with contextlib.AsyncExitStack() as holder:
+        await holder.enter_async_context(first.running())
+        await until(lambda: len(rec.records) > 20)
+        async with second.running():
+            count = len(rec.records)
+            await until(lambda: len(rec.records) > count + 20)
+            assert {r.pid for r in rec.records} == {1}  # the standby waits
+            await holder.aclose()  # graceful stop of the holder, standby still running
+            stopped_at = time.monotonic()
+            await until(lambda: rec.records[-1].pid == 2)
+    takeover = next(r for r in rec.records if r.pid == 2)
+    assert takeover.start - stopped_at < 0.5  # a released lease is taken at once, not after 1 s TTL
+    assert overlaps(rec.records) == []
+    assert fences_only_grow(rec.records)
+
+
+async def test_sync_and_async_loops_run_side_by_side() -> None:
+    """A slow sync loop does not hold up an async loop in the same runner."""
+    app = ostinato.App("mix", coordinator=memory_url())
+    seen = {"slow": 0, "fast": 0}
+    release = threading.Event()
+
+    @app.loop
+    def slow(ctx: Pass) -> None:
+        seen["slow"] += 1
+        release.wait(5)
+
+    @app.loop(pause="1ms")
+    async def fast(ctx: Pass) -> None:
+        seen["fast"] += 1
+
+    async with app.running():
+        await until(lambda: seen["fast"] > 50)
+        assert seen["slow"] == 1
+        release.set()
+
+
+async def test_errors_back_off_and_never_end_the_loop() -> None:
+    """A body that always raises keeps being called, and the errors are counted."""
+    url = memory_url()
+    app = ostinato.App("err", coordinator=url)
+    calls = []
+
+    @app.loop(error_backoff=("10ms", "20ms"))
+    def broken(ctx: Pass) -> None:
+        calls.append(time.monotonic())
+        raise ValueError("always")
+
+    async with app.running():
+        await until(lambda: len(calls) >= 5)
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert min(gaps) >= 0.005  # backed off, not a hot loop
+    records = await MemoryCoordinator(url.split("://")[1]).loops()
+    [record] = records
+    assert record.errors >= 5
+    assert record.last_error == "ValueError: always"
+
+
+async def test_idle_waits_until_woken() -> None:
+    """After IDLE a loop backs off; app.wake ends the wait at once."""
+    url = memory_url()
+    app = ostinato.App("idle", coordinator=url)
+    passes: list[float] = []
+
+    @app.loop(idle=("30s", "30s"))
+    def drain(ctx: Pass) -> object:
+        passes.append(time.monotonic())
+        return ostinato.IDLE
+
+    async with app.running():
+        await until(lambda: len(passes) == 1)
+        await asyncio.sleep(0.1)
+        assert len(passes) == 1  # in its 30 s idle wait
+        await app.wake_async("drain")
+        await until(lambda: len(passes) == 2, timeout=2.0)
+        with pytest.raises(ostinato.UnknownLoopError):
+            await app.wake_async("nope")
+
+
+async def test_async_timeout_cancels_the_pass_and_the_loop_goes_on() -> None:
+    """An async pass over its timeout is cancelled, counted as an error, and the next pass runs."""
+    url = memory_url()
+    app = ostinato.App("hang", coordinator=url)
+    started = []
+
+    @app.loop(timeout="50ms", error_backoff=("10ms", "10ms"))
+    async def hangs(ctx: Pass) -> None:
+        started.append(ctx.number)
+        await asyncio.sleep(3600)
+
+    async with app.running():
+        await until(lambda: len(started) >= 3)
+    [record] = await MemoryCoordinator(url.split("://")[1]).loops()
+    assert record.errors >= 2
+    assert "timeout" in (record.last_error or "")
+
+
+async def test_pause_stops_passes_and_resume_starts_them() -> None:
+    """Pause ends the holder's passes and no one takes the loop; resume brings it back."""
+    url = memory_url()
+    app = ostinato.App("pz", coordinator=url)
+    passes: list[int] = []
+
+    @app.loop(pause="1ms")
+    def work(ctx: Pass) -> None:
+        passes.append(ctx.fence)
+
+    store = MemoryCoordinator(url.split("://")[1])
+    async with app.running():
+        await until(lambda: len(passes) > 5)
+        await control.pause(store, "work")
+        await until(lambda: store.store.leases["pz:work"].owner is None)
+        count = len(passes)
+        await asyncio.sleep(0.2)
+        assert len(passes) <= count + 1  # at most the pass that was running
+        [record] = await store.loops()
+        assert record.state(time.time()) == "paused"
+        await control.resume(store, "pz:work")
+        await until(lambda: len(passes) > count + 5)
+    assert passes[-1] > passes[0]
+
+
+class Flaky(Coordinator):
+    """A memory coordinator that can be made unreachable, as a network outage would."""
+
+    def __init__(self, inner: Coordinator) -> None:
+        self.inner = inner
+        self.down = False
+        self.display_url = "flaky://"
+
+    def _check(self) -> None:
+        if self.down:
+            raise CoordinatorUnavailable("flaky: down")
+
+    async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
+        self._check()
+        return await self.inner.acquire(key, runner, ttl)
+
+    async def renew(self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+                    ) -> dict[str, Renewal]:
+        self._check()
+        return await self.inner.renew(runner, leases)
+
+    async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
+        self._check()
+        return await self.inner.release(key, runner, fence)
+
+    async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
+        self._check()
+        await self.inner.report(runner, ttl, stats)
+
+    async def runners(self):  # type: ignore[no-untyped-def]
+        self._check()
+        return await self.inner.runners()
+
+    async def set_paused(self, key: str, paused: bool) -> None:
+        self._check()
+        await self.inner.set_paused(key, paused)
+
+    async def loops(self):  # type: ignore[no-untyped-def]
+        self._check()
+        return await self.inner.loops()
+
+    async def publish(self, event):  # type: ignore[no-untyped-def]
+        self._check()
+        await self.inner.publish(event)
+
+    async def subscribe(self, runner, callback):  # type: ignore[no-untyped-def]
+        await self.inner.subscribe(runner, callback)
+
+
+async def test_unreachable_coordinator_stops_passes_at_once_and_they_resume_after() -> None:
+    """A failed renewal stops new passes right away; when the coordinator is back, passes resume."""
+    flaky = Flaky(MemoryCoordinator(uuid.uuid4().hex))
+    app = ostinato.App("out", coordinator=flaky)
+    fences: list[tuple[float, int]] = []
+
+    @app.loop(lease="600ms", pause="1ms")
+    def work(ctx: Pass) -> None:
+        fences.append((time.monotonic(), ctx.fence))
+
+    async with app.running() as runner:
+        await until(lambda: len(fences) > 5)
+        flaky.down = True
+        await runner.renew_once()
+        down_at = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert [t for t, _ in fences if t > down_at] == []
+        flaky.down = False
+        await until(lambda: fences[-1][0] > down_at, timeout=5.0)
+    assert fences[-1][1] > fences[0][1]
+
+
+async def test_running_stops_cleanly_and_releases() -> None:
+    """Leaving ``running()`` finishes the pass, releases the lease and reports the stats."""
+    url = memory_url()
+    app = ostinato.App("bye", coordinator=url)
+    count = [0]
+
+    @app.loop(pause="1ms")
+    def work(ctx: Pass) -> None:
+        count[0] += 1
+
+    async with app.running():
+        await until(lambda: count[0] > 3)
+    [record] = await MemoryCoordinator(url.split("://")[1]).loops()
+    assert record.holder is None
+    assert record.passes == count[0]
+
+
+async def test_only_runs_the_named_loops() -> None:
+    """``only=`` hosts just those loops; an unknown name is an error naming the known ones."""
+    app = ostinato.App("only", coordinator=memory_url())
+    ran: set[str] = set()
+
+    @app.loop(pause="1ms")
+    def a(ctx: Pass) -> None:
+        ran.add("a")
+
+    @app.loop(pause="1ms")
+    def b(ctx: Pass) -> None:
+        ran.add("b")
+
+    async with app.running(only=["b"]):
+        await until(lambda: "b" in ran)
+    assert ran == {"b"}
+    with pytest.raises(ostinato.UnknownLoopError, match="its loops are a, b"):
+        async with app.running(only=["c"]):
+            pass
+
