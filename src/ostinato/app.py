@@ -14,7 +14,7 @@ from typing import Any, TypeVar, overload
 
 from ostinato.coordinators import Coordinator, Event, from_url
 from ostinato.durations import Duration, parse_duration
-from ostinato.errors import ConfigurationError, UnknownLoopError
+from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
 from ostinato.loop import Body, LoopSpec, declare
 from ostinato.runner import Runner
 
@@ -54,6 +54,23 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     if error:
         raise error[0]
     return result[0]
+
+
+async def open_patiently(coordinator: Coordinator) -> None:
+    """Open ``coordinator``, retrying with backoff while it is unreachable (and saying so).
+
+    A wrong setting (``ConfigurationError``) is raised at once: waiting cannot fix it.
+    """
+    delay = 0.1
+    while True:
+        try:
+            await coordinator.open()
+            return
+        except CoordinatorUnavailable as exc:
+            log.error("coordinator %s unreachable, retrying in %.1fs: %s",
+                      coordinator.display_url, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class App:
@@ -174,7 +191,7 @@ class App:
         """Host the loops inside the running event loop until the block exits."""
         specs = self._specs(only)
         store = self.connect(coordinator)
-        await store.open()
+        await open_patiently(store)
         runner = Runner(self.name, specs, store, grace=self.grace)
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")

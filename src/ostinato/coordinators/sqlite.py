@@ -152,7 +152,10 @@ class SQLiteCoordinator(Coordinator):
         if self._conn is None:
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL takes an exclusive lock without waiting, so only
+            # the first process to open the file does it.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
             self._conn = conn
@@ -170,13 +173,16 @@ class SQLiteCoordinator(Coordinator):
         try:
             return await loop.run_in_executor(self._executor, call)
         except sqlite3.OperationalError as exc:
+            if self._conn is None and not _transient(exc):
+                raise ConfigurationError(f"cannot open SQLite database {self.path}: {exc}") from exc
             raise CoordinatorUnavailable(f"SQLite database {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(
+                f"{self.path} is not a usable SQLite database ({exc}); point the URL elsewhere"
+            ) from exc
 
     async def open(self) -> None:
-        try:
-            await self._run(lambda conn: None)
-        except CoordinatorUnavailable as exc:
-            raise ConfigurationError(str(exc)) from exc
+        await self._run(lambda conn: None)
 
     async def close(self) -> None:
         if self._closed:
@@ -486,6 +492,11 @@ class SQLiteCoordinator(Coordinator):
             keys = self._watched.pop(owner, set())
         for key in keys:
             self._deliver(Event("released", key))
+
+
+def _transient(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 def _settle(future: asyncio.Future[None]) -> None:

@@ -1,0 +1,48 @@
+"""An app whose passes record what they did, for tests that run real runner processes.
+
+Each pass appends ``S <loop> <pid> <fence> <start_ns>`` when it starts and
+``E <loop> <pid> <fence> <start_ns> <end_ns>`` when it ends to
+``$OSTINATO_TEST_RECORDS/<pid>.log`` (times from CLOCK_MONOTONIC, which every
+process of one host shares).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ostinato
+
+RECORDS = os.environ.get("OSTINATO_TEST_RECORDS", "/tmp")
+LEASE = os.environ.get("OSTINATO_TEST_LEASE", "10s")
+WORK = float(os.environ.get("OSTINATO_TEST_WORK_MS", "2")) / 1000
+LOOPS = int(os.environ.get("OSTINATO_TEST_LOOPS", "1"))
+
+app = ostinato.App("work", grace="5s")
+_fd: int | None = None
+
+
+def _write(line: str) -> None:
+    global _fd
+    if _fd is None:
+        _fd = os.open(f"{RECORDS}/{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(_fd, line.encode())
+
+
+def _make(name: str) -> None:
+    @app.loop(name=name, lease=LEASE)
+    def body(ctx: ostinato.Pass) -> None:
+        start = time.monotonic_ns()
+        _write(f"S {ctx.loop} {os.getpid()} {ctx.fence} {start}\n")
+        time.sleep(WORK)
+        _write(f"E {ctx.loop} {os.getpid()} {ctx.fence} {start} {time.monotonic_ns()}\n")
+
+
+for _n in range(LOOPS):
+    _make(f"loop{_n}" if _n else "work")
+
+
+@app.loop(idle=("1h", "1h"), lease=LEASE)
+def drain(ctx: ostinato.Pass) -> object:
+    _write(f"S drain {os.getpid()} {ctx.fence} {time.monotonic_ns()}\n")
+    return ostinato.IDLE
