@@ -1,0 +1,436 @@
+"""``redis://`` and ``rediss://``: leases in a Redis server shared by runners on many hosts.
+
+Each loop's lease is one hash key with a server-side expiry (``PEXPIRE``): the
+server's clock decides when a claim ends. Acquire, renew and release are Lua
+scripts that check the owner token and the fence atomically; nothing is ever
+extended or deleted blindly. A grant bumps the loop's fence (``INCR``) in the
+same script.
+
+A Redis restarted without persistence forgets every key, the fence counters
+among them, yet a fence must never go backwards. So when the grant script finds
+a loop's fence key missing, it seeds it from the server's ``TIME`` in
+microseconds since the epoch. Every fence granted before the restart was seeded
+the same way and grew by one per grant, so it is below the new seed as long as
+fewer than a million grants per second happened on average and the server's
+clock did not step back. Fences on Redis are therefore large integers
+(about 1.7e15, exact in a double until the year 2255).
+
+URL query parameters: ``prefix`` (default ``ostinato``) namespaces every key
+and the event channel; ``timeout`` (seconds, default 2) bounds connecting and
+each reply, and redis-py's own retries are off, so one renewal cannot outlive
+a short lease. Events travel over Redis pub/sub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
+
+from ostinato.coordinators import redact
+from ostinato.coordinators.protocol import (
+    Coordinator,
+    Denied,
+    Event,
+    Grant,
+    LoopRecord,
+    LoopStats,
+    Renewal,
+    RunnerInfo,
+    RunnerRecord,
+    stats_fields,
+)
+from ostinato.errors import ConfigurationError, CoordinatorUnavailable
+
+log = logging.getLogger("ostinato.redis")
+
+DEFAULT_PREFIX = "ostinato"
+DEFAULT_TIMEOUT = 2.0
+# Errors that mean "the server is not there right now", as opposed to a bug.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# The subscriber reconnects no faster than this, and backs off to the maximum.
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
+
+# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key.
+ACQUIRE = """
+redis.call('SADD', KEYS[4], ARGV[4])
+if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] then
+  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', redis.call('PTTL', KEYS[1])}
+end
+local t = redis.call('TIME')
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+end
+redis.call('INCR', KEYS[2])
+-- GET returns the counter as a string, never as a rounded Lua number.
+local fence = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence,
+  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
+"""
+
+# KEYS: lease, loop hash. ARGV: owner, fence, ttl ms.
+RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'lost' end
+if redis.call('HGET', KEYS[2], 'paused') == '1' then
+  redis.call('DEL', KEYS[1])
+  return 'paused'
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 'held'
+"""
+
+# KEYS: lease. ARGV: owner, fence.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
+   and redis.call('HGET', KEYS[1], 'fence') == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: runner zset (score: expiry in server seconds), labels hash. ARGV: id, label, ttl s.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = string.format('%.6f', t[1] + t[2] / 1e6)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], string.format('%.6f', t[1] + t[2] / 1e6 + tonumber(ARGV[3])), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+"""
+
+# KEYS: runner zset, labels hash. Returns id, expiry, label triples.
+LIVE_RUNNERS = """
+local t = redis.call('TIME')
+local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.6f', t[1] + t[2] / 1e6),
+  '+inf', 'WITHSCORES')
+local out = {}
+for i = 1, #rows, 2 do
+  out[#out + 1] = rows[i]
+  out[#out + 1] = rows[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[2], rows[i]) or ''
+end
+return out
+"""
+
+STAT_FIELDS = (
+    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
+    "last_error_at", "p50", "p99", "running_since", "stall_after",
+)
+
+
+def split_url(url: str) -> tuple[str, str, float]:
+    """The URL for redis-py without our own query parameters, the prefix and the timeout."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {name: value for name, value in query if name in ("prefix", "timeout")}
+    rest = [(name, value) for name, value in query if name not in ours]
+    prefix = ours.get("prefix", DEFAULT_PREFIX)
+    try:
+        timeout = float(ours.get("timeout", DEFAULT_TIMEOUT))
+    except ValueError:
+        timeout = -1.0
+    if not prefix or timeout <= 0:
+        raise ConfigurationError(
+            f"bad Redis URL {redact(url)!r}: prefix must not be empty and timeout must be"
+            " a positive number of seconds"
+        )
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix, timeout
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _decode(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+class RedisCoordinator(Coordinator):
+    """Leases in Redis keys with server-side expiry, guarded by Lua scripts."""
+
+    def __init__(self, url: str) -> None:
+        self.display_url = redact(url)
+        self._url, self.prefix, self.timeout = split_url(url)
+        self._password = urlsplit(url).password
+        self._client = self._make_client(self.timeout)
+        # No read timeout for pub/sub: it waits for messages for as long as it takes.
+        self._events_client = self._make_client(None)
+        self._acquire = self._client.register_script(ACQUIRE)
+        self._renew = self._client.register_script(RENEW)
+        self._release = self._client.register_script(RELEASE)
+        self._heartbeat = self._client.register_script(HEARTBEAT)
+        self._live_runners = self._client.register_script(LIVE_RUNNERS)
+        self.channel = f"{self.prefix}:events"
+        self._callbacks: list[Callable[[Event], None]] = []
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _make_client(self, read_timeout: float | None) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            self._url,
+            decode_responses=True,
+            socket_timeout=read_timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+        )
+
+    def _key(self, kind: str, key: str = "") -> str:
+        return f"{self.prefix}:{kind}:{key}" if key else f"{self.prefix}:{kind}"
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        if self._closed:
+            raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
+        try:
+            yield
+        except UNREACHABLE as exc:
+            raise CoordinatorUnavailable(
+                f"cannot reach Redis at {self.display_url}: {self._scrub(exc)}"
+            ) from exc
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        return text.replace(self._password, "***") if self._password else text
+
+    async def open(self) -> None:
+        with self._reaching():
+            await self._client.ping()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self._client.aclose()
+        await self._events_client.aclose()
+
+    # -- leases --------------------------------------------------------------------
+
+    async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
+        keys = [self._key("lease", key), self._key("fence", key), self._key("loop", key),
+                self._key("loops")]
+        with self._reaching():
+            answer = await self._acquire(keys, [runner.id, runner.label, _ms(ttl), key])
+        if answer[0] == "paused":
+            return Denied(holder=None, expires_in=None, paused=True)
+        if answer[0] == "denied":
+            pttl = int(answer[2])
+            return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
+        return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
+
+    async def renew(
+        self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+    ) -> dict[str, Renewal]:
+        if not leases:
+            return {}
+        calls = {
+            key: (self._key("lease", key), self._key("loop", key), runner.id, str(fence), _ms(ttl))
+            for key, (fence, ttl) in leases.items()
+        }
+        answers: dict[str, Renewal] = {}
+        with self._reaching():
+            # EVALSHA straight into one pipeline: redis-py's script-aware pipeline would
+            # spend a SCRIPT EXISTS round trip first on every renewal.
+            for _ in range(2):
+                pipe = self._client.pipeline(transaction=False)
+                for args in calls.values():
+                    pipe.evalsha(self._renew.sha, 2, *args)
+                results = await pipe.execute(raise_on_error=False)
+                missing = {}
+                for (key, args), result in zip(calls.items(), results, strict=True):
+                    if isinstance(result, NoScriptError):
+                        missing[key] = args
+                    elif isinstance(result, BaseException):
+                        raise result
+                    else:
+                        answers[key] = Renewal(result)
+                if not missing:
+                    break
+                self._renew.sha = await self._client.script_load(RENEW)
+                calls = missing
+        return answers
+
+    async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
+        with self._reaching():
+            released = await self._release([self._key("lease", key)], [runner.id, str(fence)])
+        return bool(released)
+
+    # -- reports and status ----------------------------------------------------------
+
+    async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
+        with self._reaching():
+            await self._heartbeat(
+                [self._key("runners"), self._key("runner-labels")],
+                [runner.id, runner.label, repr(float(ttl))],
+            )
+            if not stats:
+                return
+            pipe = self._client.pipeline(transaction=True)
+            for item in stats:
+                loop = self._key("loop", item.key)
+                pipe.sadd(self._key("loops"), item.key)
+                pipe.hincrby(loop, "passes", item.passes)
+                pipe.hincrby(loop, "errors", item.errors)
+                fields = stats_fields(item)
+                stored: dict[FieldT, EncodableT] = {
+                    name: json.dumps(value) for name, value in fields.items() if value is not None
+                }
+                if stored:
+                    pipe.hset(loop, mapping=stored)
+                cleared = [name for name, value in fields.items() if value is None]
+                if cleared:
+                    pipe.hdel(loop, *cleared)
+            await pipe.execute()
+
+    async def runners(self) -> list[RunnerRecord]:
+        with self._reaching():
+            rows = await self._live_runners([self._key("runners"), self._key("runner-labels")])
+        return [
+            RunnerRecord(id=rows[i], label=rows[i + 2], seen=float(rows[i + 1]))
+            for i in range(0, len(rows), 3)
+        ]
+
+    async def set_paused(self, key: str, paused: bool) -> None:
+        with self._reaching():
+            pipe = self._client.pipeline(transaction=True)
+            pipe.sadd(self._key("loops"), key)
+            pipe.hset(self._key("loop", key), "paused", "1" if paused else "0")
+            await pipe.execute()
+
+    async def loops(self) -> list[LoopRecord]:
+        with self._reaching():
+            keys = sorted(str(k) for k in await self._client.smembers(self._key("loops")))
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(self._key("lease", key))
+                pipe.get(self._key("fence", key))
+                pipe.hgetall(self._key("loop", key))
+            rows = await pipe.execute()
+        records = []
+        for n, key in enumerate(keys):
+            lease, fence, loop = rows[3 * n: 3 * n + 3]
+            records.append(
+                LoopRecord(
+                    key=key,
+                    fence=int(fence or 0),
+                    paused=loop.get("paused") == "1",
+                    holder=lease.get("holder"),
+                    held_since=float(lease["since"]) if "since" in lease else None,
+                    passes=int(loop.get("passes", 0)),
+                    errors=int(loop.get("errors", 0)),
+                    **{name: _decode(loop.get(name)) for name in STAT_FIELDS},
+                )
+            )
+        return records
+
+    # -- events ------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        payload = json.dumps({"kind": event.kind, "key": event.key})
+        with self._reaching():
+            await self._client.publish(self.channel, payload)
+
+    async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
+        if self._listener is None:
+            with self._reaching():
+                pubsub = await self._listen()
+            self._listener = asyncio.get_running_loop().create_task(
+                self._deliver_forever(pubsub), name=f"ostinato-redis-events:{self.prefix}"
+            )
+        self._callbacks.append(callback)
+
+    async def _listen(self) -> PubSub:
+        """A pub/sub connection whose subscription the server has confirmed."""
+        pubsub = self._events_client.pubsub()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await pubsub.subscribe(self.channel)
+                while (await pubsub.get_message(timeout=self.timeout)) is None:
+                    pass
+        except BaseException:
+            await self._drop(pubsub)
+            raise
+        return pubsub
+
+    @staticmethod
+    async def _drop(pubsub: PubSub) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+    async def _deliver_forever(self, pubsub: PubSub | None) -> None:
+        delay, failing = RECONNECT_MIN, False
+        try:
+            while True:
+                try:
+                    if pubsub is None:
+                        pubsub = await self._listen()
+                        log.warning("receiving events from %s again", self.display_url)
+                        delay, failing = RECONNECT_MIN, False
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                except UNREACHABLE as exc:
+                    if not failing:
+                        log.error("lost the event subscription to %s, reconnecting: %s",
+                                  self.display_url, self._scrub(exc))
+                        failing = True
+                    if pubsub is not None:
+                        await self._drop(pubsub)
+                        pubsub = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                if message is not None and message.get("type") == "message":
+                    self._deliver(message["data"])
+        finally:
+            if pubsub is not None:
+                await self._drop(pubsub)
+
+    def _deliver(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+            event = Event(str(message["kind"]), str(message["key"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed event on %s", self.channel)
+            return
+        if event.kind not in Event.KINDS:
+            return
+        for callback in list(self._callbacks):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("an event callback failed on %s", event)
+
+    # -- tests -------------------------------------------------------------------------
+
+    async def drop_everything(self) -> None:
+        """Delete every key under this coordinator's prefix (for tests)."""
+        client = self._make_client(self.timeout)
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":*"
+        try:
+            async for name in client.scan_iter(match=pattern, count=500):
+                await client.delete(name)
+        finally:
+            await client.aclose()
