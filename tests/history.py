@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 
@@ -41,7 +42,7 @@ def overlaps(records: list[PassRecord], *, unfinished_end: dict[int, float] | No
 def fences_only_grow(records: list[PassRecord]) -> bool:
     """In start order, fences never go down, and each holder change brings a greater fence."""
     ordered = sorted(records, key=lambda r: r.start)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if after.fence < before.fence:
             return False
         if after.pid != before.pid and after.fence == before.fence:

@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ostinato.loop")
 
+#: A runner holding its fair share of loops waits this long before taking a free
+#: one, so that a runner with fewer loops gets it first.
+YIELD_DELAY = 0.25
+#: A loop handed over for balance that nobody else took is not handed over
+#: again for this long (the other runners cannot or will not run it).
+BALANCE_COOLDOWN = 60.0
+
 
 def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]
@@ -55,6 +62,9 @@ class LoopKeeper:
         self._woken = False
         self._async_signal: asyncio.Event | None = None
         self._outage_logged = False
+        self._handing_over = False
+        self._handed_over_fence: int | None = None
+        self.balance_cooldown_until = 0.0
 
     # -- notices from the runner ----------------------------------------------
 
@@ -82,6 +92,13 @@ class LoopKeeper:
         log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why)
         self.nudge()
 
+    def hand_over(self) -> None:
+        """Finish the current pass, then release the lease so a less busy runner takes it."""
+        if self.lease is not None and not self._handing_over:
+            self._handing_over = True
+            log.info("%s: handing over to balance the loops across runners", self.key)
+            self.nudge()
+
     def on_event(self, event: Event) -> None:
         if event.kind == "wake":
             self.wake()
@@ -95,6 +112,10 @@ class LoopKeeper:
         runner = self.runner
         failures = 0
         while not runner.stopping:
+            if runner.at_fair_share():
+                await self._wait_chance(YIELD_DELAY * random.uniform(0.8, 1.2), chances=False)
+                if runner.stopping:
+                    return
             sent = time.monotonic()
             try:
                 answer = await runner.coordinator.acquire(self.key, runner.info, self.spec.lease)
@@ -124,9 +145,9 @@ class LoopKeeper:
             wait = min(wait, max(denied.expires_in, 0.0) + 0.002)
         await self._wait_chance(wait * (1 if denied.expires_in is not None else random.uniform(0.8, 1)))
 
-    async def _wait_chance(self, seconds: float) -> None:
+    async def _wait_chance(self, seconds: float, *, chances: bool = True) -> None:
         self._chance.clear()
-        waiter = asyncio.ensure_future(self._chance.wait())
+        waiter = asyncio.ensure_future(self._chance.wait() if chances else asyncio.sleep(seconds))
         stopper = asyncio.ensure_future(self.runner.stopped.wait())
         try:
             await asyncio.wait({waiter, stopper}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -141,6 +162,9 @@ class LoopKeeper:
         self.lease = lease
         self.held_at = time.monotonic()
         log.info("%s: lease acquired (fence %d)", self.key, lease.fence)
+        if self._handed_over_fence is not None and grant.fence == self._handed_over_fence + 1:
+            self.balance_cooldown_until = self.held_at + BALANCE_COOLDOWN
+        self._handed_over_fence = None
         first = self.spec.pacing.first_start(
             now=time.monotonic(), wall_now=time.time(), last_start_wall=grant.last_start
         )
@@ -154,6 +178,9 @@ class LoopKeeper:
             self.lease = None
             if finished and lease.deadline != float("-inf"):
                 await self.runner.give_back(self.key, lease)
+            if self._handing_over:
+                self._handing_over = False
+                self._handed_over_fence = lease.fence
 
     # -- sync bodies: a thread per held lease -----------------------------------
 
@@ -198,7 +225,7 @@ class LoopKeeper:
         idle_streak = error_streak = number = 0
         while True:
             signal.clear()
-            if runner.stopping:
+            if runner.stopping or self._handing_over:
                 return
             now = time.monotonic()
             if self._woken:
@@ -252,7 +279,7 @@ class LoopKeeper:
         try:
             while True:
                 signal.clear()
-                if runner.stopping:
+                if runner.stopping or self._handing_over:
                     return
                 now = time.monotonic()
                 if self._woken:

@@ -25,8 +25,9 @@ log = logging.getLogger("ostinato.runner")
 
 #: How often statistics and the heartbeat are sent.
 REPORT_EVERY = 1.0
-#: A runner whose heartbeat is older than this counts as gone.
-RUNNER_TTL = 10.0
+#: A runner whose heartbeat is older than this counts as gone (for balancing only:
+#: leases, not heartbeats, decide who runs a loop).
+RUNNER_TTL = 5.0
 
 
 class Runner:
@@ -49,6 +50,7 @@ class Runner:
         self.wall_offset = wall_offset()
         self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
         self._renew_now = asyncio.Event()
+        self.live_runners = 1
         self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
 
     # -- life cycle ----------------------------------------------------------------
@@ -180,6 +182,31 @@ class Runner:
             else:
                 keeper.lose("another runner holds it now")
 
+    # -- spreading loops across runners -------------------------------------------------
+
+    def held(self) -> list[LoopKeeper]:
+        return [k for k in self.keepers.values() if k.lease is not None and k.lease.holds()]
+
+    def fair_share(self) -> int:
+        """ceil(loops / live runners): the most loops this runner takes while others are alive."""
+        return -(-len(self.keepers) // max(1, self.live_runners))
+
+    def at_fair_share(self) -> bool:
+        return self.live_runners > 1 and len(self.held()) >= self.fair_share()
+
+    async def balance(self) -> None:
+        """Count the live runners and hand over loops held beyond the fair share, one at a time."""
+        self.live_runners = max(1, len(await self.coordinator.runners()))
+        held = self.held()
+        if self.live_runners <= 1 or len(held) <= self.fair_share():
+            return
+        now = time.monotonic()
+        movable = [k for k in held if k.balance_cooldown_until <= now]
+        if movable:
+            # The one that most recently finished a pass is least likely to be mid-pass.
+            movable.sort(key=lambda k: (k.stats.running_since is not None, -(k.stats.last_end or 0)))
+            movable[0].hand_over()
+
     # -- reporting ----------------------------------------------------------------------
 
     async def _report_forever(self) -> None:
@@ -207,6 +234,8 @@ class Runner:
         await self.coordinator.report(self.info, RUNNER_TTL, [stats for _, stats in batch])
         for keeper, stats in batch:
             keeper.stats.sent(stats)
+        if not self.stopping:
+            await self.balance()
 
     # -- watching for overruns and stalls --------------------------------------------------
 

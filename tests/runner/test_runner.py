@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from ostinato.loop import Pass
 from tests.history import PassRecord, fences_only_grow, overlaps
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a deadline for a polled condition, not a cancel scope
     """Wait for ``condition`` to hold, failing the test if it does not within ``timeout``."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -112,7 +113,7 @@ async def test_errors_back_off_and_never_end_the_loop() -> None:
 
     async with app.running():
         await until(lambda: len(calls) >= 5)
-    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert min(gaps) >= 0.005  # backed off, not a hot loop
     records = await MemoryCoordinator(url.split("://")[1]).loops()
     [record] = records

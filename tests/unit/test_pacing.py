@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -89,7 +89,7 @@ def test_every_waits_for_the_error_backoff_too() -> None:
 
 def test_cron_delay_to_next_fire() -> None:
     """A cron schedule waits until its next firing time (UTC)."""
-    at = datetime(2026, 1, 1, 12, 0, 30, tzinfo=timezone.utc).timestamp()
+    at = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC).timestamp()
     assert cron_delay("* * * * *", at) == pytest.approx(30.0)
     assert cron_delay("0 13 * * *", at) == pytest.approx(3570.0)
     p = plan(Pacing(cron="*/5 * * * *"), slot=0.0, end=10.0)

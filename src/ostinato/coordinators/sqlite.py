@@ -356,6 +356,7 @@ class SQLiteCoordinator(Coordinator):
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         def store(conn: sqlite3.Connection) -> None:
+            self._hold_runner_lock(runner)
             with self._write(conn):
                 conn.execute(
                     "INSERT INTO ostinato_runners (id, label, pid, boot, expires) VALUES"
@@ -380,7 +381,12 @@ class SQLiteCoordinator(Coordinator):
                 "SELECT id, label, expires FROM ostinato_runners WHERE boot = ? AND expires > ?",
                 (self._boot, time.monotonic()),
             ).fetchall()
-            return [RunnerRecord(r["id"], r["label"], r["expires"]) for r in rows]
+            # A runner whose liveness lock is free has died, heartbeat or not.
+            return [
+                RunnerRecord(r["id"], r["label"], r["expires"])
+                for r in rows
+                if not self._runner_dead(r["id"])
+            ]
 
         return await self._run(read)
 
@@ -443,6 +449,7 @@ class SQLiteCoordinator(Coordinator):
         port = transport.get_extra_info("sockname")[1]
 
         def register(conn: sqlite3.Connection) -> None:
+            self._hold_runner_lock(runner)
             with self._write(conn):
                 conn.execute(
                     "INSERT INTO ostinato_runners (id, label, pid, boot, expires, port)"
