@@ -293,3 +293,62 @@ async def test_only_runs_the_named_loops() -> None:
         async with app.running(only=["c"]):
             pass
 
+
+
+async def test_sync_pass_over_its_timeout_is_reported_and_keeps_its_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sync pass that overruns is logged as such while the runner keeps renewing its lease."""
+    url = memory_url()
+    app = ostinato.App("slow", coordinator=url)
+    release = threading.Event()
+    fences: list[int] = []
+
+    @app.loop(timeout="50ms", lease="300ms")
+    def stuck(ctx: Pass) -> None:
+        fences.append(ctx.fence)
+        release.wait(5)
+
+    store = MemoryCoordinator(url.split("://")[1])
+    async with app.running():
+        await until(lambda: "over its timeout" in caplog.text)
+        await asyncio.sleep(0.5)  # longer than the lease: only renewals keep it
+        [record] = await store.loops()
+        assert record.holder is not None
+        assert record.fence == fences[0]
+        release.set()
+        await until(lambda: len(fences) > 1)
+    assert fences[1] == fences[0]  # the same lease all along
+    overruns = [r for r in caplog.records if "over its timeout" in r.getMessage()]
+    assert overruns
+    assert overruns[0].levelname == "ERROR"
+
+
+async def test_a_loop_with_no_finished_pass_shows_as_stalled(caplog: pytest.LogCaptureFixture) -> None:
+    """stall_after: status says stalled while no pass finishes, and the runner logs it and the recovery."""
+    url = memory_url()
+    app = ostinato.App("st", coordinator=url)
+    release = threading.Event()
+
+    @app.loop(stall_after="200ms", pause="10ms")
+    def blocked(ctx: Pass) -> None:
+        release.wait(5)
+
+    store = MemoryCoordinator(url.split("://")[1])
+
+    async def state() -> str:
+        records = await store.loops()
+        return records[0].state(time.time()) if records else "none"
+
+    async with app.running():
+        deadline = time.monotonic() + 5
+        while await state() != "stalled":
+            assert time.monotonic() < deadline, "never shown as stalled"
+            await asyncio.sleep(0.02)
+        await until(lambda: "stalled: no pass finished" in caplog.text)
+        release.set()
+        await until(lambda: "recovered from a stall" in caplog.text)
+        deadline = time.monotonic() + 5
+        while await state() == "stalled":
+            assert time.monotonic() < deadline, "still stalled after passes resumed"
+            await asyncio.sleep(0.02)
