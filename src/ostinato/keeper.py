@@ -220,11 +220,12 @@ class LoopKeeper:
         spec, stats, signal = self.spec, self.stats, self._signal
         body: Callable[[Pass], Any] = spec.body
         runner = self.runner
+        pacing = spec.pacing
+        back_to_back = pacing.every is None and pacing.pause is None and pacing.cron is None
         slot = not_before = first
         idle_until = 0.0
         idle_streak = error_streak = number = 0
         while True:
-            signal.clear()
             if runner.stopping or self._handing_over:
                 return
             now = time.monotonic()
@@ -234,6 +235,9 @@ class LoopKeeper:
             start_at = not_before if not_before > idle_until else idle_until
             if now < start_at:
                 signal.wait(min(start_at - now, lease.ttl))
+                # Cleared after the wait, then every flag is read again at the top,
+                # so a notice that arrives in between is not lost.
+                signal.clear()
                 continue
             if not lease.holds(now):
                 return
@@ -250,6 +254,11 @@ class LoopKeeper:
                 end = time.monotonic()
                 outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED
             stats.finished(now, end, outcome.value)
+            if back_to_back and outcome is Outcome.WORKED:
+                # What plan_next would say, without its cost on the hottest path.
+                slot = not_before = end
+                idle_streak = error_streak = 0
+                continue
             plan = self._plan(slot, end, outcome, idle_streak, error_streak)
             slot, not_before, idle_until = plan.slot, plan.not_before, plan.idle_until
             idle_streak, error_streak = plan.idle_streak, plan.error_streak

@@ -128,3 +128,21 @@ def test_loops_spread_across_runners_and_the_survivors_take_all(
         records = cluster.passes(loop)
         assert overlaps(records, unfinished_end=cluster.killed_at) == [], loop
         assert fences_only_grow(records), loop
+
+
+def test_five_runners_hand_the_loop_down_the_line(cluster_factory: Callable[..., Cluster]) -> None:
+    """Five runners, the holder stopped four times (kill -9, SIGTERM in turn): one pass at a time."""
+    cluster = cluster_factory(lease="10s")
+    procs = {p.pid: p for p in (cluster.start() for _ in range(5))}
+    for round_ in range(4):
+        holder = cluster.holder()
+        cluster.wait(lambda h=holder: sum(r.pid == h for r in cluster.passes()) > 5, what="passes")
+        sig = signal.SIGKILL if round_ % 2 == 0 else signal.SIGTERM
+        at = cluster.kill(holder, sig)
+        code = procs[holder].wait(15)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+        first_pass_after(cluster, at, not_pid=holder)
+    records = cluster.passes()
+    assert len({r.pid for r in records}) == 5
+    assert overlaps(records, unfinished_end=cluster.killed_at) == []
+    assert fences_only_grow(records)
