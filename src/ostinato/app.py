@@ -16,7 +16,7 @@ from ostinato.coordinators import Coordinator, Event, from_url
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
 from ostinato.loop import Body, LoopSpec, declare
-from ostinato.runner import Runner
+from ostinato.runner import Runner, StallHook
 
 log = logging.getLogger("ostinato")
 
@@ -99,6 +99,7 @@ class App:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.loops: dict[str, LoopSpec] = {}
+        self.stall_hooks: list[StallHook] = []
 
     def __repr__(self) -> str:
         return f"<ostinato.App {self.name!r} loops={list(self.loops)}>"
@@ -143,6 +144,15 @@ class App:
             return register(body)
         return register
 
+    def on_stall(self, hook: StallHook) -> StallHook:
+        """Call ``hook(stall)`` when a loop stalls (``stall_after``) and again when it recovers.
+
+        ``stall.recovered`` tells which. Sync hooks run in a worker thread, async
+        ones on the event loop; usable as a decorator.
+        """
+        self.stall_hooks.append(hook)
+        return hook
+
     # -- the coordinator -------------------------------------------------------------
 
     def coordinator_url(self, override: str | None = None) -> str:
@@ -173,7 +183,7 @@ class App:
 
     # -- running --------------------------------------------------------------------------
 
-    def _specs(self, only: Collection[str] | None) -> list[LoopSpec]:
+    def specs(self, only: Collection[str] | None) -> list[LoopSpec]:
         if not only:
             return list(self.loops.values())
         unknown = sorted(set(only) - set(self.loops))
@@ -189,10 +199,10 @@ class App:
         self, *, only: Collection[str] | None = None, coordinator: str | None = None
     ) -> AsyncIterator[Runner]:
         """Host the loops inside the running event loop until the block exits."""
-        specs = self._specs(only)
+        specs = self.specs(only)
         store = self.connect(coordinator)
         await open_patiently(store)
-        runner = Runner(self.name, specs, store, grace=self.grace)
+        runner = Runner(self.name, specs, store, grace=self.grace, stall_hooks=self.stall_hooks)
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")
         try:

@@ -6,7 +6,6 @@ import asyncio
 import importlib
 import importlib.util
 import json
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,10 +13,11 @@ from typing import NoReturn, TypeVar
 
 import click
 
-from ostinato import control
+from ostinato import control, logs
 from ostinato.app import App, resolve_url
 from ostinato.coordinators import Coordinator, from_url, redact
 from ostinato.errors import ConfigurationError, OstinatoError
+from ostinato.supervisor import Supervisor, runner_command
 
 T = TypeVar("T")
 
@@ -94,14 +94,6 @@ async def _with(url: str, job: Callable[[Coordinator], Awaitable[T]]) -> T:
         await coordinator.close()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 coordinator_option = click.option(
     "--coordinator", envvar="OSTINATO_COORDINATOR", show_envvar=True, help=COORDINATOR_HELP
 )
@@ -122,21 +114,33 @@ def main() -> None:
     "--log-level", default="info", show_default=True, envvar="OSTINATO_LOG_LEVEL",
     show_envvar=True, type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--log-format", default="text", show_default=True, envvar="OSTINATO_LOG_FORMAT",
+    show_envvar=True, type=click.Choice(["text", "json"]), help="json: one object per line.",
+)
+@click.option(
+    "--processes", type=click.IntRange(min=1), default=None, envvar="OSTINATO_PROCESSES",
+    show_envvar=True, help="Fork N runner processes and restart any that dies.",
+)
 @debug_option
 def run(app: str, coordinator: str | None, only: tuple[str, ...], log_level: str,
-        debug: bool) -> None:
+        log_format: str, processes: int | None, debug: bool) -> None:
     """Run the loops of APP (module:attr or path/to/file.py:attr) in this process.
 
     Start as many runners as you like: each loop runs in exactly one of them at
     a time. SIGTERM or SIGINT finishes the current passes, releases the leases
     and exits 0.
     """
-    _setup_logging("debug" if debug else log_level)
+    logs.setup("debug" if debug else log_level, log_format)
     the_app = guarded(debug, lambda: load_app(app))
     if not the_app.loops:
         fail(f"app {app!r} declares no loops; add one with @app.loop")
     url = the_app.coordinator_url(coordinator)
     guarded(debug, lambda: from_url(url))  # a bad URL fails here, before any logging noise
+    guarded(debug, lambda: the_app.specs(only or None))  # and so does an unknown --only
+    if processes is not None:
+        command = runner_command(sys.argv[1:])
+        sys.exit(Supervisor(command, processes, grace=the_app.grace).run())
     guarded(debug, lambda: the_app.run(only=only or None, coordinator=url))
 
 

@@ -41,6 +41,14 @@ async def resume(coordinator: Coordinator, name: str) -> str:
     return key
 
 
+async def release(coordinator: Coordinator, name: str) -> tuple[str, int | None]:
+    """Revoke the lease of ``name`` so another runner takes it at once, with a new fence."""
+    key = await resolve(coordinator, name)
+    fence = await coordinator.revoke(key)
+    await coordinator.publish(Event("revoked", key))
+    return key, fence
+
+
 async def wake(coordinator: Coordinator, name: str) -> str:
     key = await resolve(coordinator, name)
     await coordinator.publish(Event("wake", key))

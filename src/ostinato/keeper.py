@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ostinato.coordinators.protocol import Denied, Event, Grant
 from ostinato.errors import CoordinatorUnavailable
+from ostinato.logs import fields
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
 from ostinato.pacing import Outcome, Plan, plan_next
 from ostinato.stats import StatsBook
@@ -54,6 +55,7 @@ class LoopKeeper:
         self.held_at = 0.0
         self.paused = False
         self.stalled = False
+        self.stall_began = 0.0
         self.overrun_logged_at: float | None = None
         # Set by an event that makes another try at the lease worthwhile.
         self._chance = asyncio.Event()
@@ -89,20 +91,25 @@ class LoopKeeper:
         if lease is None or lease.deadline == float("-inf"):
             return
         lease.revoke()
-        log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why)
+        log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why,
+                    extra=self._fields("lease_lost", lease.fence))
         self.nudge()
+
+    def _fields(self, event: str, fence: int | None = None) -> dict[str, object]:
+        return fields(event, loop=self.key, fence=fence, runner=self.runner.info.label)
 
     def hand_over(self) -> None:
         """Finish the current pass, then release the lease so a less busy runner takes it."""
         if self.lease is not None and not self._handing_over:
             self._handing_over = True
-            log.info("%s: handing over to balance the loops across runners", self.key)
+            log.info("%s: handing over to balance the loops across runners", self.key,
+                     extra=self._fields("hand_over"))
             self.nudge()
 
     def on_event(self, event: Event) -> None:
         if event.kind == "wake":
             self.wake()
-        elif event.kind in ("released", "resumed"):
+        elif event.kind in ("released", "resumed", "revoked"):
             self.chance()
 
     # -- the lease ------------------------------------------------------------
@@ -122,12 +129,14 @@ class LoopKeeper:
             except CoordinatorUnavailable as exc:
                 failures += 1
                 if not self._outage_logged:
-                    log.error("%s: cannot reach the coordinator, retrying: %s", self.key, exc)
+                    log.error("%s: cannot reach the coordinator, retrying: %s", self.key, exc,
+                              extra=self._fields("coordinator_unreachable"))
                     self._outage_logged = True
                 await self._wait_chance(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
                 continue
             if self._outage_logged:
-                log.warning("%s: coordinator reachable again", self.key)
+                log.warning("%s: coordinator reachable again", self.key,
+                            extra=self._fields("coordinator_reachable"))
                 self._outage_logged = False
             failures = 0
             if isinstance(answer, Denied):
@@ -138,7 +147,8 @@ class LoopKeeper:
     async def _stand_by(self, denied: Denied) -> None:
         if denied.paused != self.paused:
             self.paused = denied.paused
-            log.info("%s: %s", self.key, "paused" if denied.paused else "resumed")
+            state = "paused" if denied.paused else "resumed"
+            log.info("%s: %s", self.key, state, extra=self._fields(state))
         # Try again when the holder's claim runs out, and at least every third of a TTL.
         wait = self.spec.lease / 3
         if denied.expires_in is not None:
@@ -161,7 +171,8 @@ class LoopKeeper:
             self.paused = False
         self.lease = lease
         self.held_at = time.monotonic()
-        log.info("%s: lease acquired (fence %d)", self.key, lease.fence)
+        log.info("%s: lease acquired (fence %d)", self.key, lease.fence,
+                 extra=self._fields("lease_acquired", lease.fence))
         if self._handed_over_fence is not None and grant.fence == self._handed_over_fence + 1:
             self.balance_cooldown_until = self.held_at + BALANCE_COOLDOWN
         self._handed_over_fence = None
@@ -249,7 +260,8 @@ class LoopKeeper:
                 end = time.monotonic()
                 outcome = Outcome.FAILED
                 stats.failed(end, _error_text(exc))
-                log.error("%s: pass %d failed", self.key, number, exc_info=exc)
+                log.error("%s: pass %d failed", self.key, number, exc_info=exc,
+                          extra=self._fields("pass_failed", lease.fence))
             else:
                 end = time.monotonic()
                 outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED
@@ -319,7 +331,8 @@ class LoopKeeper:
                         stats.failed(end, f"TimeoutError: pass ran over its timeout of {spec.timeout}s")
                     else:
                         stats.failed(end, _error_text(exc))
-                        log.error("%s: pass %d failed", self.key, number, exc_info=exc)
+                        log.error("%s: pass %d failed", self.key, number, exc_info=exc,
+                          extra=self._fields("pass_failed", lease.fence))
                 else:
                     end = time.monotonic()
                     outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from ostinato.coordinators.protocol import Coordinator, Event, Renewal, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
 from ostinato.keeper import LoopKeeper
+from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
 from ostinato.stats import wall_offset
 
@@ -30,6 +33,21 @@ REPORT_EVERY = 1.0
 RUNNER_TTL = 5.0
 
 
+@dataclass(frozen=True)
+class Stall:
+    """A loop whose holder has finished no pass for ``stalled_for`` seconds, or has recovered."""
+
+    loop: str
+    holder: str
+    fence: int
+    last_pass_end: float | None
+    stalled_for: float
+    recovered: bool = False
+
+
+StallHook = Callable[[Stall], object]
+
+
 class Runner:
     """Hosts ``specs`` of the app ``app_name`` against ``coordinator`` until stopped."""
 
@@ -40,6 +58,7 @@ class Runner:
         coordinator: Coordinator,
         *,
         grace: float = 30.0,
+        stall_hooks: Sequence[StallHook] = (),
     ) -> None:
         self.app_name = app_name
         self.coordinator = coordinator
@@ -51,6 +70,8 @@ class Runner:
         self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
         self._renew_now = asyncio.Event()
         self.live_runners = 1
+        self.stall_hooks = list(stall_hooks)
+        self._hook_tasks: set[asyncio.Future[object]] = set()
         self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
 
     # -- life cycle ----------------------------------------------------------------
@@ -60,6 +81,7 @@ class Runner:
         log.info(
             "runner %s started: %d loop(s) of %r on %s",
             self.info.label, len(self.keepers), self.app_name, self.coordinator.display_url,
+            extra=fields("runner_started", runner=self.info.label),
         )
         await self._subscribe()
         keepers = [asyncio.create_task(k.keep(), name=k.key) for k in self.keepers.values()]
@@ -102,14 +124,17 @@ class Runner:
         await asyncio.gather(*sides, return_exceptions=True)
         with contextlib.suppress(CoordinatorUnavailable):
             await self._report()
-        log.info("runner %s stopped", self.info.label)
+        log.info("runner %s stopped", self.info.label,
+                 extra=fields("runner_stopped", runner=self.info.label))
 
     async def give_back(self, key: str, lease: LocalLease) -> None:
         """Release a lease this runner no longer needs and tell standbys at once."""
         try:
             if await self.coordinator.release(key, self.info, lease.fence):
                 await self.coordinator.publish(Event("released", key))
-                log.info("%s: lease released (fence %d)", key, lease.fence)
+                log.info("%s: lease released (fence %d)", key, lease.fence,
+                         extra=fields("lease_released", loop=key, fence=lease.fence,
+                                      runner=self.info.label))
         except CoordinatorUnavailable as exc:
             log.warning("%s: could not release the lease, it will expire: %s", key, exc)
 
@@ -117,8 +142,8 @@ class Runner:
         keeper = self.keepers.get(event.key)
         if keeper is None:
             return
-        if event.kind == "paused":
-            self._renew_now.set()
+        if event.kind in ("paused", "revoked"):
+            self._renew_now.set()  # a holder learns at once, from its renewal
         keeper.on_event(event)
 
     async def _supervise(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
@@ -266,8 +291,41 @@ class Runner:
                 continue
             since = max(stats.last_end or 0.0, keeper.held_at)
             stalled = now - since > spec.stall_after
-            if stalled and not keeper.stalled:
-                log.error("%s: stalled: no pass finished for %.1fs", keeper.key, now - since)
-            elif keeper.stalled and not stalled:
-                log.warning("%s: recovered from a stall", keeper.key)
+            if stalled == keeper.stalled:
+                continue
             keeper.stalled = stalled
+            notice = Stall(
+                loop=keeper.key,
+                holder=self.info.label,
+                fence=keeper.lease.fence,
+                last_pass_end=None if stats.last_end is None else stats.last_end + self.wall_offset,
+                stalled_for=now - (keeper.stall_began if not stalled else since),
+                recovered=not stalled,
+            )
+            extra = fields("recovered" if notice.recovered else "stalled", loop=keeper.key,
+                           fence=notice.fence, runner=self.info.label)
+            if stalled:
+                keeper.stall_began = since
+                log.error("%s: stalled: no pass finished for %.1fs", keeper.key, now - since,
+                          extra=extra)
+            else:
+                log.warning("%s: recovered from a stall of %.1fs", keeper.key, notice.stalled_for,
+                            extra=extra)
+            self._call_hooks(notice)
+
+    def _call_hooks(self, notice: Stall) -> None:
+        """Run each stall hook off the event loop (a slow webhook must not delay leases)."""
+        loop = asyncio.get_running_loop()
+        for hook in self.stall_hooks:
+            future: asyncio.Future[object]
+            if inspect.iscoroutinefunction(hook):
+                future = asyncio.ensure_future(hook(notice))
+            else:
+                future = loop.run_in_executor(None, hook, notice)
+            self._hook_tasks.add(future)
+            future.add_done_callback(self._hook_done)
+
+    def _hook_done(self, future: asyncio.Future[object]) -> None:
+        self._hook_tasks.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.error("a stall hook failed", exc_info=exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 
@@ -9,6 +10,9 @@ from ostinato.coordinators.protocol import LoopStats
 
 #: Pass durations kept for the p50/p99 shown in status.
 SAMPLE = 1024
+#: Upper bounds (seconds) of the pass-duration histogram exported as metrics.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+           30.0, 60.0, 300.0)
 
 
 class StatsBook:
@@ -32,6 +36,11 @@ class StatsBook:
         self.last_error_at: float | None = None
         self.running_since: float | None = None
         self.durations: deque[float] = deque(maxlen=SAMPLE)
+        #: Passes by outcome ("worked", "idle", "failed"), since the runner started.
+        self.outcomes = {"worked": 0, "idle": 0, "failed": 0}
+        #: Pass durations: counts per bucket of ``BUCKETS`` (the last is +Inf), and their sum.
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
         self._sent_passes = 0
         self._sent_errors = 0
         self._sent_end: float | None = None
@@ -40,11 +49,15 @@ class StatsBook:
         self.last_start = self.running_since = start
 
     def finished(self, start: float, end: float, outcome: str) -> None:
+        took = end - start
         self.running_since = None
         self.last_end = end
-        self.last_duration = end - start
+        self.last_duration = took
         self.last_outcome = outcome
-        self.durations.append(end - start)
+        self.durations.append(took)
+        self.outcomes[outcome] += 1
+        self.buckets[bisect.bisect_left(BUCKETS, took)] += 1
+        self.duration_sum += took
         self.passes += 1
 
     def failed(self, at: float, error: str) -> None:

@@ -219,3 +219,17 @@ async def test_only_one_of_many_simultaneous_acquires_wins(make: Make) -> None:
         *(c.acquire(KEY, runner(n), 5.0) for n, c in enumerate(coordinators))
     )
     assert sum(isinstance(a, Grant) for a in answers) == 1
+
+
+async def test_revoke_drops_any_holders_lease_and_keeps_the_fence(make: Make) -> None:
+    """An operator's revoke ends the lease whoever holds it; the next grant has a greater fence."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    assert await b.revoke(KEY) is None
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert await b.revoke(KEY) == grant.fence
+    assert (await a.renew(ra, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.LOST
+    after = await b.acquire(KEY, rb, 5.0)
+    assert isinstance(after, Grant)
+    assert after.fence > grant.fence

@@ -125,6 +125,16 @@ class MemoryCoordinator(Coordinator):
             lease.expires = 0.0
             return True
 
+    async def revoke(self, key: str) -> int | None:
+        now = self.store.clock()
+        with self.store.lock:
+            lease = self._lease(key)
+            if lease.owner is None or lease.expires <= now:
+                return None
+            lease.owner = lease.holder = None
+            lease.expires = 0.0
+            return lease.fence
+
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         now = self.store.clock()
         with self.store.lock:

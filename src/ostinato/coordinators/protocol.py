@@ -74,7 +74,7 @@ class Event:
     kind: str
     key: str
 
-    KINDS = ("wake", "released", "paused", "resumed")
+    KINDS = ("wake", "released", "paused", "resumed", "revoked")
 
 
 @dataclass
@@ -227,6 +227,15 @@ class Coordinator(abc.ABC):
 
         The fence counter is kept: the next grant is still greater. Returns
         whether a lease was released.
+        """
+
+    @abc.abstractmethod
+    async def revoke(self, key: str) -> int | None:
+        """Drop the lease of ``key`` whoever holds it (an operator's hand-over).
+
+        Returns the fence it had, or ``None`` when no unexpired lease was held.
+        The fence counter is kept, so the next grant is greater; the old
+        holder's next renewal answers ``LOST``.
         """
 
     @abc.abstractmethod

@@ -352,6 +352,21 @@ class SQLiteCoordinator(Coordinator):
 
         return await self._run(drop)
 
+    async def revoke(self, key: str) -> int | None:
+        def drop(conn: sqlite3.Connection) -> int | None:
+            with self._write(conn):
+                row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                if row is None or self._expired(row, time.monotonic()):
+                    return None
+                conn.execute(
+                    "UPDATE ostinato_loops SET owner = NULL, holder = NULL, holder_pid = NULL,"
+                    " expires = NULL WHERE key = ?", (key,),
+                )
+                fence: int = row["fence"]
+                return fence
+
+        return await self._run(drop)
+
     # -- reports and status ----------------------------------------------------
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
