@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any, TypeVar, overload
@@ -16,6 +17,7 @@ from ostinato.coordinators import Coordinator, Event, from_url
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
 from ostinato.loop import Body, LoopSpec, declare
+from ostinato.observe import Observe
 from ostinato.runner import Runner, StallHook
 
 log = logging.getLogger("ostinato")
@@ -99,6 +101,9 @@ class App:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.loops: dict[str, LoopSpec] = {}
+        # Where the app was made, so a child process can import it again.
+        self._module = sys._getframe(1).f_globals.get("__name__", "")
+        self.target: str | None = None
         self.stall_hooks: list[StallHook] = []
 
     def __repr__(self) -> str:
@@ -122,6 +127,9 @@ class App:
         lease: Duration = "10s",
         timeout: Duration | None = None,
         stall_after: Duration | None = None,
+        isolation: str | None = None,
+        max_passes: int | None = None,
+        max_memory: str | int | None = None,
     ) -> Callable[[F], F]: ...
 
     def loop(self, body: Any = None, /, **options: Any) -> Any:
@@ -143,6 +151,25 @@ class App:
         if body is not None:
             return register(body)
         return register
+
+    def locate(self) -> str:
+        """``module:attr`` or ``path/file.py:attr`` naming this app, for child processes to import."""
+        if self.target is not None:
+            return self.target
+        module = sys.modules.get(self._module)
+        if module is not None:
+            for attr, value in vars(module).items():
+                if value is self:
+                    # A top-level module may have been found through a sys.path entry
+                    # the child will not have: name it by its file instead.
+                    file = getattr(module, "__file__", None)
+                    if file and "." not in self._module:
+                        return f"{file}:{attr}"
+                    return f"{self._module}:{attr}"
+        raise ConfigurationError(
+            f"isolation='process' needs app {self.name!r} importable by child processes: "
+            "define it at module level (app = ostinato.App(...)) or set app.target = 'module:attr'"
+        )
 
     def on_stall(self, hook: StallHook) -> StallHook:
         """Call ``hook(stall)`` when a loop stalls (``stall_after``) and again when it recovers.
@@ -196,13 +223,27 @@ class App:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, *, only: Collection[str] | None = None, coordinator: str | None = None
+        self, *, only: Collection[str] | None = None, coordinator: str | None = None,
+        observe: Observe | None = None,
     ) -> AsyncIterator[Runner]:
-        """Host the loops inside the running event loop until the block exits."""
+        """Host the loops inside the running event loop until the block exits.
+
+        ``observe`` adds a metrics server and a stall webhook (``ostinato run
+        --metrics-port --alert-webhook``).
+        """
         specs = self.specs(only)
+        hooks = [*self.stall_hooks, *(observe.hooks() if observe else ())]
         store = self.connect(coordinator)
         await open_patiently(store)
-        runner = Runner(self.name, specs, store, grace=self.grace, stall_hooks=self.stall_hooks)
+        target = self.locate() if any(spec.isolated for spec in specs) else None
+        runner = Runner(self.name, specs, store, grace=self.grace, stall_hooks=hooks,
+                        app_target=target)
+        try:
+            exporter = observe.start(runner) if observe else None  # a port in use fails here
+        except BaseException:
+            if store is not self._coordinator:
+                await store.close()
+            raise
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")
         try:
@@ -210,17 +251,21 @@ class App:
         finally:
             stop.set()
             await task
+            if exporter is not None:
+                exporter.stop()
             if store is not self._coordinator:
                 await store.close()
 
     def run(
-        self, *, only: Collection[str] | None = None, coordinator: str | None = None
+        self, *, only: Collection[str] | None = None, coordinator: str | None = None,
+        observe: Observe | None = None,
     ) -> None:
         """Host the loops in this process until SIGTERM or SIGINT, then stop gracefully."""
-        asyncio.run(self.serve(only=only, coordinator=coordinator))
+        asyncio.run(self.serve(only=only, coordinator=coordinator, observe=observe))
 
     async def serve(
-        self, *, only: Collection[str] | None = None, coordinator: str | None = None
+        self, *, only: Collection[str] | None = None, coordinator: str | None = None,
+        observe: Observe | None = None,
     ) -> None:
         """``run`` for a caller that owns the event loop: stops on SIGTERM or SIGINT."""
         loop = asyncio.get_running_loop()
@@ -231,7 +276,7 @@ class App:
                 loop.add_signal_handler(sig, stop.set)
                 handled.append(sig)
         try:
-            async with self.running(only=only, coordinator=coordinator):
+            async with self.running(only=only, coordinator=coordinator, observe=observe):
                 await stop.wait()
         finally:
             for sig in handled:

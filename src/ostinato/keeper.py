@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ostinato.coordinators.protocol import Denied, Event, Grant
 from ostinato.errors import CoordinatorUnavailable
+from ostinato.isolation import PassError, Worker
 from ostinato.logs import fields
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
 from ostinato.pacing import Outcome, Plan, plan_next
@@ -40,6 +41,8 @@ BALANCE_COOLDOWN = 60.0
 
 
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, PassError):
+        return exc.summary
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]
 
 
@@ -65,8 +68,15 @@ class LoopKeeper:
         self._async_signal: asyncio.Event | None = None
         self._outage_logged = False
         self._handing_over = False
+        self._async_pass: asyncio.Task[Any] | None = None
+        self._cancelled_for_lease: bool = False
+        # Set when the runner gives up waiting for a pass: an isolated one is killed.
+        self._abort = [False]
         self._handed_over_fence: int | None = None
         self.balance_cooldown_until = 0.0
+        #: Leases won and lost by this runner, for metrics.
+        self.acquisitions = 0
+        self.losses = 0
 
     # -- notices from the runner ----------------------------------------------
 
@@ -91,12 +101,22 @@ class LoopKeeper:
         if lease is None or lease.deadline == float("-inf"):
             return
         lease.revoke()
+        self.losses += 1
         log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why,
                     extra=self._fields("lease_lost", lease.fence))
+        if self._async_pass is not None:
+            # An async pass can be stopped, so it is: a runner taking over must not overlap it.
+            self._cancelled_for_lease = True
+            self._async_pass.cancel()
         self.nudge()
 
     def _fields(self, event: str, fence: int | None = None) -> dict[str, object]:
         return fields(event, loop=self.key, fence=fence, runner=self.runner.info.label)
+
+    def abort(self) -> None:
+        """The runner will not wait any longer: end the current pass if it can be ended."""
+        self._abort[0] = True
+        self.nudge()
 
     def hand_over(self) -> None:
         """Finish the current pass, then release the lease so a less busy runner takes it."""
@@ -171,6 +191,7 @@ class LoopKeeper:
             self.paused = False
         self.lease = lease
         self.held_at = time.monotonic()
+        self.acquisitions += 1
         log.info("%s: lease acquired (fence %d)", self.key, lease.fence,
                  extra=self._fields("lease_acquired", lease.fence))
         if self._handed_over_fence is not None and grant.fence == self._handed_over_fence + 1:
@@ -181,7 +202,7 @@ class LoopKeeper:
         )
         finished = True
         try:
-            if self.spec.is_async:
+            if self.spec.is_async and not self.spec.isolated:
                 await self._run_async(lease, first)
             else:
                 finished = await self._run_thread(lease, first)
@@ -228,9 +249,19 @@ class LoopKeeper:
         return True
 
     def _passes_in_thread(self, lease: LocalLease, first: float) -> None:
-        spec, stats, signal = self.spec, self.stats, self._signal
+        spec = self.spec
         body: Callable[[Pass], Any] = spec.body
-        runner = self.runner
+        if spec.isolated:
+            isolated = _Isolated(self, lease)
+            try:
+                self._passes(lease, first, isolated.call)
+            finally:
+                isolated.close()
+            return
+        self._passes(lease, first, body)
+
+    def _passes(self, lease: LocalLease, first: float, body: Callable[[Pass], Any]) -> None:
+        spec, stats, signal, runner = self.spec, self.stats, self._signal, self.runner
         pacing = spec.pacing
         back_to_back = pacing.every is None and pacing.pause is None and pacing.cron is None
         slot = not_before = first
@@ -315,9 +346,21 @@ class LoopKeeper:
                     return
                 number += 1
                 stats.started(now)
+                self._async_pass = asyncio.current_task()
                 try:
                     async with asyncio.timeout(spec.timeout):
                         result = await body(Pass(spec.name, lease, number, now))
+                except asyncio.CancelledError:
+                    if not self._cancelled_for_lease:
+                        raise
+                    # Cancelled by lose(): the lease is gone, so the pass had to end.
+                    self._cancelled_for_lease = False
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
+                    end = time.monotonic()
+                    outcome = Outcome.FAILED
+                    stats.failed(end, "CancelledError: the lease was lost while the pass ran")
                 except Exception as exc:
                     end = time.monotonic()
                     outcome = Outcome.FAILED
@@ -336,6 +379,8 @@ class LoopKeeper:
                 else:
                     end = time.monotonic()
                     outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED
+                finally:
+                    self._async_pass = None
                 stats.finished(now, end, outcome.value)
                 plan = self._plan(slot, end, outcome, idle_streak, error_streak)
                 slot, not_before, idle_until = plan.slot, plan.not_before, plan.idle_until
@@ -346,3 +391,30 @@ class LoopKeeper:
             self._async_signal = None
             if stats.running_since is not None:
                 stats.running_since = None
+
+
+class _Isolated:
+    """The body of an ``isolation="process"`` loop: passes run in a reused child process."""
+
+    def __init__(self, keeper: LoopKeeper, lease: LocalLease) -> None:
+        target = keeper.runner.app_target
+        if target is None:
+            raise RuntimeError("isolation='process' needs the runner to know the app's import path")
+        self.keeper, self.lease, self.target = keeper, lease, target
+        self.worker = Worker(target, keeper.spec)  # warmed up before the first pass
+
+    def call(self, ctx: Pass) -> Any:
+        worker = self.worker
+        try:
+            return worker.run(ctx, self.lease, self.keeper._abort)
+        finally:
+            why = "its process died" if not worker.alive() else worker.worn_out()
+            if why is not None and not self.keeper.runner.stopping:
+                if worker.alive():
+                    log.info("%s: recycling the worker process because %s", self.keeper.key, why,
+                             extra=self.keeper._fields("worker_recycled", ctx.fence))
+                    worker.retire()
+                self.worker = Worker(self.target, self.keeper.spec)
+
+    def close(self) -> None:
+        self.worker.retire()

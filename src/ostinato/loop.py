@@ -105,6 +105,35 @@ class LoopSpec:
     lease: float
     timeout: float | None
     stall_after: float | None
+    isolation: str | None = None
+    max_passes: int | None = None
+    max_memory: int | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.isolation == "process"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes in ``"512MB"``, ``"1.5GiB"``, ``"800k"`` or a plain number (powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '512MB', not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{value!r} must be more than zero bytes")
+        return value
+    match = _SIZE.match(str(value).lower())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size; write it like '512MB' or '2GB'")
+    number, unit = match.groups()
+    size = int(float(number) * _SIZE_UNITS[unit[:1]])
+    if size <= 0:
+        raise ValueError(f"{value!r} must be more than zero bytes")
+    return size
 
 
 def _duration(loop: str, field: str, value: Duration, *, positive: bool = False) -> float:
@@ -139,6 +168,9 @@ def declare(
     lease: Duration = "10s",
     timeout: Duration | None = None,
     stall_after: Duration | None = None,
+    isolation: str | None = None,
+    max_passes: int | None = None,
+    max_memory: str | int | None = None,
 ) -> LoopSpec:
     """Check a declaration and build its ``LoopSpec``; raise ``DeclarationError`` if wrong."""
     loop = name if name is not None else getattr(body, "__name__", "")
@@ -166,6 +198,23 @@ def declare(
         if stall_after is not None
         else None
     )
+    if isolation not in (None, "process"):
+        raise DeclarationError(
+            loop, "isolation", f"{isolation!r} is not a mode; use isolation='process' or leave it out"
+        )
+    if (max_passes is not None or max_memory is not None) and isolation != "process":
+        field = "max_passes" if max_passes is not None else "max_memory"
+        raise DeclarationError(loop, field, "recycling needs isolation='process'")
+    if max_passes is not None and (
+        isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1
+    ):
+        raise DeclarationError(loop, "max_passes", f"{max_passes!r} must be a whole number >= 1")
+    memory_bytes = None
+    if max_memory is not None:
+        try:
+            memory_bytes = parse_size(max_memory)
+        except ValueError as exc:
+            raise DeclarationError(loop, "max_memory", str(exc)) from None
     pacing = Pacing(
         every=every_s,
         pause=pause_s,
@@ -181,4 +230,7 @@ def declare(
         lease=lease_s,
         timeout=timeout_s,
         stall_after=stall_s,
+        isolation=isolation,
+        max_passes=max_passes,
+        max_memory=memory_bytes,
     )

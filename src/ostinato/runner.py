@@ -59,6 +59,7 @@ class Runner:
         *,
         grace: float = 30.0,
         stall_hooks: Sequence[StallHook] = (),
+        app_target: str | None = None,
     ) -> None:
         self.app_name = app_name
         self.coordinator = coordinator
@@ -70,6 +71,8 @@ class Runner:
         self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
         self._renew_now = asyncio.Event()
         self.live_runners = 1
+        #: How child processes import the app (``isolation="process"``).
+        self.app_target = app_target
         self.stall_hooks = list(stall_hooks)
         self._hook_tasks: set[asyncio.Future[object]] = set()
         self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
@@ -116,6 +119,7 @@ class Runner:
         _, late = await asyncio.wait(keepers, timeout=self.grace) if keepers else (set(), set())
         for task in late:
             log.error("%s: pass still running after the grace period; cancelling it", task.get_name())
+            self.keepers[task.get_name()].abort()
             task.cancel()
         if late:
             await asyncio.wait(late, timeout=5.0)
@@ -278,7 +282,11 @@ class Runner:
         for keeper in self.keepers.values():
             spec, stats = keeper.spec, keeper.stats
             running = stats.running_since
-            if spec.timeout is not None and running is not None and now - running > spec.timeout:
+            in_thread = not spec.is_async and not spec.isolated  # the others are cancelled or killed
+            if (
+                in_thread and spec.timeout is not None and running is not None
+                and now - running > spec.timeout
+            ):
                 last = keeper.overrun_logged_at
                 if last is None or last < running or now - last >= spec.timeout:
                     keeper.overrun_logged_at = now

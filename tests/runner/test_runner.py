@@ -210,6 +210,10 @@ class Flaky(Coordinator):
         self._check()
         return await self.inner.release(key, runner, fence)
 
+    async def revoke(self, key: str) -> int | None:
+        self._check()
+        return await self.inner.revoke(key)
+
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         self._check()
         await self.inner.report(runner, ttl, stats)

@@ -1,0 +1,60 @@
+"""A holder that loses its coordinator mid-pass ends the pass before its lease runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ostinato.coordinators.memory import MemoryCoordinator
+from ostinato.runner import Runner
+from tests.runner.test_runner import Flaky, until
+
+pytestmark = pytest.mark.slow
+
+
+async def test_isolated_child_and_async_pass_end_before_the_lease_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Renewals fail mid-pass: the isolated child is killed and the async pass cancelled in time."""
+    monkeypatch.setenv("OSTINATO_TEST_RECORDS", str(tmp_path))
+    from tests.isolation import outage_app
+
+    monkeypatch.setattr(outage_app, "RECORDS", str(tmp_path))
+    flaky = Flaky(MemoryCoordinator(uuid.uuid4().hex))
+    app = outage_app.app
+    runner = Runner(app.name, list(app.loops.values()), flaky, app_target=app.locate())
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    pid_file = tmp_path / "isolated.pid"
+    isolated, in_loop = runner.keepers["outage:isolated"], runner.keepers["outage:in_loop"]
+    try:
+        await until(lambda: pid_file.exists() and in_loop.stats.running_since is not None, 15)
+        child = int(pid_file.read_text())
+        assert isolated.lease is not None
+        assert in_loop.lease is not None
+        deadlines = [isolated.lease.deadline, in_loop.lease.deadline]
+        flaky.down = True
+        await runner.renew_once()
+
+        def child_gone() -> bool:
+            try:
+                stat = Path(f"/proc/{child}/stat").read_text()
+            except FileNotFoundError:
+                return True
+            return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+        await until(lambda: child_gone() and in_loop.stats.running_since is None, 5)
+        ended = time.monotonic()
+        assert ended < min(deadlines), "a pass outlived the lease it started under"
+        assert in_loop.stats.last_error == "CancelledError: the lease was lost while the pass ran"
+        assert "lease was lost" in (isolated.stats.last_error or "")
+    finally:
+        flaky.down = False
+        stop.set()
+        await task
+    assert not os.path.exists(f"/proc/{child}") or child_gone()
