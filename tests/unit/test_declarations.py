@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 import ostinato
-from ostinato.loop import LocalLease, Pass
+from ostinato.loop import LocalLease, Pass, parse_size
 
 
 def test_declaration_forms() -> None:
@@ -121,3 +121,50 @@ def test_public_names() -> None:
     }
     for name in ostinato.__all__:
         assert hasattr(ostinato, name)
+
+
+def test_isolation_options() -> None:
+    """isolation='process' with recycling bounds is accepted; sizes read in powers of 1024."""
+    app = ostinato.App("t", coordinator="memory://decl")
+
+    @app.loop(isolation="process", max_passes=100, max_memory="512MB")
+    def heavy(ctx: Pass) -> None: ...
+
+    spec = app.loops["heavy"]
+    assert spec.isolated
+    assert spec.max_passes == 100
+    assert spec.max_memory == 512 * 2**20
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("800k") == 800 * 1024
+    assert parse_size(4096) == 4096
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "words"),
+    [
+        ({"isolation": "thread"}, "isolation", "not a mode"),
+        ({"max_passes": 5}, "max_passes", "needs isolation='process'"),
+        ({"max_memory": "1GB"}, "max_memory", "needs isolation='process'"),
+        ({"isolation": "process", "max_passes": 0}, "max_passes", "whole number"),
+        ({"isolation": "process", "max_memory": "lots"}, "max_memory", "not a size"),
+        ({"isolation": "process", "max_memory": "0MB"}, "max_memory", "more than zero"),
+    ],
+)
+def test_bad_isolation_options(options: dict[str, object], field: str, words: str) -> None:
+    """Isolation options are checked at declaration, naming the loop and the field."""
+    app = ostinato.App("t", coordinator="memory://decl")
+    with pytest.raises(ostinato.DeclarationError, match=words) as info:
+        app.loop(name="iso", **options)(lambda ctx: None)  # type: ignore[call-overload]
+    assert info.value.field == field
+
+
+def test_locate_names_the_app_for_child_processes() -> None:
+    """An app defined at module level can be found again by child processes."""
+    from tests.isolation import isoapp
+
+    assert isoapp.app.locate().endswith("tests/isolation/isoapp.py:app") or (
+        isoapp.app.locate() == "tests.isolation.isoapp:app"
+    )
+    orphan = ostinato.App("orphan")
+    with pytest.raises(ostinato.ConfigurationError, match="importable by child processes"):
+        orphan.locate()
