@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ostinato.coordinators.liveness import RunnerLocks, boot_id
 from ostinato.coordinators.protocol import (
     Coordinator,
     Denied,
@@ -83,22 +83,6 @@ STAT_COLUMNS = (
     "last_error_at", "p50", "p99", "running_since", "stall_after",
 )
 
-# A runner lock file younger than this is never removed as stale: its runner may
-# have created it and not yet locked it.
-STALE_LOCK_AGE = 60.0
-# How often a standby checks a holder's lock where pidfd is not available.
-HOLDER_POLL = 0.1
-
-
-def boot_id() -> str:
-    """An id of this boot of the host: monotonic times are comparable only within one."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        # Elsewhere the boot time, to the second, tells boots apart.
-        return str(round(time.time() - time.monotonic()))
-
-
 def sqlite_path(url: str) -> Path:
     """The database path of a ``sqlite:///`` URL; its folder must exist."""
     rest = url[len("sqlite://"):]
@@ -134,11 +118,10 @@ class SQLiteCoordinator(Coordinator):
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self.display_url = url
-        self.lock_dir = self.path.with_name(self.path.name + "-runners")
+        self.locks = RunnerLocks(self.path.with_name(self.path.name + "-runners"))
         self._boot = boot_id()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ostinato-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._own_locks: dict[str, int] = {}
         self._watched: dict[str, set[str]] = {}
         self._watch_tasks: set[asyncio.Task[None]] = set()
         self._callbacks: list[Callable[[Event], None]] = []
@@ -197,11 +180,7 @@ class SQLiteCoordinator(Coordinator):
         def shut() -> None:
             if self._conn is not None:
                 self._conn.close()
-            for runner_id, fd in self._own_locks.items():
-                with contextlib.suppress(OSError):
-                    (self.lock_dir / f"{runner_id}.lock").unlink()
-                os.close(fd)
-            self._own_locks.clear()
+            self.locks.release_all()
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=False)
@@ -220,53 +199,6 @@ class SQLiteCoordinator(Coordinator):
 
         return transaction()  # type: ignore[no-any-return,unused-ignore]
 
-    # -- runner liveness locks ------------------------------------------------
-
-    def _hold_runner_lock(self, runner: RunnerInfo) -> None:
-        """Take this runner's liveness lock; runs before its first grant."""
-        if runner.id in self._own_locks:
-            return
-        self.lock_dir.mkdir(exist_ok=True)
-        path = self.lock_dir / f"{runner.id}.lock"
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            # A stale-file sweep may have unlinked the file between open and lock.
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        self._own_locks[runner.id] = fd
-        self._sweep_stale_locks()
-
-    def _sweep_stale_locks(self) -> None:
-        now = time.time()
-        for path in self.lock_dir.glob("*.lock"):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > STALE_LOCK_AGE and self._lock_is_free(path):
-                    path.unlink()
-
-    @staticmethod
-    def _lock_is_free(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)  # closing the descriptor also drops a lock just taken
-        return True
-
-    def _runner_dead(self, runner_id: str) -> bool:
-        if runner_id in self._own_locks:
-            return False
-        return self._lock_is_free(self.lock_dir / f"{runner_id}.lock")
-
     # -- leases ----------------------------------------------------------------
 
     def _expired(self, row: sqlite3.Row, now: float) -> bool:
@@ -274,7 +206,7 @@ class SQLiteCoordinator(Coordinator):
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
         def grant(conn: sqlite3.Connection) -> tuple[Grant | Denied, int | None]:
-            self._hold_runner_lock(runner)
+            self.locks.hold(runner.id)
             with self._write(conn):
                 conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
                 row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
@@ -284,7 +216,7 @@ class SQLiteCoordinator(Coordinator):
                 if (
                     row["owner"] != runner.id
                     and not self._expired(row, now)
-                    and not self._runner_dead(row["owner"])
+                    and not self.locks.dead(row["owner"])
                 ):
                     denied = Denied(holder=row["holder"], expires_in=row["expires"] - now)
                     return denied, row["holder_pid"]
@@ -371,7 +303,7 @@ class SQLiteCoordinator(Coordinator):
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         def store(conn: sqlite3.Connection) -> None:
-            self._hold_runner_lock(runner)
+            self.locks.hold(runner.id)
             with self._write(conn):
                 conn.execute(
                     "INSERT INTO ostinato_runners (id, label, pid, boot, expires) VALUES"
@@ -400,7 +332,7 @@ class SQLiteCoordinator(Coordinator):
             return [
                 RunnerRecord(r["id"], r["label"], r["expires"])
                 for r in rows
-                if not self._runner_dead(r["id"])
+                if not self.locks.dead(r["id"])
             ]
 
         return await self._run(read)
@@ -420,7 +352,7 @@ class SQLiteCoordinator(Coordinator):
             now = time.monotonic()
             records = []
             for row in conn.execute("SELECT * FROM ostinato_loops ORDER BY key"):
-                held = not self._expired(row, now) and not self._runner_dead(row["owner"])
+                held = not self._expired(row, now) and not self.locks.dead(row["owner"])
                 records.append(
                     LoopRecord(
                         key=row["key"],
@@ -464,7 +396,7 @@ class SQLiteCoordinator(Coordinator):
         port = transport.get_extra_info("sockname")[1]
 
         def register(conn: sqlite3.Connection) -> None:
-            self._hold_runner_lock(runner)
+            self.locks.hold(runner.id)
             with self._write(conn):
                 conn.execute(
                     "INSERT INTO ostinato_runners (id, label, pid, boot, expires, port)"
@@ -493,24 +425,9 @@ class SQLiteCoordinator(Coordinator):
         task.add_done_callback(self._watch_tasks.discard)
 
     async def _await_death(self, owner: str, pid: int) -> None:
-        loop = asyncio.get_running_loop()
-        lock = self.lock_dir / f"{owner}.lock"
-        pidfd = _pidfd_open(pid)
         try:
-            if pidfd is not None:
-                exited = loop.create_future()
-                loop.add_reader(pidfd, _settle, exited)
-                try:
-                    await exited
-                finally:
-                    loop.remove_reader(pidfd)
-            # The kernel frees the lock before the pidfd turns readable; the lock is
-            # still what decides, in case the pid belonged to another process.
-            while not self._lock_is_free(lock):  # noqa: ASYNC110 - a flock has no event to await
-                await asyncio.sleep(HOLDER_POLL)
+            await self.locks.wait_for_death(owner, pid)
         finally:
-            if pidfd is not None:
-                os.close(pidfd)
             keys = self._watched.pop(owner, set())
         for key in keys:
             self._deliver(Event("released", key))
@@ -519,22 +436,6 @@ class SQLiteCoordinator(Coordinator):
 def _transient(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _pidfd_open(pid: int) -> int | None:
-    opener = getattr(os, "pidfd_open", None)
-    if opener is None:
-        return None
-    try:
-        fd: int = opener(pid)
-    except OSError:
-        return None
-    return fd
 
 
 class _EventProtocol(asyncio.DatagramProtocol):
