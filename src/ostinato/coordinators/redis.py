@@ -12,8 +12,18 @@ a loop's fence key missing, it seeds it from the server's ``TIME`` in
 microseconds since the epoch. Every fence granted before the restart was seeded
 the same way and grew by one per grant, so it is below the new seed as long as
 fewer than a million grants per second happened on average and the server's
-clock did not step back. Fences on Redis are therefore large integers
-(about 1.7e15, exact in a double until the year 2255).
+clock did not step back. Fences on Redis are therefore large integers (about
+1.8e15 today, far inside 64 bits); the scripts pass them around as strings, so
+Lua's doubles never round them.
+
+Keys, all under ``<prefix>:``: ``lease:<key>`` (hash: owner, holder, fence,
+since; expires), ``fence:<key>`` (counter), ``loop:<key>`` (hash: paused flag,
+counts and latest stats), ``loops`` (set of every key seen), ``runners``
+(sorted set of runner ids by expiry) and ``runner-labels`` (hash).
+
+Needs Redis 5 or later: a script that reads ``TIME`` and then writes relies on
+effects replication, the default since then. Not for Redis Cluster: one script
+touches several keys that are not in one hash slot.
 
 URL query parameters: ``prefix`` (default ``ostinato``) namespaces every key
 and the event channel; ``timeout`` (seconds, default 2) bounds connecting and
@@ -26,21 +36,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from ostinato.coordinators import redact
+from ostinato.coordinators.network import EventFeed, take_options, unavailable
 from ostinato.coordinators.protocol import (
     Coordinator,
     Denied,
@@ -55,14 +65,9 @@ from ostinato.coordinators.protocol import (
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
-log = logging.getLogger("ostinato.redis")
-
-DEFAULT_PREFIX = "ostinato"
-DEFAULT_TIMEOUT = 2.0
-# Errors that mean "the server is not there right now", as opposed to a bug.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
-# The subscriber reconnects no faster than this, and backs off to the maximum.
-RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
+# Errors that mean "no Redis to talk to right now" (down, loading, a read-only
+# replica after a failover, something else on the port), as opposed to a bug.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, InvalidResponse, OSError)
 
 # KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key.
 ACQUIRE = """
@@ -107,6 +112,13 @@ end
 return 0
 """
 
+# KEYS: lease. Returns the fence of the lease it dropped, or nil.
+REVOKE = """
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if fence then redis.call('DEL', KEYS[1]) end
+return fence
+"""
+
 # KEYS: runner zset (score: expiry in server seconds), labels hash. ARGV: id, label, ttl s.
 HEARTBEAT = """
 local t = redis.call('TIME')
@@ -139,25 +151,6 @@ STAT_FIELDS = (
 )
 
 
-def split_url(url: str) -> tuple[str, str, float]:
-    """The URL for redis-py without our own query parameters, the prefix and the timeout."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    ours = {name: value for name, value in query if name in ("prefix", "timeout")}
-    rest = [(name, value) for name, value in query if name not in ours]
-    prefix = ours.get("prefix", DEFAULT_PREFIX)
-    try:
-        timeout = float(ours.get("timeout", DEFAULT_TIMEOUT))
-    except ValueError:
-        timeout = -1.0
-    if not prefix or timeout <= 0:
-        raise ConfigurationError(
-            f"bad Redis URL {redact(url)!r}: prefix must not be empty and timeout must be"
-            " a positive number of seconds"
-        )
-    return urlunsplit(parts._replace(query=urlencode(rest))), prefix, timeout
-
-
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -171,7 +164,10 @@ class RedisCoordinator(Coordinator):
 
     def __init__(self, url: str) -> None:
         self.display_url = redact(url)
-        self._url, self.prefix, self.timeout = split_url(url)
+        self._url, options = take_options(url, {"prefix": "ostinato"})
+        self.prefix, self.timeout = options["prefix"], float(options["timeout"])
+        if not self.prefix:
+            raise ConfigurationError(f"bad Redis URL {self.display_url!r}: empty prefix")
         self._password = urlsplit(url).password
         self._client = self._make_client(self.timeout)
         # No read timeout for pub/sub: it waits for messages for as long as it takes.
@@ -179,11 +175,14 @@ class RedisCoordinator(Coordinator):
         self._acquire = self._client.register_script(ACQUIRE)
         self._renew = self._client.register_script(RENEW)
         self._release = self._client.register_script(RELEASE)
+        self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
         self._live_runners = self._client.register_script(LIVE_RUNNERS)
         self.channel = f"{self.prefix}:events"
-        self._callbacks: list[Callable[[Event], None]] = []
-        self._listener: asyncio.Task[None] | None = None
+        self._events = EventFeed[PubSub](
+            f"ostinato-redis-events:{self.prefix}", self.display_url, self._messages,
+            self._listen, self._drop, UNREACHABLE, self._unavailable,
+        )
         self._closed = False
 
     def _make_client(self, read_timeout: float | None) -> aioredis.Redis:
@@ -194,6 +193,7 @@ class RedisCoordinator(Coordinator):
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
+            client_name=f"ostinato:{self.prefix}",  # tells operators whose connections these are
         )
 
     def _key(self, kind: str, key: str = "") -> str:
@@ -206,13 +206,10 @@ class RedisCoordinator(Coordinator):
         try:
             yield
         except UNREACHABLE as exc:
-            raise CoordinatorUnavailable(
-                f"cannot reach Redis at {self.display_url}: {self._scrub(exc)}"
-            ) from exc
+            raise self._unavailable(exc) from exc
 
-    def _scrub(self, exc: BaseException) -> str:
-        text = str(exc) or type(exc).__name__
-        return text.replace(self._password, "***") if self._password else text
+    def _unavailable(self, exc: BaseException) -> CoordinatorUnavailable:
+        return unavailable("Redis", self.display_url, self._password, exc)
 
     async def open(self) -> None:
         with self._reaching():
@@ -222,9 +219,7 @@ class RedisCoordinator(Coordinator):
         if self._closed:
             return
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        await self._events.stop(self.timeout)
         await self._client.aclose()
         await self._events_client.aclose()
 
@@ -278,6 +273,11 @@ class RedisCoordinator(Coordinator):
         with self._reaching():
             released = await self._release([self._key("lease", key)], [runner.id, str(fence)])
         return bool(released)
+
+    async def revoke(self, key: str) -> int | None:
+        with self._reaching():
+            fence = await self._revoke([self._key("lease", key)])
+        return None if fence is None else int(fence)
 
     # -- reports and status ----------------------------------------------------------
 
@@ -355,13 +355,10 @@ class RedisCoordinator(Coordinator):
             await self._client.publish(self.channel, payload)
 
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
-        if self._listener is None:
+        if not self._events.started:
             with self._reaching():
-                pubsub = await self._listen()
-            self._listener = asyncio.get_running_loop().create_task(
-                self._deliver_forever(pubsub), name=f"ostinato-redis-events:{self.prefix}"
-            )
-        self._callbacks.append(callback)
+                self._events.start(await self._listen())
+        self._events.callbacks.append(callback)
 
     async def _listen(self) -> PubSub:
         """A pub/sub connection whose subscription the server has confirmed."""
@@ -377,51 +374,16 @@ class RedisCoordinator(Coordinator):
         return pubsub
 
     @staticmethod
+    async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            if message is not None and message.get("type") == "message":
+                yield message["data"]
+
+    @staticmethod
     async def _drop(pubsub: PubSub) -> None:
         with contextlib.suppress(RedisError, OSError):
             await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-
-    async def _deliver_forever(self, pubsub: PubSub | None) -> None:
-        delay, failing = RECONNECT_MIN, False
-        try:
-            while True:
-                try:
-                    if pubsub is None:
-                        pubsub = await self._listen()
-                        log.warning("receiving events from %s again", self.display_url)
-                        delay, failing = RECONNECT_MIN, False
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                except UNREACHABLE as exc:
-                    if not failing:
-                        log.error("lost the event subscription to %s, reconnecting: %s",
-                                  self.display_url, self._scrub(exc))
-                        failing = True
-                    if pubsub is not None:
-                        await self._drop(pubsub)
-                        pubsub = None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RECONNECT_MAX)
-                    continue
-                if message is not None and message.get("type") == "message":
-                    self._deliver(message["data"])
-        finally:
-            if pubsub is not None:
-                await self._drop(pubsub)
-
-    def _deliver(self, data: str) -> None:
-        try:
-            message = json.loads(data)
-            event = Event(str(message["kind"]), str(message["key"]))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignored a malformed event on %s", self.channel)
-            return
-        if event.kind not in Event.KINDS:
-            return
-        for callback in list(self._callbacks):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("an event callback failed on %s", event)
 
     # -- tests -------------------------------------------------------------------------
 

@@ -1,0 +1,398 @@
+"""``postgresql://``: leases as rows in a PostgreSQL table shared by runners on many hosts.
+
+Each loop is one row of ``<schema>.loops``; the server's ``clock_timestamp()``
+decides when a claim has expired, and one ``INSERT ... ON CONFLICT DO UPDATE
+... WHERE`` both grants the lease and bumps its fence.
+
+The row is the authority; session advisory locks only make failover faster.
+A coordinator keeps one connection for all its statements. When it is granted
+a lease it also takes a session-level advisory lock for that loop on that
+connection and marks the row ``locked``; the server frees the lock when the
+connection ends (the runner was killed, or its connection dropped). A standby
+may take an unexpired lease only from a row marked ``locked`` whose lock it can
+take itself. Renewals run on the same connection and refuse a ``locked`` row
+this session no longer holds the lock of, so a connection that died and was
+replaced shows up as a lost lease. A standby that was refused waits for the
+holder's lock on a connection of its own and announces ``released`` the moment
+it is freed.
+
+URL query parameters: ``schema`` (default ``ostinato``) names the schema the
+tables live in, created on first use; ``timeout`` (seconds, default 2) bounds
+connecting and every statement, so one renewal cannot outlive a short lease.
+Events travel by LISTEN/NOTIFY on a channel named after the schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+
+from ostinato.coordinators import redact
+from ostinato.coordinators.network import EventFeed, take_options, unavailable
+from ostinato.coordinators.postgres_sql import SQL, STAT_COLUMNS
+from ostinato.coordinators.protocol import (
+    Coordinator,
+    Denied,
+    Event,
+    Grant,
+    LoopRecord,
+    LoopStats,
+    Renewal,
+    RunnerInfo,
+    RunnerRecord,
+)
+from ostinato.errors import ConfigurationError, CoordinatorUnavailable
+
+log = logging.getLogger("ostinato.postgres")
+Connection = psycopg.AsyncConnection[DictRow]
+
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
+# Errors that mean "the server is not there right now" (QueryCanceled, from the
+# statement timeout, is an OperationalError too).
+UNREACHABLE = (psycopg.OperationalError, OSError)
+# Schema creation is serialized on this two-int advisory key, a key space apart
+# from the single-bigint keys of the lease locks.
+SCHEMA_LOCK = (0x6F737469, 0x6E61746F)
+# A refused standby waits for each holder's lock on a connection of its own, so
+# the waits are capped to spare the server's connection slots; past the cap a
+# standby retries when the lease expires, as it would without advisory locks.
+MAX_WAITERS = 8
+
+
+def lock_id(schema: str, key: str) -> int:
+    """The advisory lock (one signed bigint) of loop ``key`` in ``schema``."""
+    digest = hashlib.blake2b(f"{schema}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PostgresCoordinator(Coordinator):
+    """Leases in table rows judged by the server's clock; advisory locks speed up failover."""
+
+    def __init__(self, url: str) -> None:
+        self.display_url = redact(url)
+        self._url, options = take_options(url, {"schema": "ostinato"})
+        self.schema, self.timeout = options["schema"], float(options["timeout"])
+        if not SCHEMA_NAME.fullmatch(self.schema):
+            raise ConfigurationError(
+                f"bad PostgreSQL URL {self.display_url!r}: schema must be a plain name"
+                " (letters, digits and underscores, at most 50)"
+            )
+        self._password = urlsplit(url).password
+        try:
+            given = conninfo_to_dict(self._url)
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"bad PostgreSQL URL {self.display_url!r}: {exc}") from None
+        # Our settings join the URL's own rather than replace them.
+        self._options = f"{given.get('options') or ''} -c statement_timeout=%d -c lock_timeout=%d"
+        self._application = str(given.get("application_name") or "ostinato")
+        self.channel = f"{self.schema}_events"
+        names = {"s": sql.Identifier(self.schema), "channel": sql.Identifier(self.channel)}
+        self._sql = {name: sql.SQL(text).format(**names) for name, text in SQL.items()}
+        self._conn: Connection | None = None
+        self._lock = asyncio.Lock()
+        # Loops whose advisory lock this session holds, with the grant it guards.
+        self._holders: dict[str, tuple[str, int]] = {}
+        self._waiters: dict[str, asyncio.Task[None]] = {}
+        self._events = EventFeed[Connection](
+            f"ostinato-postgres-events:{self.schema}", self.display_url, self._notices,
+            self._listen, self._close_quietly, UNREACHABLE, self._unavailable,
+        )
+        self._closed = False
+
+    # -- connections -----------------------------------------------------------------
+
+    def _unavailable(self, exc: BaseException) -> CoordinatorUnavailable:
+        return unavailable("PostgreSQL", self.display_url, self._password, exc)
+
+    async def _connect(self, statement_timeout: float | None = None) -> Connection:
+        wait = round(1000 * (self.timeout if statement_timeout is None else statement_timeout))
+        async with asyncio.timeout(self.timeout):
+            return await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                prepare_threshold=None,  # prepared statements break behind poolers
+                row_factory=dict_row,
+                connect_timeout=max(2, math.ceil(self.timeout)),  # libpq's floor is 2
+                options=self._options % (wait, wait),
+                application_name=self._application,
+            )
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[Connection]:
+        """The coordinator's own connection, one caller at a time. A failure drops it,
+        and with it every advisory lock it held, and becomes ``CoordinatorUnavailable``."""
+        if self._closed:
+            raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
+        async with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    await self._drop_session()
+                    self._conn = await self._connect()
+                    await self._ensure_schema(self._conn)
+                async with asyncio.timeout(self.timeout * 2):
+                    yield self._conn
+            except UNREACHABLE as exc:
+                await self._drop_session()
+                raise self._unavailable(exc) from exc
+            except asyncio.CancelledError:
+                await self._drop_session()  # cut off mid-statement: its state is unknown
+                raise
+
+    async def _drop_session(self) -> None:
+        conn, self._conn = self._conn, None
+        self._holders.clear()
+        if conn is not None:
+            await self._close_quietly(conn)
+
+    async def _ensure_schema(self, conn: Connection) -> None:
+        names = {"loops": f'"{self.schema}".loops', "runners": f'"{self.schema}".runners'}
+        found = await self._fetch(conn, "exists", names)
+        if found and found["ok"]:
+            return
+        # IF NOT EXISTS still races when runners start together: serialize on a lock.
+        async with conn.transaction():
+            await self._run(conn, "schema_lock", dict(zip("ab", SCHEMA_LOCK, strict=True)))
+            await self._run(conn, "ddl")
+
+    @staticmethod
+    async def _close_quietly(conn: Connection) -> None:
+        with contextlib.suppress(psycopg.Error, OSError):
+            await conn.close()
+
+    async def _run(
+        self, conn: Connection, name: str, params: dict[str, Any] | None = None
+    ) -> psycopg.AsyncCursor[DictRow]:
+        return await conn.execute(self._sql[name], params)
+
+    async def _fetch(self, conn: Connection, name: str, params: dict[str, Any]) -> DictRow | None:
+        return await (await self._run(conn, name, params)).fetchone()
+
+    async def open(self) -> None:
+        async with self._session():
+            pass
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._waiters.values():
+            task.cancel()
+        if self._waiters:
+            await asyncio.wait(list(self._waiters.values()), timeout=self.timeout)
+        await self._events.stop(self.timeout)
+        async with self._lock:
+            await self._drop_session()
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
+        lock = lock_id(self.schema, key)
+        params: dict[str, Any] = {"key": key, "owner": runner.id, "holder": runner.label,
+                                  "ttl": ttl, "dead": None, "dead_fence": None}
+        async with self._session() as conn:
+            params["locked"] = key in self._holders
+            row = await self._fetch(conn, "acquire", params)
+            if row is not None and row["granted"]:
+                return await self._granted(conn, key, runner, row, params["locked"])
+            if row is None:  # a first grant raced ours and is not visible yet
+                return Denied(holder=None, expires_in=None)
+            if row["paused"]:
+                return Denied(holder=None, expires_in=None, paused=True)
+            if row["locked"] and key not in self._holders:
+                took = await self._fetch(conn, "try_lock", {"lock": lock})
+                if took is not None and took["ok"]:
+                    # The holder's session is gone: take the lease over, its lock in hand.
+                    params.update(locked=True, dead=row["owner"], dead_fence=row["fence"])
+                    again = await self._fetch(conn, "acquire", params)
+                    if again is not None and again["granted"]:
+                        return await self._granted(conn, key, runner, again, True)
+                    await self._run(conn, "unlock", {"locks": [lock]})
+                else:
+                    self._watch(key, lock)
+        return Denied(holder=row["holder"], expires_in=row["expires_in"])
+
+    async def _granted(
+        self, conn: Connection, key: str, runner: RunnerInfo, row: DictRow, locked: bool
+    ) -> Grant:
+        fence, lock = int(row["fence"]), lock_id(self.schema, key)
+        if not locked:
+            marked = await self._fetch(
+                conn, "mark", {"lock": lock, "key": key, "owner": runner.id, "fence": fence}
+            )
+            locked = bool(marked and marked["ok"] and marked["marked"])
+            if marked and marked["ok"] and not locked:
+                await self._run(conn, "unlock", {"locks": [lock]})
+        if locked:
+            self._held(key, runner, fence)
+        return Grant(fence=fence, last_start=row["last_start"])
+
+    def _held(self, key: str, runner: RunnerInfo, fence: int) -> None:
+        self._holders[key] = (runner.id, fence)
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None:
+            waiter.cancel()
+
+    async def renew(
+        self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+    ) -> dict[str, Renewal]:
+        if not leases:
+            return {}
+        async with self._session() as conn:
+            cursor = await self._run(conn, "renew", {
+                "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
+                "ttls": [float(ttl) for _, ttl in leases.values()],
+                "locks": [None if key in self._holders else lock_id(self.schema, key)
+                          for key in leases],
+                "owner": runner.id,
+                "mine": [key for key, (fence, _) in leases.items()
+                         if self._holders.get(key) == (runner.id, fence)],
+            })
+            kept = {row["key"]: row for row in await cursor.fetchall()}
+            answers = {}
+            for key, (fence, _) in leases.items():
+                row = kept.get(key)
+                answers[key] = (Renewal.LOST if row is None
+                                else Renewal.PAUSED if row["paused"] else Renewal.HELD)
+                if row is not None and row["locked"] and key not in self._holders:
+                    self._held(key, runner, fence)
+            await self._unlock(conn, runner, {
+                key: leases[key][0] for key, answer in answers.items() if answer is not Renewal.HELD
+            })
+        return answers
+
+    async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
+        async with self._session() as conn:
+            cursor = await self._run(
+                conn, "release", {"key": key, "owner": runner.id, "fence": fence}
+            )
+            await self._unlock(conn, runner, {key: fence})
+            return cursor.rowcount == 1
+
+    async def revoke(self, key: str) -> int | None:
+        # The holder's session keeps its lock until its next renewal, answered LOST.
+        async with self._session() as conn:
+            row = await self._fetch(conn, "revoke", {"key": key})
+        return None if row is None else int(row["fence"])
+
+    async def _unlock(self, conn: Connection, runner: RunnerInfo, fences: dict[str, int]) -> None:
+        gone = [key for key, fence in fences.items() if self._holders.get(key) == (runner.id, fence)]
+        for key in gone:
+            del self._holders[key]
+        if gone:
+            await self._run(conn, "unlock", {"locks": [lock_id(self.schema, k) for k in gone]})
+
+    # -- reports and status ----------------------------------------------------------------
+
+    async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
+        rows = [
+            {"key": s.key, "passes": s.passes, "errors": s.errors,
+             **{name: getattr(s, name) for name in STAT_COLUMNS}}
+            for s in stats
+        ]
+        async with self._session() as conn, conn.transaction():
+            await self._run(conn, "heartbeat", {"id": runner.id, "label": runner.label, "ttl": ttl})
+            if rows:
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(self._sql["stats"], rows)
+
+    async def runners(self) -> list[RunnerRecord]:
+        async with self._session() as conn:
+            rows = await (await self._run(conn, "runners")).fetchall()
+        return [RunnerRecord(id=r["id"], label=r["label"], seen=r["seen"]) for r in rows]
+
+    async def set_paused(self, key: str, paused: bool) -> None:
+        async with self._session() as conn:
+            await self._run(conn, "pause", {"key": key, "paused": paused})
+
+    async def loops(self) -> list[LoopRecord]:
+        async with self._session() as conn:
+            rows = await (await self._run(conn, "loops")).fetchall()
+        return [
+            LoopRecord(
+                key=r["key"], fence=r["fence"], paused=r["paused"],
+                holder=r["holder"] if r["held"] else None,
+                held_since=r["held_since"] if r["held"] else None,
+                passes=r["passes"], errors=r["errors"], **{c: r[c] for c in STAT_COLUMNS},
+            )
+            for r in rows
+        ]
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        payload = json.dumps({"kind": event.kind, "key": event.key})
+        async with self._session() as conn:
+            await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
+
+    async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
+        if self._closed:
+            raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
+        if not self._events.started:
+            try:
+                self._events.start(await self._listen())
+            except UNREACHABLE as exc:
+                raise self._unavailable(exc) from exc
+        self._events.callbacks.append(callback)
+
+    async def _listen(self) -> Connection:
+        conn = await self._connect()
+        try:
+            await self._run(conn, "listen")
+        except BaseException:
+            await self._close_quietly(conn)
+            raise
+        return conn
+
+    @staticmethod
+    async def _notices(conn: Connection) -> AsyncIterator[str]:
+        async for notice in conn.notifies():
+            yield notice.payload
+
+    # -- waiting for a holder's lock ------------------------------------------------------------
+
+    def _watch(self, key: str, lock: int) -> None:
+        if not self._events.callbacks or key in self._waiters or len(self._waiters) >= MAX_WAITERS:
+            return
+        self._waiters[key] = asyncio.get_running_loop().create_task(self._await_holder(key, lock))
+
+    async def _await_holder(self, key: str, lock: int) -> None:
+        """Announce ``released`` once the holder's lock is free: its session ended."""
+        conn: Connection | None = None
+        try:
+            conn = await self._connect(statement_timeout=0)
+            await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
+            await conn.execute("SELECT pg_advisory_unlock(%s)", [lock])
+        except (psycopg.Error, OSError) as exc:
+            # Only an accelerator: the standby still retries when the lease expires.
+            log.debug("stopped waiting for the holder of %s: %s", key, self._unavailable(exc))
+            return
+        finally:
+            if self._waiters.get(key) is asyncio.current_task():
+                del self._waiters[key]
+            if conn is not None:
+                await self._close_quietly(conn)
+        self._events.deliver(Event("released", key))
+
+    async def drop_everything(self) -> None:
+        """Drop this coordinator's schema and everything in it (for tests)."""
+        try:
+            conn = await self._connect()
+        except UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            await self._run(conn, "drop")
+        finally:
+            await self._close_quietly(conn)

@@ -1,0 +1,123 @@
+"""The statements of the PostgreSQL coordinator (``postgres.py``).
+
+``{s}`` stands for the quoted schema and ``{channel}`` for the event channel;
+``%(name)s`` are query parameters. Expiry is always judged by the server's
+``clock_timestamp()``, which, unlike ``now()``, moves on within a transaction.
+"""
+
+from __future__ import annotations
+
+STAT_COLUMNS = (
+    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
+    "last_error_at", "p50", "p99", "running_since", "stall_after",
+)
+
+SQL = {
+    "ddl": """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.loops (
+    key text PRIMARY KEY, fence bigint NOT NULL DEFAULT 0, owner text, holder text,
+    expires timestamptz, held_since float8, locked boolean NOT NULL DEFAULT false,
+    paused boolean NOT NULL DEFAULT false,
+    passes bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0,
+    last_start float8, last_end float8, last_duration float8, last_outcome text,
+    last_error text, last_error_at float8, p50 float8, p99 float8,
+    running_since float8, stall_after float8);
+CREATE TABLE IF NOT EXISTS {s}.runners (
+    id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL);
+""",
+    # Granted when unclaimed, expired, asked again by its owner, or taken from a dead
+    # holder (%(dead)s, %(dead_fence)s: the row whose lock the caller just took). On
+    # refusal the second SELECT shows the row as it was before this statement.
+    "acquire": """
+WITH granted AS (
+    INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked)
+    VALUES (%(key)s, 1, %(owner)s, %(holder)s,
+            clock_timestamp() + make_interval(secs => %(ttl)s),
+            extract(epoch FROM clock_timestamp()), %(locked)s)
+    ON CONFLICT (key) DO UPDATE SET
+        fence = l.fence + 1, owner = excluded.owner, holder = excluded.holder,
+        expires = excluded.expires, held_since = excluded.held_since, locked = excluded.locked
+    WHERE NOT l.paused AND (
+        l.owner IS NULL OR l.expires <= clock_timestamp() OR l.owner = excluded.owner
+        OR (l.locked AND l.owner = %(dead)s AND l.fence = %(dead_fence)s))
+    RETURNING l.fence, l.last_start)
+SELECT true AS granted, fence, last_start, NULL AS owner, NULL AS holder, false AS paused,
+       false AS locked, NULL::float8 AS expires_in FROM granted
+UNION ALL
+SELECT false, fence, NULL, owner, holder, paused, locked,
+       extract(epoch FROM expires - clock_timestamp())::float8
+FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
+""",
+    "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
+              " AS ok",
+    "schema_lock": "SELECT pg_advisory_xact_lock(%(a)s, %(b)s)",
+    "try_lock": "SELECT pg_try_advisory_lock(%(lock)s) AS ok",
+    "mark": """
+WITH got AS (SELECT pg_try_advisory_lock(%(lock)s) AS ok),
+marked AS (UPDATE {s}.loops SET locked = true FROM got
+           WHERE got.ok AND key = %(key)s AND owner = %(owner)s AND fence = %(fence)s
+           RETURNING 1)
+SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
+""",
+    # A paused loop's lease is given up. A ``locked`` row renews only on the session
+    # holding its lock (%(mine)s), so a replaced connection cannot go unnoticed; an
+    # unlocked one takes its lock now if it is free (locks: NULL where this session
+    # already holds that loop's lock for another grant).
+    "renew": """
+UPDATE {s}.loops AS l SET
+    expires = CASE WHEN l.paused THEN NULL
+                   ELSE clock_timestamp() + make_interval(secs => v.ttl) END,
+    owner = CASE WHEN l.paused THEN NULL ELSE l.owner END,
+    holder = CASE WHEN l.paused THEN NULL ELSE l.holder END,
+    locked = CASE WHEN l.paused THEN false WHEN l.locked THEN true
+                  ELSE coalesce(pg_try_advisory_lock(v.lock), false) END
+FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[], %(locks)s::bigint[])
+     AS v(key, fence, ttl, lock)
+WHERE l.key = v.key AND l.fence = v.fence AND l.owner = %(owner)s
+  AND l.expires > clock_timestamp() AND (NOT l.locked OR l.key = ANY(%(mine)s::text[]))
+RETURNING l.key, l.paused, l.locked
+""",
+    "release": """
+UPDATE {s}.loops SET owner = NULL, holder = NULL, expires = NULL, locked = false
+WHERE key = %(key)s AND owner = %(owner)s AND fence = %(fence)s
+""",
+    "revoke": """
+UPDATE {s}.loops SET owner = NULL, holder = NULL, expires = NULL, locked = false
+WHERE key = %(key)s AND owner IS NOT NULL AND expires > clock_timestamp() RETURNING fence
+""",
+    "heartbeat": """
+INSERT INTO {s}.runners (id, label, expires)
+VALUES (%(id)s, %(label)s, clock_timestamp() + make_interval(secs => %(ttl)s))
+ON CONFLICT (id) DO UPDATE SET label = excluded.label, expires = excluded.expires
+""",
+    # Counts add up; a field a report leaves out (NULL) keeps its stored value,
+    # except running_since, which every report replaces.
+    "stats": """
+INSERT INTO {s}.loops AS l (key, passes, errors, last_start, last_end, last_duration,
+    last_outcome, last_error, last_error_at, p50, p99, running_since, stall_after)
+VALUES (%(key)s, %(passes)s, %(errors)s, %(last_start)s, %(last_end)s, %(last_duration)s,
+    %(last_outcome)s, %(last_error)s, %(last_error_at)s, %(p50)s, %(p99)s, %(running_since)s,
+    %(stall_after)s)
+ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes,
+    errors = l.errors + excluded.errors, running_since = excluded.running_since,
+    last_start = coalesce(excluded.last_start, l.last_start),
+    last_end = coalesce(excluded.last_end, l.last_end),
+    last_duration = coalesce(excluded.last_duration, l.last_duration),
+    last_outcome = coalesce(excluded.last_outcome, l.last_outcome),
+    last_error = coalesce(excluded.last_error, l.last_error),
+    last_error_at = coalesce(excluded.last_error_at, l.last_error_at),
+    p50 = coalesce(excluded.p50, l.p50), p99 = coalesce(excluded.p99, l.p99),
+    stall_after = coalesce(excluded.stall_after, l.stall_after)
+""",
+    "runners": "SELECT id, label, extract(epoch FROM expires)::float8 AS seen FROM {s}.runners"
+               " WHERE expires > clock_timestamp() ORDER BY id",
+    "pause": "INSERT INTO {s}.loops (key, paused) VALUES (%(key)s, %(paused)s)"
+             " ON CONFLICT (key) DO UPDATE SET paused = excluded.paused",
+    "loops": "SELECT *, owner IS NOT NULL AND expires > clock_timestamp() AS held"
+             " FROM {s}.loops ORDER BY key",
+    "unlock": "SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x",
+    "notify": "SELECT pg_notify(%(channel)s, %(payload)s)",
+    "listen": "LISTEN {channel}",
+    "drop": "DROP SCHEMA IF EXISTS {s} CASCADE",
+}

@@ -1,0 +1,255 @@
+"""What only the PostgreSQL coordinator promises: fast failover through advisory
+locks (never on their word alone), safe concurrent schema creation, fast and
+secret-free failure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from ostinato.coordinators import (
+    Coordinator,
+    Denied,
+    Event,
+    Grant,
+    LoopStats,
+    Renewal,
+    RunnerInfo,
+    from_url,
+)
+from ostinato.errors import CoordinatorUnavailable
+from tests.servers import postgres_url
+
+if TYPE_CHECKING:  # at run time it needs the postgres extra, which postgres_url() checks first
+    from ostinato.coordinators.postgres import PostgresCoordinator
+
+pytestmark = pytest.mark.backend
+
+KEY = "app:loop"
+MakePostgres = Callable[[], Awaitable["PostgresCoordinator"]]
+
+
+def runner(n: int) -> RunnerInfo:
+    return RunnerInfo(id=f"runner-{n}-{time.monotonic_ns()}", host="test", pid=3000 + n)
+
+
+@pytest.fixture
+def url() -> str:
+    return f"{postgres_url()}?schema=test_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def make(url: str) -> AsyncIterator[MakePostgres]:
+    from ostinato.coordinators.postgres import PostgresCoordinator
+
+    opened: list[PostgresCoordinator] = []
+
+    async def factory() -> PostgresCoordinator:
+        coordinator = from_url(url)
+        assert isinstance(coordinator, PostgresCoordinator)
+        await coordinator.open()
+        opened.append(coordinator)
+        return coordinator
+
+    yield factory
+    for coordinator in opened:
+        await coordinator.close()
+    if opened:
+        await opened[0].drop_everything()
+
+
+async def admin(statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement on a connection of the test's own."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(postgres_url(), autocommit=True) as conn:
+        cursor = await conn.execute(statement, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+async def lock_holders(schema: str, key: str) -> list[int]:
+    """The backend pids holding the advisory lock of ``key``."""
+    from ostinato.coordinators.postgres import lock_id
+
+    lock = lock_id(schema, key) & 0xFFFFFFFFFFFFFFFF
+    rows = await admin(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        " AND classid::bigint = %s AND objid::bigint = %s",
+        lock >> 32, lock & 0xFFFFFFFF,
+    )
+    return [row[0] for row in rows]
+
+
+async def until_lock_free(schema: str, key: str) -> None:
+    """Wait for the server to finish ending a closed session that held the lock of ``key``."""
+    deadline = time.monotonic() + 5.0
+    while await lock_holders(schema, key):
+        assert time.monotonic() < deadline, "the lock was never freed"
+        await asyncio.sleep(0.01)
+
+
+async def kill_holder_session(schema: str, key: str) -> None:
+    """End the server session holding the lock of ``key``, as a killed runner's would end."""
+    [pid] = await lock_holders(schema, key)
+    await admin("SELECT pg_terminate_backend(%s)", pid)
+    await until_lock_free(schema, key)
+
+
+async def test_killed_holder_connection_lets_a_standby_take_over_at_once(make: MakePostgres) -> None:
+    """A holder whose session ends is overtaken long before its TTL, and its stats are kept."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    await a.report(ra, 60.0, [LoopStats(KEY, passes=7, errors=1)])
+    assert isinstance(await b.acquire(KEY, rb, 60.0), Denied)
+    await kill_holder_session(a.schema, KEY)
+    started = time.monotonic()
+    taken = await b.acquire(KEY, rb, 60.0)
+    assert isinstance(taken, Grant)
+    assert taken.fence > grant.fence
+    assert time.monotonic() - started < 1.0
+    [record] = [r for r in await b.loops() if r.key == KEY]
+    assert (record.passes, record.errors, record.holder) == (7, 1, rb.label)
+    with pytest.raises(CoordinatorUnavailable):
+        await a.renew(ra, {KEY: (grant.fence, 60.0)})
+    assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.LOST
+
+
+async def test_standby_hears_released_when_the_holder_session_ends(make: MakePostgres) -> None:
+    """A refused standby is told ``released`` the moment the holder's session ends."""
+    a, b = await make(), await make()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    assert isinstance(await a.acquire(KEY, runner(1), 60.0), Grant)
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Denied)
+    await asyncio.sleep(0.2)  # the standby's waiter is queued behind the holder's lock
+    await kill_holder_session(a.schema, KEY)
+    assert await asyncio.wait_for(got.get(), 2.0) == Event("released", KEY)
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)
+
+
+async def test_renewal_fails_once_the_holder_session_was_replaced(make: MakePostgres) -> None:
+    """A holder whose connection dropped cannot renew on a new one: it no longer holds the lock."""
+    a = await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    await kill_holder_session(a.schema, KEY)
+    with pytest.raises(CoordinatorUnavailable):
+        await a.renew(ra, {KEY: (grant.fence, 60.0)})
+    assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.LOST
+    again = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(again, Grant)
+    assert again.fence > grant.fence
+    assert len(await lock_holders(a.schema, KEY)) == 1
+
+
+async def test_holder_without_the_lock_is_not_overtaken(make: MakePostgres) -> None:
+    """A free lock alone never hands over a lease whose row does not record that lock."""
+    import psycopg
+
+    from ostinato.coordinators.postgres import lock_id
+
+    a, b = await make(), await make()
+    squatter = await psycopg.AsyncConnection.connect(postgres_url(), autocommit=True)
+    try:
+        await squatter.execute("SELECT pg_advisory_lock(%s)", [lock_id(a.schema, KEY)])
+        grant = await a.acquire(KEY, runner(1), 60.0)
+        assert isinstance(grant, Grant)  # granted, but without the lock
+    finally:
+        await squatter.close()
+    await until_lock_free(a.schema, KEY)  # the lock is free now, yet the holder is alive
+    denied = await b.acquire(KEY, runner(2), 60.0)
+    assert isinstance(denied, Denied)
+    assert denied.expires_in is not None
+    assert denied.expires_in > 50
+
+
+async def test_holder_takes_its_lock_at_renewal_once_free(make: MakePostgres) -> None:
+    """A holder granted without its lock takes it when renewing, and from then on fails over fast."""
+    import psycopg
+
+    from ostinato.coordinators.postgres import lock_id
+
+    a, b = await make(), await make()
+    ra = runner(1)
+    squatter = await psycopg.AsyncConnection.connect(postgres_url(), autocommit=True)
+    try:
+        await squatter.execute("SELECT pg_advisory_lock(%s)", [lock_id(a.schema, KEY)])
+        grant = await a.acquire(KEY, ra, 60.0)
+        assert isinstance(grant, Grant)
+        assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.HELD
+    finally:
+        await squatter.close()
+    await until_lock_free(a.schema, KEY)
+    assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.HELD
+    await kill_holder_session(a.schema, KEY)
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)
+
+
+async def test_released_lease_frees_the_lock(make: MakePostgres) -> None:
+    """Releasing a lease also releases its advisory lock, so nothing lingers on the server."""
+    a = await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    assert len(await lock_holders(a.schema, KEY)) == 1
+    assert await a.release(KEY, ra, grant.fence)
+    assert await lock_holders(a.schema, KEY) == []
+
+
+async def test_subscription_survives_a_terminated_listener(make: MakePostgres) -> None:
+    """When the server ends the LISTEN session, the subscriber reconnects and hears again."""
+    a, b = await make(), await make()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    rows = await admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = %s",
+                       f'LISTEN "{b.channel}"')
+    assert rows == [(True,)]
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        await a.publish(Event("wake", KEY))
+        try:
+            assert await asyncio.wait_for(got.get(), 0.2) == Event("wake", KEY)
+            break
+        except TimeoutError:
+            continue
+    else:
+        pytest.fail("no event arrived after the listener's session was terminated")
+
+
+async def test_concurrent_first_use_creates_the_schema_once(url: str) -> None:
+    """Five coordinators opening a fresh schema at the same moment all succeed."""
+    coordinators = [from_url(url) for _ in range(5)]
+    try:
+        await asyncio.gather(*(c.open() for c in coordinators))
+        answers = await asyncio.gather(
+            *(c.acquire(KEY, runner(n), 5.0) for n, c in enumerate(coordinators))
+        )
+        assert sum(isinstance(answer, Grant) for answer in answers) == 1
+    finally:
+        for coordinator in coordinators:
+            await coordinator.close()
+        await coordinators[0].drop_everything()  # type: ignore[attr-defined]
+
+
+async def test_unreachable_server_fails_fast_without_the_password() -> None:
+    """A server that is not there raises CoordinatorUnavailable at once, password redacted."""
+    coordinator: Coordinator = from_url("postgresql://postgres:s3cret-pw@127.0.0.1:1/test")
+    assert "s3cret-pw" not in coordinator.display_url
+    for call in (coordinator.open, coordinator.loops,
+                 lambda: coordinator.acquire(KEY, runner(1), 5.0),
+                 lambda: coordinator.subscribe(runner(1), lambda event: None)):
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable) as caught:
+            await call()
+        assert time.monotonic() - started < 1.0
+        assert "s3cret-pw" not in str(caught.value)
+        assert "postgresql://postgres:***@127.0.0.1:1/test" in str(caught.value)
+    await coordinator.close()

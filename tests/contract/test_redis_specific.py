@@ -1,0 +1,178 @@
+"""What only the Redis coordinator promises: fences that survive a wiped server,
+secret-free errors, fast failure and a subscription that outlives its connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import pytest
+
+from ostinato.coordinators import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo, from_url
+from ostinato.errors import CoordinatorUnavailable
+from tests.servers import redis_url
+
+pytestmark = pytest.mark.backend
+
+KEY = "app:loop"
+MakeRedis = Callable[[], Awaitable["RedisCoordinator"]]
+
+if TYPE_CHECKING:  # at run time it needs the redis extra, which redis_url() checks first
+    from ostinato.coordinators.redis import RedisCoordinator
+
+
+def runner(n: int) -> RunnerInfo:
+    return RunnerInfo(id=f"runner-{n}-{time.monotonic_ns()}", host="test", pid=2000 + n)
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[MakeRedis]:
+    url = f"{redis_url()}?prefix=test-{uuid.uuid4().hex[:10]}"
+    from ostinato.coordinators.redis import RedisCoordinator
+
+    opened: list[RedisCoordinator] = []
+
+    async def factory() -> RedisCoordinator:
+        coordinator = from_url(url)
+        assert isinstance(coordinator, RedisCoordinator)
+        await coordinator.open()
+        opened.append(coordinator)
+        return coordinator
+
+    yield factory
+    for coordinator in opened:
+        await coordinator.close()
+    if opened:
+        await opened[0].drop_everything()
+
+
+async def test_fence_never_goes_backwards_when_the_keys_vanish(make: MakeRedis) -> None:
+    """A server that lost every key (restart without persistence) still grants greater fences."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    fences = []
+    for _ in range(3):
+        grant = await a.acquire(KEY, ra, 30.0)
+        assert isinstance(grant, Grant)
+        fences.append(grant.fence)
+    assert isinstance(await b.acquire(KEY, rb, 30.0), Denied)
+    await a.drop_everything()  # what a restart without persistence leaves: nothing
+    assert (await a.renew(ra, {KEY: (fences[-1], 30.0)}))[KEY] is Renewal.LOST
+    after = await b.acquire(KEY, rb, 30.0)
+    assert isinstance(after, Grant)
+    assert after.fence > max(fences)
+    assert fences == sorted(set(fences))
+
+
+async def test_fence_is_seeded_from_the_server_clock(make: MakeRedis) -> None:
+    """A loop's first fence is the server's time in microseconds, so a later seed is greater."""
+    a = await make()
+    before = time.time_ns() // 1000
+    grant = await a.acquire(KEY, runner(1), 5.0)
+    assert isinstance(grant, Grant)
+    # Local and server clocks are the same host's here; allow a second of slack.
+    assert abs(grant.fence - before) < 1_000_000
+
+
+async def test_password_never_appears_in_errors() -> None:
+    """An unreachable server's error names the URL with the password replaced by ***."""
+    coordinator = from_url("redis://bob:s3cret-pw@127.0.0.1:1/0?prefix=x")
+    assert "s3cret-pw" not in coordinator.display_url
+    with pytest.raises(CoordinatorUnavailable) as caught:
+        await coordinator.acquire(KEY, runner(1), 5.0)
+    message = str(caught.value)
+    assert "s3cret-pw" not in message
+    assert "redis://bob:***@127.0.0.1:1/0" in message
+    await coordinator.close()
+
+
+@pytest.fixture
+async def silent_url() -> AsyncIterator[str]:
+    """A server that accepts connections and never says a word."""
+    writers: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: writers.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0?timeout=0.3"
+    for writer in writers:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_unreachable_server_fails_fast() -> None:
+    """Every call to a closed port raises CoordinatorUnavailable at once, not after retries."""
+    await _every_call_fails_within(from_url("redis://127.0.0.1:1/0"), 0.5)
+
+
+async def test_silent_server_fails_within_the_timeout(silent_url: str) -> None:
+    """A server that never replies makes each call fail after the URL's timeout, not later."""
+    await _every_call_fails_within(from_url(silent_url), 0.9)
+
+
+async def _every_call_fails_within(coordinator: Coordinator, seconds: float) -> None:
+    calls: list[Callable[[], Awaitable[object]]] = [
+        coordinator.open,
+        lambda: coordinator.acquire(KEY, runner(1), 5.0),
+        lambda: coordinator.renew(runner(1), {KEY: (1, 5.0)}),
+        lambda: coordinator.report(runner(1), 5.0, []),
+        coordinator.loops,
+        lambda: coordinator.publish(Event("wake", KEY)),
+        lambda: coordinator.subscribe(runner(1), lambda event: None),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable):
+            await call()
+        assert time.monotonic() - started < seconds
+    await coordinator.close()
+
+
+async def test_denied_expires_in_follows_the_server_ttl(make: MakeRedis) -> None:
+    """A standby is told how long the holder's claim has left, from the key's PTTL."""
+    a, b = await make(), await make()
+    assert isinstance(await a.acquire(KEY, runner(1), 2.0), Grant)
+    await asyncio.sleep(0.5)
+    denied = await b.acquire(KEY, runner(2), 2.0)
+    assert isinstance(denied, Denied)
+    assert denied.expires_in is not None
+    assert 1.2 < denied.expires_in < 1.6
+
+
+async def test_subscription_survives_a_dropped_connection(make: MakeRedis) -> None:
+    """When the server drops the pub/sub connection, the subscriber reconnects and hears again."""
+    a, b = await make(), await make()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    admin = a._make_client(2.0)
+    try:
+        clients = await admin.client_list(_type="pubsub")
+        ours = [c["id"] for c in clients if c.get("name") == f"ostinato:{b.prefix}"]
+        assert ours
+        for client_id in ours:
+            await admin.client_kill_filter(_id=client_id)
+    finally:
+        await admin.aclose()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        await a.publish(Event("wake", KEY))
+        try:
+            assert await asyncio.wait_for(got.get(), 0.2) == Event("wake", KEY)
+            break
+        except TimeoutError:
+            continue
+    else:
+        pytest.fail("no event arrived after the subscriber's connection was killed")
+
+
+async def test_events_arrive_within_milliseconds(make: MakeRedis) -> None:
+    """A published event reaches a subscriber at once, not on a polling tick."""
+    a, b = await make(), await make()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    started = time.monotonic()
+    await a.publish(Event("released", KEY))
+    assert await asyncio.wait_for(got.get(), 1.0) == Event("released", KEY)
+    assert time.monotonic() - started < 0.05
