@@ -146,6 +146,8 @@ class Runner:
         keeper = self.keepers.get(event.key)
         if keeper is None:
             return
+        if event.kind == "revoked" and keeper.lease is not None:
+            keeper.lose("the lease was revoked")  # stop at once; the renewal confirms it
         if event.kind in ("paused", "revoked"):
             self._renew_now.set()  # a holder learns at once, from its renewal
         keeper.on_event(event)

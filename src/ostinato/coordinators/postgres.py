@@ -70,6 +70,10 @@ SCHEMA_LOCK = (0x6F737469, 0x6E61746F)
 # the waits are capped to spare the server's connection slots; past the cap a
 # standby retries when the lease expires, as it would without advisory locks.
 MAX_WAITERS = 8
+# A standby that sees a holder's lock freed waits this long before trying: the
+# holder, if only its connection died, notices in about a millisecond (see
+# ``_watch_idle``) and stops starting passes first.
+LOCK_QUIET = 0.05
 
 
 def lock_id(schema: str, key: str) -> int:
@@ -111,6 +115,7 @@ class PostgresCoordinator(Coordinator):
             self._listen, self._close_quietly, UNREACHABLE, self._unavailable,
         )
         self._closed = False
+        self._watched_fd: int | None = None
 
     # -- connections -----------------------------------------------------------------
 
@@ -137,6 +142,7 @@ class PostgresCoordinator(Coordinator):
         if self._closed:
             raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
         async with self._lock:
+            self._unwatch_idle()
             try:
                 if self._conn is None or self._conn.closed:
                     await self._drop_session()
@@ -150,6 +156,52 @@ class PostgresCoordinator(Coordinator):
             except asyncio.CancelledError:
                 await self._drop_session()  # cut off mid-statement: its state is unknown
                 raise
+            self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """While the connection is idle, notice at once if the server ends it.
+
+        Its advisory locks go with it, so a standby may take those loops over:
+        the runner is told (``revoked``) so that it stops their passes now
+        rather than at its next renewal.
+        """
+        conn = self._conn
+        if conn is None or conn.closed or not self._holders:
+            return
+        with contextlib.suppress(psycopg.Error, OSError, ValueError):
+            self._watched_fd = conn.fileno()
+            asyncio.get_running_loop().add_reader(self._watched_fd, self._idle_readable)
+
+    def _unwatch_idle(self) -> None:
+        if self._watched_fd is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._watched_fd)
+            self._watched_fd = None
+
+    def _idle_readable(self) -> None:
+        conn = self._conn
+        self._unwatch_idle()
+        if conn is None:
+            return
+        pgconn = conn.pgconn
+        try:
+            pgconn.consume_input()  # a notice or a parameter change is harmless
+            while pgconn.notifies() is not None:
+                pass
+            alive = pgconn.status == psycopg.pq.ConnStatus.OK
+        except psycopg.Error:
+            alive = False
+        if alive:
+            self._watch_idle()
+            return
+        lost = list(self._holders)
+        log.warning("the connection holding the advisory locks of %d loop(s) was closed by the "
+                    "server; their leases are given up", len(lost))
+        self._conn = None
+        self._holders.clear()
+        asyncio.get_running_loop().create_task(self._close_quietly(conn))
+        for key in lost:
+            self._events.deliver(Event("revoked", key))
 
     async def _drop_session(self) -> None:
         conn, self._conn = self._conn, None
@@ -194,6 +246,7 @@ class PostgresCoordinator(Coordinator):
             await asyncio.wait(list(self._waiters.values()), timeout=self.timeout)
         await self._events.stop(self.timeout)
         async with self._lock:
+            self._unwatch_idle()
             await self._drop_session()
 
     # -- leases --------------------------------------------------------------------------
@@ -375,6 +428,7 @@ class PostgresCoordinator(Coordinator):
             conn = await self._connect(statement_timeout=0)
             await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
             await conn.execute("SELECT pg_advisory_unlock(%s)", [lock])
+            await asyncio.sleep(LOCK_QUIET)
         except (psycopg.Error, OSError) as exc:
             # Only an accelerator: the standby still retries when the lease expires.
             log.debug("stopped waiting for the holder of %s: %s", key, self._unavailable(exc))
