@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,9 +13,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uuid
+
 import pytest
 
+from ostinato.coordinators import from_url
 from tests.history import PassRecord
+from tests.servers import postgres_url, redis_url
 
 WORKLOAD = Path(__file__).with_name("workload.py")
 OSTINATO = [sys.executable, "-m", "ostinato"]
@@ -28,6 +34,7 @@ class Cluster:
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     killed_at: dict[int, float] = field(default_factory=dict)
+    output: dict[int, str] = field(default_factory=dict)
 
     def start(self, *extra: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -80,7 +87,9 @@ class Cluster:
         for proc in self.procs:
             if proc.poll() is None:
                 continue
-            data = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            if proc.pid not in self.output and proc.stdout and not proc.stdout.closed:
+                self.output[proc.pid] = proc.stdout.read().decode(errors="replace")
+            data = self.output.get(proc.pid, "")
             out.append(f"--- runner {proc.pid} exit {proc.returncode}\n{data[-3000:]}")
         return "\n".join(out)
 
@@ -93,8 +102,39 @@ class Cluster:
                 except ProcessLookupError:
                     pass
             proc.wait(10)
-            if proc.stdout:
+            if proc.stdout and not proc.stdout.closed:
+                self.output.setdefault(proc.pid, proc.stdout.read().decode(errors="replace"))
                 proc.stdout.close()
+
+
+def backend_url(backend: str, tmp_path: Path) -> str:
+    """A fresh, isolated coordinator URL of ``backend`` (the server ones skip or fail if absent)."""
+    tag = uuid.uuid4().hex[:10]
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'ostinato.db'}"
+    if backend == "redis":
+        return f"{redis_url()}?prefix=proc-{tag}"
+    if backend == "postgres":
+        return f"{postgres_url()}?schema=proc_{tag}"
+    raise AssertionError(backend)
+
+
+async def _drop(url: str) -> None:
+    coordinator = from_url(url)
+    drop = getattr(coordinator, "drop_everything", None)
+    if drop is not None:
+        with contextlib.suppress(Exception):
+            await drop()
+    await coordinator.close()
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each coordinator that runners on several processes can share, in turn."""
+    url = backend_url(request.param, tmp_path)
+    yield url
+    if request.param != "sqlite":
+        asyncio.run(_drop(url))
 
 
 @pytest.fixture
