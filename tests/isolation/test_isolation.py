@@ -119,13 +119,13 @@ def test_a_segfaulting_child_is_a_failed_pass_not_a_dead_loop(run: Run) -> None:
 def test_leaking_and_worn_children_are_recycled(run: Run) -> None:
     """max_memory and max_passes replace the child between passes, with a log line."""
     run.wait(lambda: len({r.pid for r in run.passes("leak")}) >= 3, what="leak recycled twice")
-    run.wait(lambda: len(run.passes("recycled")) >= 9, what="nine recycled passes")
+    run.wait(lambda: len(run.passes("recycled")) >= 10, what="ten recycled passes")
     leak = run.passes("leak")
     per_child = [sum(r.pid == pid for r in leak if r.end is not None) for pid in
                  dict.fromkeys(r.pid for r in leak)]
     assert all(n <= 3 for n in per_child[:-1])  # 50 MB a pass under a 120 MB bound
     recycled = run.passes("recycled")[:9]
     assert [r.pid for r in recycled[::3]] == list(dict.fromkeys(r.pid for r in recycled))
-    assert all(r.end is not None for r in leak + recycled)
+    assert all(r.end is not None for r in leak[:-1] + recycled)  # the last may still run
     assert "recycling the worker process because it uses" in log_text(run)
     assert "recycling the worker process because it ran 3 passes" in log_text(run)
