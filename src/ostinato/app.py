@@ -104,6 +104,7 @@ class App:
         # Where the app was made, so a child process can import it again.
         self._module = sys._getframe(1).f_globals.get("__name__", "")
         self.target: str | None = None
+        self._runner: Runner | None = None
         self.stall_hooks: list[StallHook] = []
 
     def __repr__(self) -> str:
@@ -200,10 +201,19 @@ class App:
         """``wake`` for async code."""
         if name not in self.loops:
             raise UnknownLoopError(f"app {self.name!r} has no loop named {name!r}")
+        key = f"{self.name}:{name}"
+        runner = self._runner
+        if runner is not None and runner.loop is asyncio.get_running_loop():
+            # Hosted here: wake it directly, and tell the others over the open connection.
+            keeper = runner.keepers.get(key)
+            if keeper is not None:
+                keeper.wake()
+            await runner.coordinator.publish(Event("wake", key))
+            return
         coordinator = self.connect()
         owned = not isinstance(self._coordinator, Coordinator)
         try:
-            await coordinator.publish(Event("wake", f"{self.name}:{name}"))
+            await coordinator.publish(Event("wake", key))
         finally:
             if owned:
                 await coordinator.close()
@@ -246,9 +256,11 @@ class App:
             raise
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")
+        self._runner = runner
         try:
             yield runner
         finally:
+            self._runner = None
             stop.set()
             await task
             if exporter is not None:

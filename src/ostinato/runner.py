@@ -67,6 +67,7 @@ class Runner:
         self.info = RunnerInfo.here()
         self.stopping = False
         self.stopped = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         self.wall_offset = wall_offset()
         self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
         self._renew_now = asyncio.Event()
