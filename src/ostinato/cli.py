@@ -16,7 +16,9 @@ import click
 from ostinato import control, logs
 from ostinato.app import App, resolve_url
 from ostinato.coordinators import Coordinator, from_url, redact
+from ostinato.durations import parse_duration
 from ostinato.errors import ConfigurationError, OstinatoError
+from ostinato.observe import Observe, unhealthy
 from ostinato.supervisor import Supervisor, runner_command
 
 T = TypeVar("T")
@@ -122,9 +124,22 @@ def main() -> None:
     "--processes", type=click.IntRange(min=1), default=None, envvar="OSTINATO_PROCESSES",
     show_envvar=True, help="Fork N runner processes and restart any that dies.",
 )
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="OSTINATO_METRICS_PORT",
+    show_envvar=True, help="Serve Prometheus /metrics and /healthz on this port (e.g. 9464).",
+)
+@click.option(
+    "--metrics-host", default="0.0.0.0", show_default=True, envvar="OSTINATO_METRICS_HOST",  # noqa: S104
+    show_envvar=True, help="Address the metrics port binds to.",
+)
+@click.option(
+    "--alert-webhook", metavar="URL", default=None, envvar="OSTINATO_ALERT_WEBHOOK",
+    show_envvar=True, help="POST a JSON notice here when a loop stalls and when it recovers.",
+)
 @debug_option
 def run(app: str, coordinator: str | None, only: tuple[str, ...], log_level: str,
-        log_format: str, processes: int | None, debug: bool) -> None:
+        log_format: str, processes: int | None, metrics_port: int | None, metrics_host: str,
+        alert_webhook: str | None, debug: bool) -> None:
     """Run the loops of APP (module:attr or path/to/file.py:attr) in this process.
 
     Start as many runners as you like: each loop runs in exactly one of them at
@@ -138,17 +153,24 @@ def run(app: str, coordinator: str | None, only: tuple[str, ...], log_level: str
     url = the_app.coordinator_url(coordinator)
     guarded(debug, lambda: from_url(url))  # a bad URL fails here, before any logging noise
     guarded(debug, lambda: the_app.specs(only or None))  # and so does an unknown --only
+    observe = Observe(metrics_port, metrics_host, alert_webhook or None)
+    guarded(debug, observe.check)  # a missing extra or a bad webhook URL too
     if processes is not None:
+        if metrics_port is not None:
+            fail("--metrics-port serves one runner: with --processes N every runner would want it; "
+                 "run the runners under a process manager, each with its own port")
         command = runner_command(sys.argv[1:])
         sys.exit(Supervisor(command, processes, grace=the_app.grace).run())
-    guarded(debug, lambda: the_app.run(only=only or None, coordinator=url))
+    guarded(debug, lambda: the_app.run(only=only or None, coordinator=url, observe=observe))
 
 
 @main.command()
 @coordinator_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@click.option("--check", is_flag=True,
+              help="Exit 1 when any loop is stalled or has no runner (or no loop is known).")
 @debug_option
-def status(coordinator: str | None, as_json: bool, debug: bool) -> None:
+def status(coordinator: str | None, as_json: bool, check: bool, debug: bool) -> None:
     """Show every loop: holder, state, fence, passes, errors, timings."""
     url = resolve_url(coordinator)
     rows = guarded(debug, lambda: asyncio.run(_with(url, control.status)))
@@ -156,6 +178,11 @@ def status(coordinator: str | None, as_json: bool, debug: bool) -> None:
         click.echo(json.dumps({"coordinator": redact(url), "loops": rows}, indent=2))
     else:
         click.echo(control.table(rows))
+    if check:
+        problems = unhealthy(rows)
+        if problems:
+            click.echo(f"ostinato: check failed: {'; '.join(problems)}", err=True)
+            sys.exit(1)
 
 
 def _control_command(name: str, action: Callable[[Coordinator, str], Awaitable[str]],
@@ -178,5 +205,70 @@ _control_command("pause", control.pause, "paused",
                  "Pause LOOP (name or app:name): its holder stops and no runner takes it.")
 _control_command("resume", control.resume, "resumed", "Resume a paused LOOP.")
 _control_command("wake", control.wake, "woke", "End LOOP's idle wait now.")
+
+
+@main.command()
+@click.argument("loop")
+@coordinator_option
+@debug_option
+def release(loop: str, coordinator: str | None, debug: bool) -> None:
+    """Revoke LOOP's lease: another runner takes it at once, with a new fence.
+
+    The old holder starts no new pass once its next renewal fails (at once on
+    the coordinators that deliver events).
+    """
+    url = resolve_url(coordinator)
+
+    async def job(store: Coordinator) -> tuple[str, int | None]:
+        return await control.release(store, loop)
+
+    key, fence = guarded(debug, lambda: asyncio.run(_with(url, job)))
+    if fence is None:
+        click.echo(f"{key} had no live lease; any runner may take it now")
+    else:
+        click.echo(f"released {key} (fence {fence}); the next holder gets a greater fence")
+
+
+@main.command()
+@coordinator_option
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="OSTINATO_DASHBOARD_HOST",
+              show_envvar=True, help="Address to listen on (0.0.0.0 exposes the page to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True,
+              envvar="OSTINATO_DASHBOARD_PORT", show_envvar=True, help="Port (0: any free one).")
+@click.option("--token", default=None, envvar="OSTINATO_DASHBOARD_TOKEN", show_envvar=True,
+              help="Secret that the pause, resume, wake and release buttons need; none: read-only.")
+@click.option("--sample-every", default="2s", show_default=True, envvar="OSTINATO_DASHBOARD_SAMPLE_EVERY",
+              show_envvar=True, help="How often to read the coordinator.")
+@click.option(
+    "--log-level", default="info", show_default=True, envvar="OSTINATO_LOG_LEVEL",
+    show_envvar=True, type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@debug_option
+def dashboard(coordinator: str | None, host: str, port: int, token: str | None, sample_every: str,
+              log_level: str, debug: bool) -> None:
+    """Serve a live web page of every loop of every app in the coordinator."""
+    from ostinato import dashboard as board
+
+    logs.setup("debug" if debug else log_level)
+    guarded(debug, board.require)
+    url = resolve_url(coordinator)
+    every = guarded(debug, lambda: _duration(sample_every, "--sample-every"))
+    state = guarded(debug, lambda: board.Board(url, token=token, every=every))
+    sock = guarded(debug, lambda: board.bind(host, port))
+    where = sock.getsockname()
+    shown = f"[{where[0]}]" if ":" in where[0] else where[0]
+    mode = "controls need the token" if token else "read-only: no --token"
+    click.echo(f"ostinato dashboard on http://{shown}:{where[1]}/ for {redact(url)} ({mode})")
+    board.serve(state, sock)
+
+
+def _duration(text: str, what: str) -> float:
+    try:
+        seconds = parse_duration(text, what=what)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if seconds <= 0:
+        raise ConfigurationError(f"{what} must be more than zero, not {text!r}")
+    return seconds
 
 

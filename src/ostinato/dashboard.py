@@ -1,0 +1,314 @@
+"""``ostinato dashboard``: a live web page of every loop of every app in a coordinator.
+
+The dashboard process samples the coordinator's ``loops()`` every few seconds
+and keeps the last hour of samples per loop in memory (a ring), from which it
+derives passes per minute, the error rate and the one-hour charts; the
+coordinator is not changed for it. The page (``dashboard_static/``, no build
+step, no CDN) polls ``api/loops`` and redraws in place.
+
+Pause, resume, wake and release are POSTs to ``api/loops/{key}/{action}``
+carrying ``Authorization: Bearer <token>``; with no ``--token`` the page is
+read-only and those POSTs are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ostinato import control
+from ostinato.coordinators import Coordinator, LoopRecord, from_url
+from ostinato.errors import ConfigurationError, MissingExtraError, OstinatoError, UnknownLoopError
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+log = logging.getLogger("ostinato.dashboard")
+
+STATIC = Path(__file__).with_name("dashboard_static")
+#: How often the coordinator is sampled, by default.
+SAMPLE_EVERY = 2.0
+#: How far back the charts go.
+HISTORY = 3600.0
+#: Chart resolution over a full hour: samples are merged into slots of this many seconds.
+SLOT = 20.0
+#: Passes per minute and the error rate are measured over this window.
+RATE_WINDOW = 60.0
+#: Rates over less history than this are not shown (runners report about once a second).
+MIN_SPAN = 5.0
+
+#: The page's buttons; ``release`` (``control.release``) is the fourth.
+ACTIONS: dict[str, Callable[[Coordinator, str], Awaitable[str]]] = {
+    "pause": control.pause,
+    "resume": control.resume,
+    "wake": control.wake,
+}
+
+
+def require() -> None:
+    """Raise ``MissingExtraError`` unless Starlette and uvicorn are installed."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("ostinato dashboard", "dashboard") from None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One loop's counters as the coordinator gave them at wall-clock time ``at``."""
+
+    at: float
+    passes: int
+    errors: int
+    last_duration: float | None
+
+
+class History:
+    """The last hour of samples of every loop, and the rates and chart series drawn from them."""
+
+    def __init__(self, every: float = SAMPLE_EVERY) -> None:
+        self.every = every
+        self.rings: dict[str, deque[Sample]] = {}
+        self._size = math.ceil(HISTORY / every) + 2
+
+    def add(self, at: float, records: list[LoopRecord]) -> None:
+        for record in records:
+            ring = self.rings.setdefault(record.key, deque(maxlen=self._size))
+            ring.append(Sample(at, record.passes, record.errors, record.last_duration))
+
+    def rates(self, key: str, window: float = RATE_WINDOW) -> tuple[float | None, float | None]:
+        """Passes per minute and errors per pass over the last ``window`` seconds (``None``: unknown)."""
+        ring = self.rings.get(key)
+        if not ring or len(ring) < 2:
+            return None, None
+        last = ring[-1]
+        first = next((s for s in ring if s.at >= last.at - window - self.every / 2), ring[0])
+        if first is last:
+            first = ring[-2]
+        elapsed = last.at - first.at
+        if elapsed < max(MIN_SPAN, 2 * self.every):
+            return None, None  # runners report about once a second: too short to say
+        passes = max(0, last.passes - first.passes)
+        errors = max(0, last.errors - first.errors)
+        return passes / elapsed * 60, (min(1.0, errors / passes) if passes else None)
+
+    def series(self, key: str, now: float) -> list[dict[str, float | None]]:
+        """Chart points over the last hour: seconds ``ago``, passes per minute, mean duration."""
+        ring = self.rings.get(key)
+        if not ring:
+            return []
+        # Finer slots while there is little history, so a fresh dashboard draws lines, not a dot.
+        span = min(HISTORY, now - ring[0].at)
+        width = max(self.every, min(SLOT, span / 90))
+        slots: dict[int, list[float]] = {}  # slot -> [passes, seconds, duration sum, n, last at]
+        previous: Sample | None = None
+        for sample in ring:
+            if sample.at < now - HISTORY:
+                previous = sample
+                continue
+            slot = slots.setdefault(int(sample.at // width), [0.0, 0.0, 0.0, 0.0, sample.at])
+            if previous is not None:
+                slot[0] += max(0, sample.passes - previous.passes)
+                slot[1] += sample.at - previous.at
+            if sample.last_duration is not None:
+                slot[2] += sample.last_duration
+                slot[3] += 1
+            slot[4] = sample.at
+            previous = sample
+        return [
+            {
+                "ago": round(now - at, 3),
+                "per_minute": passes / seconds * 60 if seconds > 0 else None,
+                "duration": total / count if count else None,
+            }
+            for passes, seconds, total, count, at in slots.values()
+        ]
+
+
+class Board:
+    """The dashboard's state: the coordinator, the latest records and their history."""
+
+    def __init__(self, url: str, *, token: str | None = None, every: float = SAMPLE_EVERY) -> None:
+        self.coordinator = from_url(url)
+        self.token = token or None
+        self.every = every
+        self.history = History(every)
+        self.records: list[LoopRecord] = []
+        self.sampled_at: float | None = None
+        self.error: str | None = None
+        self._opened = False
+        self._lock = asyncio.Lock()
+
+    async def sample(self) -> None:
+        """Read every loop from the coordinator once; an outage is shown, not raised."""
+        async with self._lock:
+            try:
+                if not self._opened:
+                    await self.coordinator.open()
+                    self._opened = True
+                records = await self.coordinator.loops()
+            except OstinatoError as exc:
+                if self.error is None:
+                    log.error("cannot read the coordinator, will retry: %s", exc)
+                self.error = f"cannot read the coordinator: {exc}"
+                return
+            if self.error is not None:
+                log.warning("reading the coordinator again")
+            now = time.time()
+            self.records, self.sampled_at, self.error = records, now, None
+            self.history.add(now, records)
+
+    async def sample_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.sample()
+            await asyncio.sleep(max(0.05, self.every - (time.monotonic() - started)))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``api/loops`` answers."""
+        now = time.time()
+        loops = []
+        for record in self.records:
+            row = control.describe(record, now)
+            per_minute, error_rate = self.history.rates(record.key)
+            row.update(key=record.key, per_minute=per_minute, error_rate=error_rate,
+                       held_since=record.held_since, series=self.history.series(record.key, now))
+            loops.append(row)
+        return {
+            "coordinator": self.coordinator.display_url,
+            "control": self.token is not None,
+            "now": now,
+            "sampled_at": self.sampled_at,
+            "every": self.every,
+            "history": HISTORY,
+            "error": self.error,
+            "loops": loops,
+        }
+
+    def authorized(self, header: str) -> bool:
+        if self.token is None:
+            return False
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                                  self.token.encode())
+
+    async def act(self, action: str, key: str) -> dict[str, Any]:
+        """Run a control action on loop ``key``, then sample at once so the page shows it."""
+        answer: dict[str, Any] = {"ok": True, "action": action}
+        if action == "release":
+            answer["loop"], answer["fence"] = await control.release(self.coordinator, key)
+        else:
+            answer["loop"] = await ACTIONS[action](self.coordinator, key)
+        log.info("dashboard: %s %s", action, answer["loop"])
+        await self.sample()
+        return answer
+
+
+def create_app(board: Board) -> Starlette:
+    """The Starlette application serving the page, its assets and its small JSON API."""
+    require()
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    headers = {
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers=headers)
+
+    async def loops(request: Request) -> Response:
+        return JSONResponse(board.snapshot(), headers=headers)
+
+    async def act(request: Request) -> Response:
+        action, key = request.path_params["action"], request.path_params["key"]
+        if action not in ACTIONS and action != "release":
+            return JSONResponse({"error": f"unknown action {action!r}"}, 404)
+        if board.token is None:
+            return JSONResponse({"error": "read-only: start the dashboard with --token to allow this"},
+                                403)
+        if not board.authorized(request.headers.get("authorization", "")):
+            return JSONResponse({"error": "wrong or missing token"}, 401)
+        try:
+            return JSONResponse(await board.act(action, key), headers=headers)
+        except UnknownLoopError as exc:
+            return JSONResponse({"error": str(exc)}, 404)
+        except OstinatoError as exc:
+            return JSONResponse({"error": str(exc)}, 503)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sampler = asyncio.create_task(board.sample_forever(), name="ostinato-dashboard-sampler")
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            await board.coordinator.close()
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/api/loops", loops),
+            Route("/api/loops/{key}/{action}", act, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (``0``: any free port); a port in use is a clear error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; pick another --port"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(board: Board, sock: socket.socket) -> None:
+    """Serve the dashboard on ``sock`` until SIGINT or SIGTERM."""
+    require()
+    import uvicorn
+
+    config = uvicorn.Config(create_app(board), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=2, lifespan="on")
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again under the
+    # handlers it found: these make that a clean exit 0 (not a traceback), and stop
+    # a server that is signalled before it has installed its own.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    server.run(sockets=[sock])

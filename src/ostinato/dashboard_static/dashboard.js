@@ -1,0 +1,236 @@
+// The ostinato dashboard: polls api/loops and redraws the table and charts in place.
+// No framework and no build step; every value from the server is set as text, never as HTML.
+"use strict";
+
+(() => {
+  const POLL_MS = 2000;
+  const SVG = "http://www.w3.org/2000/svg";
+  const TOKEN_KEY = "ostinato-dashboard-token";
+  const $ = (selector) => document.querySelector(selector);
+  const rows = new Map();
+  let token = sessionStorage.getItem(TOKEN_KEY) || "";
+  let control = false;
+  let timer = null;
+
+  function fmtDuration(s) {
+    if (s === null || s === undefined) return "-";
+    if (s < 0.001) return `${(s * 1e6).toPrecision(3)}µs`;
+    if (s < 1) return `${(s * 1e3).toPrecision(3)}ms`;
+    if (s < 60) return `${s.toPrecision(3)}s`;
+    if (s < 3600) return `${(s / 60).toFixed(1)}m`;
+    return `${(s / 3600).toFixed(1)}h`;
+  }
+
+  function fmtAgo(wall, now) {
+    return wall === null || wall === undefined ? "" : `${fmtDuration(Math.max(0, now - wall))} ago`;
+  }
+
+  function fmtRate(perMinute) {
+    if (perMinute === null || perMinute === undefined) return "-";
+    return perMinute >= 100 ? Math.round(perMinute).toString() : perMinute.toPrecision(3);
+  }
+
+  function fmtPercent(fraction) {
+    return fraction === null || fraction === undefined ? "-" : `${(fraction * 100).toFixed(1)}%`;
+  }
+
+  function banner(text) {
+    const el = $("#banner");
+    el.textContent = text || "";
+    el.hidden = !text;
+  }
+
+  // A sparkline of `field` in an SVG of its own. Its time axis spans the samples there are
+  // (at least a minute), up to `history` seconds, so a fresh dashboard's charts are not a dot.
+  function drawChart(svg, label, series, field, history, format) {
+    const width = 120, height = 28, pad = 3;
+    const points = series.filter((p) => p[field] !== null && p.ago <= history);
+    const max = Math.max(...points.map((p) => p[field]), 0);
+    const span = Math.min(history, Math.max(60, ...points.map((p) => p.ago)));
+    svg.replaceChildren();
+    svg.dataset.points = String(points.length);
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = points.length
+      ? `max ${format(max)} over the last ${fmtDuration(span)}` : "no data yet";
+    svg.appendChild(title);
+    const xy = points.map((p) => {
+      const x = width * (1 - p.ago / span);
+      const y = max > 0 ? height - pad - (p[field] / max) * (height - 2 * pad) : height - pad;
+      return [x.toFixed(1), y.toFixed(1)];
+    });
+    if (xy.length === 1) {
+      const dot = document.createElementNS(SVG, "circle");
+      dot.setAttribute("cx", xy[0][0]);
+      dot.setAttribute("cy", xy[0][1]);
+      dot.setAttribute("r", "2");
+      svg.appendChild(dot);
+    }
+    const line = document.createElementNS(SVG, "polyline");
+    line.setAttribute("points", xy.map((p) => p.join(",")).join(" "));
+    svg.appendChild(line);
+    label.textContent = points.length ? format(points[points.length - 1][field]) : "-";
+  }
+
+  function chartCell(kind) {
+    const td = document.createElement("td");
+    const box = document.createElement("div");
+    box.className = "chart-box";
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", `chart chart-${kind}`);
+    svg.setAttribute("viewBox", "0 0 120 28");
+    svg.setAttribute("preserveAspectRatio", "none");
+    const label = document.createElement("span");
+    label.className = "chart-label";
+    box.append(svg, label);
+    td.appendChild(box);
+    return { td, svg, label };
+  }
+
+  function button(action, key) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.action = action;
+    b.textContent = action;
+    b.addEventListener("click", () => act(b.dataset.action, key));
+    return b;
+  }
+
+  function makeRow(key) {
+    const tr = document.createElement("tr");
+    tr.dataset.key = key;
+    const cells = {};
+    for (const name of ["loop", "state", "holder", "fence", "passes", "per_minute", "error_rate",
+                        "error", "p50", "p99"]) {
+      const td = document.createElement("td");
+      td.className = name;
+      if (["fence", "passes", "per_minute", "error_rate", "p50", "p99"].includes(name)) {
+        td.classList.add("num");
+      }
+      cells[name] = td;
+      tr.appendChild(td);
+    }
+    cells.duration = chartCell("duration");
+    cells.rate = chartCell("rate");
+    tr.append(cells.duration.td, cells.rate.td);
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    cells.toggle = button("pause", key);
+    actions.append(cells.toggle, button("wake", key), button("release", key));
+    tr.appendChild(actions);
+    cells.actions = actions;
+    return { tr, cells };
+  }
+
+  function renderRow(loop, data) {
+    let row = rows.get(loop.key);
+    if (!row) {
+      row = makeRow(loop.key);
+      rows.set(loop.key, row);
+    }
+    const c = row.cells;
+    const state = loop.state;
+    c.loop.textContent = loop.key;
+    c.state.textContent = state;
+    c.state.className = `state state-${state.replace(/ /g, "-")}`;
+    row.tr.dataset.state = state;
+    c.holder.textContent = loop.holder || "-";
+    c.fence.textContent = String(loop.fence);
+    c.passes.textContent = String(loop.passes);
+    c.per_minute.textContent = fmtRate(loop.per_minute);
+    c.error_rate.textContent = fmtPercent(loop.error_rate);
+    c.error.replaceChildren();
+    if (loop.last_error) {
+      const text = document.createElement("span");
+      text.textContent = loop.last_error.split("\n")[0];
+      const when = document.createElement("span");
+      when.className = "when";
+      when.textContent = fmtAgo(loop.last_error_at, data.now);
+      c.error.append(text, when);
+      c.error.title = loop.last_error;
+    } else {
+      c.error.textContent = "-";
+      c.error.removeAttribute("title");
+    }
+    c.p50.textContent = fmtDuration(loop.p50);
+    c.p99.textContent = fmtDuration(loop.p99);
+    drawChart(c.duration.svg, c.duration.label, loop.series, "duration", data.history, fmtDuration);
+    drawChart(c.rate.svg, c.rate.label, loop.series, "per_minute", data.history, fmtRate);
+    c.toggle.dataset.action = c.toggle.textContent = state === "paused" ? "resume" : "pause";
+    c.actions.hidden = !control;
+    for (const b of c.actions.querySelectorAll("button")) {
+      b.disabled = !token;
+      b.title = token ? "" : "enter the dashboard's token first";
+    }
+    return row.tr;
+  }
+
+  function render(data) {
+    control = data.control;
+    $("#coordinator").textContent = data.coordinator;
+    $("#updated").textContent = data.sampled_at
+      ? `sampled ${fmtAgo(data.sampled_at, data.now)}, every ${fmtDuration(data.every)}` : "";
+    $("#auth").hidden = !control;
+    $("#mode").textContent = !control
+      ? "read-only (start with --token to allow pause, resume, wake and release)"
+      : token ? "controls on" : "controls need the token";
+    document.querySelector("th.actions").hidden = !control;
+    banner(data.error);
+    const tbody = $("#loops tbody");
+    const seen = new Set();
+    data.loops.forEach((loop, index) => {
+      const tr = renderRow(loop, data);
+      seen.add(loop.key);
+      if (tbody.children[index] !== tr) tbody.insertBefore(tr, tbody.children[index] || null);
+    });
+    for (const [key, row] of rows) {
+      if (!seen.has(key)) {
+        row.tr.remove();
+        rows.delete(key);
+      }
+    }
+    $("#empty").hidden = data.loops.length > 0;
+    document.body.dataset.ready = "true";
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const response = await fetch("api/loops", { cache: "no-store" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      render(await response.json());
+    } catch (err) {
+      banner(`the dashboard server does not answer: ${err.message}`);
+    } finally {
+      timer = setTimeout(refresh, POLL_MS);
+    }
+  }
+
+  async function act(action, key) {
+    try {
+      const response = await fetch(`api/loops/${encodeURIComponent(key)}/${action}`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${token}` },
+      });
+      const answer = await response.json();
+      if (response.status === 401) {
+        token = "";
+        sessionStorage.removeItem(TOKEN_KEY);
+      }
+      banner(response.ok ? "" : `${action} ${key}: ${answer.error}`);
+    } catch (err) {
+      banner(`${action} ${key} failed: ${err.message}`);
+    }
+    refresh();
+  }
+
+  $("#auth").addEventListener("submit", (event) => {
+    event.preventDefault();
+    token = $("#token").value.trim();
+    $("#token").value = "";
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    refresh();
+  });
+
+  refresh();
+})();

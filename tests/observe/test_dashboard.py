@@ -1,0 +1,166 @@
+"""``ostinato dashboard``: the page in a real headless Chromium, its JSON API, and its history."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from ostinato.coordinators import LoopRecord
+from ostinato.dashboard import History
+from tests.observe.conftest import Stack, get, wait_for
+
+LOOPS = ("obs:tick", "obs:flaky", "obs:blocker")
+TOKEN = "s3cret-token"  # noqa: S105 - a token made up for the test
+
+
+def record(passes: int, errors: int = 0, duration: float | None = 0.01) -> LoopRecord:
+    return LoopRecord("a:b", fence=1, paused=False, holder="h:1", held_since=0.0, passes=passes,
+                      errors=errors, last_duration=duration)
+
+
+def test_history_gives_rates_over_the_last_minute_and_chart_points_over_the_hour() -> None:
+    """Passes per minute and the error rate come from sample deltas; old samples leave the charts."""
+    history = History(every=2.0)
+    assert history.rates("a:b") == (None, None)
+    for i in range(0, 7200, 2):  # two hours of samples, 10 passes and 1 error every 2 s
+        history.add(1000.0 + i, [record(passes=5 * i, errors=i // 2)])
+    per_minute, error_rate = history.rates("a:b")
+    assert per_minute == pytest.approx(300.0)
+    assert error_rate == pytest.approx(0.1)
+    now = 1000.0 + 7198
+    series = history.series("a:b", now)
+    assert max(point["ago"] for point in series) <= 3600  # only the last hour is drawn
+    assert len(series) in (180, 181)  # one point per 20-second slot (the oldest may be partial)
+    assert all(point["per_minute"] == pytest.approx(300.0) for point in series)
+    assert all(point["duration"] == pytest.approx(0.01) for point in series)
+
+
+def test_history_survives_counters_that_restart() -> None:
+    """A loop whose counts went down (a new coordinator) never shows negative rates."""
+    history = History(every=1.0)
+    history.add(0.0, [record(passes=100)])
+    history.add(10.0, [record(passes=3, duration=None)])
+    assert history.rates("a:b") == (0.0, None)
+    assert all((p["per_minute"] or 0) >= 0 for p in history.series("a:b", 10.0))
+
+
+@pytest.mark.slow
+def test_the_api_needs_the_token_for_every_action(stack: Stack) -> None:
+    """Without --token actions are refused (403); with it, only the right bearer token works."""
+    stack.runner()
+    wait_for(lambda: stack.reported(*LOOPS), what="reports of every loop")
+    _, readonly = stack.dashboard()
+    status, body = get(f"{readonly}/api/loops/obs:tick/pause", method="POST",
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 403, body
+    assert json.loads(get(f"{readonly}/api/loops")[1])["control"] is False
+
+    dashboard, base = stack.dashboard("--token", TOKEN)
+    assert get(f"{base}/api/loops/obs:tick/pause", method="POST")[0] == 401
+    assert get(f"{base}/api/loops/obs:tick/pause", method="POST",
+               headers={"Authorization": "Bearer wrong"})[0] == 401
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert get(f"{base}/api/loops/obs:nosuch/pause", method="POST", headers=good)[0] == 404
+    assert get(f"{base}/api/loops/obs:tick/explode", method="POST", headers=good)[0] == 404
+    status, body = get(f"{base}/api/loops/tick/pause", method="POST", headers=good)
+    assert status == 200, body
+    assert json.loads(body) == {"ok": True, "action": "pause", "loop": "obs:tick"}
+    assert stack.status()["obs:tick"]["state"] == "paused"
+    status, body = get(f"{base}/api/loops/obs:tick/release", method="POST", headers=good)
+    assert status == 200, body
+    assert json.loads(body)["fence"] is None  # a paused loop holds no lease
+    assert get(f"{base}/api/loops/obs:tick/resume", method="POST", headers=good)[0] == 200
+    wait_for(lambda: stack.status()["obs:tick"]["state"] == "running", what="the resume")
+
+    page_status, page = get(f"{base}/")
+    assert page_status == 200
+    assert '<script src="static/dashboard.js"' in page
+    assert get(f"{base}/static/dashboard.js")[0] == 200
+    assert dashboard.stop() == 0  # SIGTERM: a clean exit
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_shows_live_loops_and_charts_and_pauses_a_loop(stack: Stack, browser: Any) -> None:
+    """In Chromium: rows and charts of live loops update by themselves; pause and resume work."""
+    from playwright.sync_api import expect
+
+    stack.runner()
+    wait_for(lambda: stack.reported(*LOOPS), what="reports of every loop")
+    _, base = stack.dashboard("--token", TOKEN, "--sample-every", "250ms")
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(f"{base}/")
+        tick = page.locator('tr[data-key="obs:tick"]')
+        flaky = page.locator('tr[data-key="obs:flaky"]')
+        expect(page.locator("tbody tr")).to_have_count(3, timeout=10_000)
+        expect(tick.locator("td.state")).to_have_text("running")
+        row = stack.status()["obs:tick"]
+        expect(tick.locator("td.holder")).to_have_text(row["holder"])
+        expect(tick.locator("td.fence")).to_have_text(str(row["fence"]))
+        expect(flaky.locator("td.error")).to_contain_text("RuntimeError: flaky pass")
+        expect(page.locator("#coordinator")).to_have_text(stack.url)
+
+        # The charts fill in without a reload: a polyline with two points or more, per chart.
+        chart = 'tr[data-key="obs:tick"] svg.chart-{}'
+        for kind in ("rate", "duration"):
+            page.wait_for_function(
+                "sel => Number(document.querySelector(sel)?.dataset.points) >= 2",
+                arg=chart.format(kind), timeout=15_000,
+            )
+            points = page.locator(f"{chart.format(kind)} polyline").get_attribute("points")
+            assert points is not None
+            assert len(points.split()) >= 2
+        # Rates show once the dashboard has watched for a few seconds.
+        expect(tick.locator("td.per_minute")).not_to_have_text("-", timeout=15_000)
+        per_minute = float(tick.locator("td.per_minute").inner_text())
+        assert 300 < per_minute < 1500  # every="50ms": about 1200 a minute
+        assert tick.locator("td.p50").inner_text().endswith("ms")
+        expect(flaky.locator("td.error_rate")).not_to_have_text("-")
+        rate = flaky.locator("td.error_rate").inner_text()
+        assert rate.endswith("%")
+        assert 10 < float(rate.rstrip("%")) < 60  # a third of flaky's passes fail
+
+        # Buttons need the token.
+        pause = tick.locator('button[data-action="pause"]')
+        expect(page.locator("#mode")).to_have_text("controls need the token")
+        expect(pause).to_be_disabled()
+        page.fill("#token", TOKEN)
+        page.click("#auth button[type=submit]")
+        expect(page.locator("#mode")).to_have_text("controls on")
+        expect(pause).to_be_enabled()
+        pause.click()
+        expect(tick).to_have_attribute("data-state", "paused", timeout=10_000)
+        expect(tick.locator("td.state")).to_have_text("paused")
+        assert stack.status()["obs:tick"]["state"] == "paused"
+
+        tick.locator('button[data-action="resume"]').click()
+        expect(tick).to_have_attribute("data-state", "running", timeout=10_000)
+        wait_for(lambda: stack.status()["obs:tick"]["state"] == "running", what="the resume")
+    finally:
+        page.close()
+    assert errors == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_page_without_a_token_is_read_only(stack: Stack, browser: Any) -> None:
+    """Started without --token, the page shows the loops and no control buttons at all."""
+    from playwright.sync_api import expect
+
+    stack.runner()
+    wait_for(lambda: stack.reported(*LOOPS), what="reports of every loop")
+    _, base = stack.dashboard()
+    page = browser.new_page()
+    try:
+        page.goto(f"{base}/")
+        expect(page.locator("tbody tr")).to_have_count(3, timeout=10_000)
+        expect(page.locator("#mode")).to_contain_text("read-only")
+        expect(page.locator("#auth")).to_be_hidden()
+        expect(page.locator("td.actions").first).to_be_hidden()
+    finally:
+        page.close()
