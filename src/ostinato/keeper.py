@@ -35,6 +35,8 @@ log = logging.getLogger("ostinato.loop")
 #: A runner holding its fair share of loops waits this long before taking a free
 #: one, so that a runner with fewer loops gets it first.
 YIELD_DELAY = 0.25
+#: How long a runner whose lease was revoked or taken waits before asking again.
+STEP_ASIDE = 0.5
 #: A loop handed over for balance that nobody else took is not handed over
 #: again for this long (the other runners cannot or will not run it).
 BALANCE_COOLDOWN = 60.0
@@ -70,6 +72,7 @@ class LoopKeeper:
         self._handing_over = False
         self._async_pass: asyncio.Task[Any] | None = None
         self._cancelled_for_lease: bool = False
+        self._step_aside = False
         # Set when the runner gives up waiting for a pass: an isolated one is killed.
         self._abort = [False]
         self._handed_over_fence: int | None = None
@@ -95,11 +98,16 @@ class LoopKeeper:
         """The lease may be free: try for it now instead of at the next retry."""
         self._chance.set()
 
-    def lose(self, why: str) -> None:
-        """Stop starting passes at once: a renewal failed or said the lease is gone."""
+    def lose(self, why: str, *, step_aside: bool = False) -> None:
+        """Stop starting passes at once: a renewal failed or said the lease is gone.
+
+        ``step_aside``: the lease was taken or revoked, so let another runner have
+        the first go at it rather than asking for it back at once.
+        """
         lease = self.lease
         if lease is None or lease.deadline == float("-inf"):
             return
+        self._step_aside = self._step_aside or step_aside
         lease.revoke()
         self.losses += 1
         log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why,
@@ -139,6 +147,11 @@ class LoopKeeper:
         runner = self.runner
         failures = 0
         while not runner.stopping:
+            if self._step_aside:
+                self._step_aside = False
+                await self._wait_chance(STEP_ASIDE, chances=False)
+                if runner.stopping:
+                    return
             if runner.at_fair_share():
                 await self._wait_chance(YIELD_DELAY * random.uniform(0.8, 1.2), chances=False)
                 if runner.stopping:

@@ -148,7 +148,7 @@ class Runner:
         if keeper is None:
             return
         if event.kind == "revoked" and keeper.lease is not None:
-            keeper.lose("the lease was revoked")  # stop at once; the renewal confirms it
+            keeper.lose("the lease was revoked", step_aside=True)  # the renewal confirms it
         if event.kind in ("paused", "revoked"):
             self._renew_now.set()  # a holder learns at once, from its renewal
         keeper.on_event(event)
@@ -212,7 +212,7 @@ class Runner:
                 keeper.paused = True
                 keeper.lose("the loop was paused")
             else:
-                keeper.lose("another runner holds it now")
+                keeper.lose("another runner holds it now, or it was revoked", step_aside=True)
 
     # -- spreading loops across runners -------------------------------------------------
 

@@ -40,7 +40,7 @@ def test_status_check_fails_on_no_loops_and_no_runner_but_not_on_running_or_paus
 
 
 def test_release_hands_the_loop_over_with_a_greater_fence(stack: Stack) -> None:
-    """release revokes the holder's lease: its renewal fails at once and a new fence is granted."""
+    """release revokes the lease: the holder stops at once, another runner takes it with a greater fence."""
     ports = [free_port(), free_port()]
     runners = [stack.runner("--metrics-port", str(p), "--metrics-host", "127.0.0.1") for p in ports]
     wait_for(lambda: stack.reported("obs:tick"), what="tick's first report")
@@ -72,6 +72,7 @@ def test_release_hands_the_loop_over_with_a_greater_fence(stack: Stack) -> None:
     assert fences.count(None) == 1  # exactly one runner holds it
     assert max(f for f in fences if f is not None) > before["fence"]
     assert holder in ports
+    assert holder != old  # the old holder stepped aside
     for runner in runners:
         assert runner.stop() == 0
 
