@@ -275,7 +275,7 @@ class Runner:
         limits = [
             s for k in self.keepers.values() for s in (k.spec.timeout, k.spec.stall_after) if s
         ]
-        interval = min(1.0, max(0.05, min(limits, default=1.0) / 4))
+        interval = min(1.0, max(0.05, min(limits) / 4)) if limits else 1.0
         while not self.stopping:
             self.check_passes(time.monotonic())
             await self._sleep(interval)

@@ -135,10 +135,16 @@ class SQLiteCoordinator(Coordinator):
         if self._conn is None:
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            # Switching to WAL takes an exclusive lock without waiting, so only
-            # the first process to open the file does it.
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL takes an exclusive lock without waiting for a busy
+            # file, so runners that start together take turns at it.
+            deadline = time.monotonic() + 5.0
+            while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                except sqlite3.OperationalError as exc:
+                    if not _transient(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
             self._conn = conn
