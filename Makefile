@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test lint typecheck demo bench clean
+.PHONY: install browser test lint typecheck demo bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
+
+# The full fault matrix (a few minutes per coordinator); results in tests/chaos/results/.
+# The wall-clock fault needs libfaketime: installed here when missing, as root only.
+chaos: $(STAMP)
+	@command -v faketime >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; } \
+	  >/tmp/ostinato-apt.log 2>&1; } \
+	  || echo "make: *** libfaketime is missing: the clock_jump fault will be skipped"
+	$(BIN)/python -m tests.chaos.run --coordinator all $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

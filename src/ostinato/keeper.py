@@ -221,6 +221,14 @@ class LoopKeeper:
                 finished = await self._run_thread(lease, first)
         finally:
             self.lease = None
+            if (
+                lease.deadline != float("-inf") and not self.runner.stopping
+                and not self._handing_over and not lease.holds()
+            ):
+                # No renewal answered in time: say so, as lose() would have.
+                self.losses += 1
+                log.warning("%s: lease lost (fence %d): it ran out before a renewal answered",
+                            self.key, lease.fence, extra=self._fields("lease_lost", lease.fence))
             if finished and lease.deadline != float("-inf"):
                 await self.runner.give_back(self.key, lease)
             if self._handing_over:

@@ -73,8 +73,9 @@ def test_stopped_holder_loses_its_lease_and_starts_no_pass_with_its_stale_fence(
     # a few renewal intervals, then look at what it did.
     time.sleep(1.5)
     # (It may win the loop back later, with a new fence: that is not stale.)
+    # (10 ms of slack: the signal is sent right after the stop time is read.)
     late = [r for r in cluster.passes()
-            if r.pid == holder and r.fence <= old_fence and r.start > stopped]
+            if r.pid == holder and r.fence <= old_fence and r.start > stopped + 0.01]
     assert late == [], f"stale holder started {len(late)} pass(es) with its old fence"
     # The only overlap allowed is the pass the holder was in when it was stopped.
     allowed = [

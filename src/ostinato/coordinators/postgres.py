@@ -205,7 +205,12 @@ class PostgresCoordinator(Coordinator):
 
     async def _drop_session(self) -> None:
         conn, self._conn = self._conn, None
+        lost = list(self._holders)
         self._holders.clear()
+        # The advisory locks went with the connection, so a standby may take these
+        # loops now: the runner must stop their passes now, not at its next renewal.
+        for key in lost:
+            self._events.deliver(Event("revoked", key))
         if conn is not None:
             await self._close_quietly(conn)
 

@@ -1,0 +1,180 @@
+"""Runner processes of the chaos workload, and the log of what the harness did to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+SIGNAL_NAMES: dict[int, str] = {signal.SIGKILL: "KILL", signal.SIGTERM: "TERM"}
+
+
+class EventLog:
+    """``events.jsonl``: one JSON object per thing the harness or the nemesis did."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a")
+
+    def write(self, kind: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+        self._file.flush()
+
+    def phase(self, name: str) -> float:
+        t = time.monotonic()
+        self.write("phase", name=name, t=t)
+        return t
+
+    def fault(self, fault: str, start: float, end: float, *, target: int | None = None,
+              disruptive: bool = True, paused: bool = False, **detail: Any) -> None:
+        self.write("fault", fault=fault, start=start, end=end, target=target,
+                   disruptive=disruptive, paused=paused, detail=detail)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Runner:
+    """One ``ostinato run`` process of the workload."""
+
+    n: int
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    port: int | None = None
+    exited: float | None = None
+    killed_at: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def state(self) -> str:
+        """The process state letter from /proc (``T``: stopped), or ``X`` when gone."""
+        try:
+            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return "X"
+
+
+@dataclass
+class Cluster:
+    """The runners of one run: started, signalled, reaped, and every step logged."""
+
+    run: Path
+    events: EventLog
+    url_for: Callable[[int], tuple[str, int | None]]
+    env: dict[str, str]
+    faketime: bool = False
+    runners: list[Runner] = field(default_factory=list)
+
+    def start(self) -> Runner:
+        n = len(self.runners)
+        url, port = self.url_for(n)
+        env = dict(self.env)
+        if self.faketime:
+            spec = self.run / "ctl" / f"faketime-{n}"
+            spec.write_text("+0\n")
+            env.update(LD_PRELOAD=str(FAKETIME_LIB), FAKETIME_TIMESTAMP_FILE=str(spec),
+                       FAKETIME_CACHE_DURATION="1", FAKETIME_DONT_FAKE_MONOTONIC="1",
+                       DONT_FAKE_MONOTONIC="1")
+        log = (self.run / "logs" / f"runner-{n}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ostinato", "run", "tests.chaos.workload:app",
+             "--coordinator", url, "--log-format", "json"],
+            cwd=self.run, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        runner = Runner(n, proc, log, port)
+        self.runners.append(runner)
+        self.events.write("runner_started", n=n, pid=proc.pid, t=time.monotonic())
+        return runner
+
+    def live(self) -> list[Runner]:
+        self.reap()
+        return [r for r in self.runners if r.exited is None]
+
+    def reap(self) -> None:
+        """Note every runner that has exited since the last look."""
+        for runner in self.runners:
+            if runner.exited is None and runner.proc.poll() is not None:
+                self._exited(runner)
+
+    def _exited(self, runner: Runner) -> None:
+        # A killed runner died when it was killed; others when they were seen gone.
+        runner.exited = runner.killed_at or time.monotonic()
+        runner.log.close()
+        self.events.write("runner_exited", n=runner.n, pid=runner.pid, t=runner.exited,
+                          code=runner.proc.returncode)
+
+    def signal(self, runner: Runner, sig: int) -> float:
+        """Send ``sig`` and return when it was sent."""
+        if sig in SIGNAL_NAMES:
+            self.events.write("signal", pid=runner.pid, sig=SIGNAL_NAMES[sig])
+        os.kill(runner.pid, sig)
+        at = time.monotonic()
+        if sig == signal.SIGKILL:
+            runner.killed_at = at
+        return at
+
+    def wait_exit(self, runner: Runner, timeout: float) -> bool:
+        try:
+            runner.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        if runner.exited is None:
+            self._exited(runner)
+        return True
+
+    def recent(self, within: float) -> list[Runner]:
+        """Live runners whose passes wrote a record in the last ``within`` seconds: holders."""
+        now = time.time()
+        found = []
+        for runner in self.live():
+            try:
+                if now - (self.run / "passes" / f"{runner.pid}.log").stat().st_mtime < within:
+                    found.append(runner)
+            except OSError:
+                pass
+        return found
+
+    def in_pass(self, runner: Runner) -> bool:
+        """Whether ``runner`` is in the middle of a pass right now (by its own records)."""
+        path = self.run / "passes" / f"{runner.pid}.log"
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, path.stat().st_size - 8192))
+                tail = f.read().decode(errors="replace").splitlines()[1:]
+        except OSError:
+            return False
+        open_passes: set[str] = set()
+        for line in tail:
+            parts = line.split()
+            if len(parts) > 2 and parts[0] == "S":
+                open_passes.add(parts[1])
+            elif len(parts) > 2 and parts[0] == "E":
+                open_passes.discard(parts[1])
+        return bool(open_passes)
+
+    def stop_all(self, grace: float = 12.0) -> None:
+        """SIGCONT and SIGTERM every live runner; SIGKILL those still there after ``grace``."""
+        live = self.live()
+        for runner in live:
+            try:
+                os.kill(runner.pid, signal.SIGCONT)
+                self.signal(runner, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for runner in live:
+            if not self.wait_exit(runner, max(0.1, deadline - time.monotonic())):
+                self.signal(runner, signal.SIGKILL)
+                self.wait_exit(runner, 10)
+        self.reap()

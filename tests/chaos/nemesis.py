@@ -1,0 +1,372 @@
+"""The nemesis: faults injected at random but seeded times, each one logged as it happened.
+
+Every fault is a small class: ``inject`` does it once, blocking until it has been
+undone, and writes one ``fault`` event with its start and end on CLOCK_MONOTONIC.
+``span`` is how long one injection and the recovery after it take, so that
+``Nemesis.run`` can fit several into a run without them overlapping.
+
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from tests.chaos.backends import Backend
+from tests.chaos.cluster import FAKETIME_LIB, ROOT, Cluster, EventLog, Runner
+from tests.chaos.proxy import NORMAL, Mode, Proxy
+
+ALL = ("sqlite", "redis", "postgres")
+NETWORK = ("redis", "postgres")
+
+
+@dataclass
+class Stage:
+    """What a fault can reach: the run, its runners, the server, the proxy."""
+
+    run: Path
+    cluster: Cluster
+    backend: Backend
+    proxy: Proxy | None
+    events: EventLog
+    rng: random.Random
+    ttl: float
+    tag: str
+    loops: list[str]
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, noting runners that exit meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.02))
+            self.cluster.reap()
+
+    def holder(self) -> Runner:
+        """A live runner that is running passes (so it holds leases)."""
+        for _ in range(100):
+            found = self.cluster.recent(0.5)
+            if found:
+                return self.rng.choice(sorted(found, key=lambda r: r.n))
+            self.sleep(0.02)
+        return self.rng.choice(self.cluster.live())
+
+    def replace(self) -> None:
+        """Start a runner in place of one that is gone, so the run keeps its size."""
+        self.cluster.start()
+
+
+class Fault:
+    """One kind of fault. ``disruptive``: it may legitimately move leases between runners."""
+
+    name: ClassVar[str]
+    disruptive: ClassVar[bool] = True
+    backends: ClassVar[tuple[str, ...]] = ALL
+
+    def unavailable(self, stage: Stage) -> str | None:
+        """Why this fault cannot run here, or None."""
+        return None
+
+    def span(self, ttl: float) -> float:
+        raise NotImplementedError
+
+    def inject(self, stage: Stage) -> None:
+        raise NotImplementedError
+
+
+class Kill9(Fault):
+    """kill -9 of a holder in the middle of a pass; a fresh runner replaces it."""
+
+    name = "kill9"
+
+    def span(self, ttl: float) -> float:
+        return 2 * ttl + 2.5
+
+    def inject(self, stage: Stage) -> None:
+        target = stage.holder()
+        deadline = time.monotonic() + 1.0
+        while not stage.cluster.in_pass(target) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        at = stage.cluster.signal(target, signal.SIGKILL)
+        stage.cluster.wait_exit(target, 10)
+        stage.events.fault(self.name, at, at, target=target.pid)
+        stage.sleep(stage.ttl / 2)
+        stage.replace()
+
+
+class Stop(Fault):
+    """SIGSTOP of a holder for ``factor`` x the TTL, then SIGCONT."""
+
+    factor: ClassVar[float]
+
+    def span(self, ttl: float) -> float:
+        return self.factor * ttl + 2 * ttl + 1.0
+
+    def inject(self, stage: Stage) -> None:
+        target = stage.holder()
+        start = stage.cluster.signal(target, signal.SIGSTOP)
+        time.sleep(self.factor * stage.ttl)  # stopped runners are not reaped meanwhile
+        end = stage.cluster.signal(target, signal.SIGCONT)
+        stage.events.fault(self.name, start, end, target=target.pid, disruptive=self.disruptive,
+                           paused=True)
+        stage.sleep(2 * stage.ttl)
+
+
+class StopLong(Stop):
+    name = "stop_long"
+    factor = 2.0
+
+
+class StopShort(Stop):
+    """0.3 x the TTL: shorter than what the lease has left, so no takeover may happen."""
+
+    name = "stop_short"
+    factor = 0.3
+    disruptive = False
+
+
+class PauseWrite(Fault):
+    """A holder stops itself between its lease check and its fenced write, for 2 x the TTL."""
+
+    name = "pause_write"
+
+    def span(self, ttl: float) -> float:
+        return 4 * ttl + 2.5
+
+    def inject(self, stage: Stage) -> None:
+        target = stage.holder()
+        trigger = stage.run / "ctl" / f"pause-{target.pid}"
+        trigger.write_text("1")
+        deadline = time.monotonic() + 2.0
+        while target.state() != "T" and time.monotonic() < deadline:
+            time.sleep(0.001)
+            if time.monotonic() > deadline - 1.0 and trigger.exists():
+                trigger.unlink(missing_ok=True)  # no pass came by: give up, unless one took it
+        if target.state() != "T":
+            stage.events.write("fault_missed", fault=self.name, pid=target.pid)
+            (stage.run / "ctl" / f"cont-{target.pid}").write_text("1")
+            return
+        start = time.monotonic()
+        time.sleep(2 * stage.ttl)
+        (stage.run / "ctl" / f"cont-{target.pid}").write_text("1")
+        end = stage.cluster.signal(target, signal.SIGCONT)
+        stage.events.fault(self.name, start, end, target=target.pid, paused=True)
+        stage.sleep(2 * stage.ttl)
+
+
+class Sigterm(Fault):
+    """SIGTERM of a holder: it finishes its passes, releases, exits 0; a fresh runner replaces it."""
+
+    name = "sigterm"
+
+    def span(self, ttl: float) -> float:
+        return ttl + 3.0
+
+    def inject(self, stage: Stage) -> None:
+        target = stage.holder()
+        start = stage.cluster.signal(target, signal.SIGTERM)
+        stage.cluster.wait_exit(target, 15)
+        stage.events.fault(self.name, start, target.exited or time.monotonic(), target=target.pid)
+        stage.sleep(0.5)
+        stage.replace()
+
+
+class ServerRestart(Fault):
+    """kill -9 of the server and a restart: only a server the suite started itself (Redis,
+    with no persistence, so it forgets every key)."""
+
+    name = "server_restart"
+    backends = NETWORK
+
+    def unavailable(self, stage: Stage) -> str | None:
+        if not stage.backend.restartable:
+            return ("the server is the machine's, shared: never killed here "
+                    "(conn_kill and blackhole stand in)")
+        return None
+
+    def span(self, ttl: float) -> float:
+        return 2 * ttl + 2.0
+
+    def inject(self, stage: Stage) -> None:
+        start = time.monotonic()
+        stage.backend.restart()
+        stage.events.fault(self.name, start, time.monotonic())
+        stage.sleep(2 * stage.ttl)
+
+
+class ConnKill(Fault):
+    """Close the runners' connections from the server (CLIENT KILL, pg_terminate_backend)."""
+
+    name = "conn_kill"
+    backends = NETWORK
+
+    def span(self, ttl: float) -> float:
+        return 2 * ttl + 1.5
+
+    def inject(self, stage: Stage) -> None:
+        start = time.monotonic()
+        killed = stage.backend.kill_connections(stage.tag)
+        stage.events.fault(self.name, start, time.monotonic(), killed=killed)
+        stage.sleep(2 * stage.ttl)
+
+
+class Blackhole(Fault):
+    """Nothing gets through between one holder and the server for 3 x the TTL."""
+
+    name = "blackhole"
+    backends = NETWORK
+
+    def span(self, ttl: float) -> float:
+        return 5 * ttl + 1.5
+
+    def inject(self, stage: Stage) -> None:
+        assert stage.proxy is not None
+        target = stage.holder()
+        start = time.monotonic()
+        stage.proxy.set_mode(Mode(blackhole=True), target.port)
+        stage.sleep(3 * stage.ttl)
+        stage.proxy.set_mode(NORMAL, target.port)
+        stage.events.fault(self.name, start, time.monotonic(), target=target.pid)
+        stage.sleep(2 * stage.ttl)
+
+
+class Latency(Fault):
+    """TTL/10 added each way between every runner and the server, for 3 x the TTL."""
+
+    name = "latency"
+    backends = NETWORK
+    disruptive = False
+
+    def span(self, ttl: float) -> float:
+        return 4 * ttl + 1.0
+
+    def inject(self, stage: Stage) -> None:
+        assert stage.proxy is not None
+        start = time.monotonic()
+        stage.proxy.set_mode(Mode(delay=stage.ttl / 10))
+        stage.sleep(3 * stage.ttl)
+        stage.proxy.set_mode(NORMAL)
+        stage.events.fault(self.name, start, time.monotonic(), disruptive=False,
+                           delay=stage.ttl / 10)
+        stage.sleep(stage.ttl)
+
+
+class ClockJump(Fault):
+    """The wall clock of one holder jumps an hour (libfaketime; CLOCK_MONOTONIC untouched)."""
+
+    name = "clock_jump"
+    disruptive = False
+    HOUR = 3600.0
+
+    def unavailable(self, stage: Stage) -> str | None:
+        if not FAKETIME_LIB.exists():
+            return f"libfaketime is missing ({FAKETIME_LIB}); apt-get install faketime"
+        return None
+
+    def span(self, ttl: float) -> float:
+        return 2 * ttl + 2.5
+
+    def inject(self, stage: Stage) -> None:
+        target = stage.holder()
+        spec = stage.run / "ctl" / f"faketime-{target.n}"
+        shift = 0.0 if spec.read_text().strip() != "+0" else self.HOUR
+        start = time.monotonic()
+        spec.write_text(f"{shift:+.0f}\n")
+        stage.events.fault(self.name, start, start, target=target.pid, disruptive=False, shift=shift)
+        stage.sleep(2 * stage.ttl + 1.0)  # libfaketime reads the file again within a second
+
+
+class Contention(Fault):
+    """Four more processes writing to the coordinator's SQLite file for 3 x the TTL."""
+
+    name = "contention"
+    backends = ("sqlite",)
+    disruptive = False
+    PROCESSES = 4
+
+    def span(self, ttl: float) -> float:
+        return 4 * ttl + 1.5
+
+    def inject(self, stage: Stage) -> None:
+        seconds = 3 * stage.ttl
+        start = time.monotonic()
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "tests.chaos.contend",
+                              str(stage.run / "coord.db"), str(seconds)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+            for _ in range(self.PROCESSES)
+        ]
+        writes = [int(proc.communicate(timeout=seconds + 30)[0] or 0) for proc in procs]
+        stage.events.fault(self.name, start, time.monotonic(), disruptive=False,
+                           processes=self.PROCESSES, writes=writes)
+        stage.sleep(stage.ttl)
+
+
+class Raise(Fault):
+    """Passes of three loops raise for 2 x the TTL."""
+
+    name = "raise"
+    disruptive = False
+
+    def span(self, ttl: float) -> float:
+        return 2 * ttl + 3.0
+
+    def inject(self, stage: Stage) -> None:
+        chosen = stage.rng.sample(stage.loops, min(3, len(stage.loops)))
+        start = time.monotonic()
+        until = start + 2 * stage.ttl
+        for loop in chosen:
+            (stage.run / "ctl" / f"raise-{loop}").write_text(repr(until))
+        stage.sleep(until - time.monotonic())
+        stage.events.fault(self.name, start, until, disruptive=False, loops=chosen)
+        stage.sleep(2.5)  # the error backoff is at most 2 s
+
+
+class Hang(Fault):
+    """One pass hangs for 2.5 x its timeout (the timeout is the TTL)."""
+
+    name = "hang"
+    disruptive = False
+
+    def span(self, ttl: float) -> float:
+        return 3.5 * ttl + 1.0
+
+    def inject(self, stage: Stage) -> None:
+        loop = stage.rng.choice(stage.loops)
+        start = time.monotonic()
+        (stage.run / "ctl" / f"hang-{loop}").write_text(repr(2.5 * stage.ttl))
+        stage.sleep(2.5 * stage.ttl)
+        stage.events.fault(self.name, start, time.monotonic(), disruptive=False, loop=loop)
+        stage.sleep(stage.ttl)
+
+
+FAULTS: dict[str, Fault] = {
+    fault.name: fault
+    for fault in (Kill9(), StopLong(), StopShort(), PauseWrite(), Sigterm(), ServerRestart(),
+                  ConnKill(), Blackhole(), Latency(), ClockJump(), Contention(), Raise(), Hang())
+}
+
+
+class Nemesis:
+    """Injects one kind of fault as many times as fits in ``seconds``, at seeded random times."""
+
+    def __init__(self, stage: Stage, fault: Fault) -> None:
+        self.stage, self.fault = stage, fault
+
+    def run(self, seconds: float) -> int:
+        """Return how many times the fault was injected."""
+        span = self.fault.span(self.stage.ttl)
+        count = max(1, int(seconds // span))
+        slot = seconds / count
+        began = time.monotonic()
+        for i in range(count):
+            at = began + i * slot + self.stage.rng.uniform(0, max(0.0, slot - span))
+            self.stage.sleep(at - time.monotonic())
+            self.fault.inject(self.stage)
+        self.stage.sleep(began + seconds - time.monotonic())
+        return count
