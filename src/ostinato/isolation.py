@@ -34,9 +34,12 @@ import tempfile
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
+
+if TYPE_CHECKING:
+    from ostinato.keeper import LoopKeeper
 
 log = logging.getLogger("ostinato.isolation")
 
@@ -272,3 +275,30 @@ def main(argv: list[str]) -> None:
     """Entry of ``python -m ostinato._child TARGET LOOP TTL CONN_FD DEADLINE_FD``."""
     target, loop, ttl, conn_fd, deadline_fd = argv
     child_main(target, loop, float(ttl), Connection(int(conn_fd)), SharedDeadline(int(deadline_fd)))
+
+
+class IsolatedBody:
+    """The body of an ``isolation="process"`` loop: passes run in a reused child process."""
+
+    def __init__(self, keeper: LoopKeeper, lease: LocalLease) -> None:
+        target = keeper.runner.app_target
+        if target is None:
+            raise RuntimeError("isolation='process' needs the runner to know the app's import path")
+        self.keeper, self.lease, self.target = keeper, lease, target
+        self.worker = Worker(target, keeper.spec)  # warmed up before the first pass
+
+    def call(self, ctx: Pass) -> Any:
+        worker = self.worker
+        try:
+            return worker.run(ctx, self.lease, self.keeper._abort)
+        finally:
+            why = "its process died" if not worker.alive() else worker.worn_out()
+            if why is not None and not self.keeper.runner.stopping:
+                if worker.alive():
+                    log.info("%s: recycling the worker process because %s", self.keeper.key, why,
+                             extra=self.keeper._fields("worker_recycled", ctx.fence))
+                    worker.retire()
+                self.worker = Worker(self.target, self.keeper.spec)
+
+    def close(self) -> None:
+        self.worker.retire()

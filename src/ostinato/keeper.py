@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ostinato.coordinators.protocol import Denied, Event, Grant
 from ostinato.errors import CoordinatorUnavailable
-from ostinato.isolation import PassError, Worker
+from ostinato.isolation import IsolatedBody, PassError
 from ostinato.logs import fields
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
 from ostinato.pacing import Outcome, Plan, plan_next
@@ -273,7 +273,7 @@ class LoopKeeper:
         spec = self.spec
         body: Callable[[Pass], Any] = spec.body
         if spec.isolated:
-            isolated = _Isolated(self, lease)
+            isolated = IsolatedBody(self, lease)
             try:
                 self._passes(lease, first, isolated.call)
             finally:
@@ -413,29 +413,3 @@ class LoopKeeper:
             if stats.running_since is not None:
                 stats.running_since = None
 
-
-class _Isolated:
-    """The body of an ``isolation="process"`` loop: passes run in a reused child process."""
-
-    def __init__(self, keeper: LoopKeeper, lease: LocalLease) -> None:
-        target = keeper.runner.app_target
-        if target is None:
-            raise RuntimeError("isolation='process' needs the runner to know the app's import path")
-        self.keeper, self.lease, self.target = keeper, lease, target
-        self.worker = Worker(target, keeper.spec)  # warmed up before the first pass
-
-    def call(self, ctx: Pass) -> Any:
-        worker = self.worker
-        try:
-            return worker.run(ctx, self.lease, self.keeper._abort)
-        finally:
-            why = "its process died" if not worker.alive() else worker.worn_out()
-            if why is not None and not self.keeper.runner.stopping:
-                if worker.alive():
-                    log.info("%s: recycling the worker process because %s", self.keeper.key, why,
-                             extra=self.keeper._fields("worker_recycled", ctx.fence))
-                    worker.retire()
-                self.worker = Worker(self.target, self.keeper.spec)
-
-    def close(self) -> None:
-        self.worker.retire()
