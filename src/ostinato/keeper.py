@@ -199,7 +199,7 @@ class LoopKeeper:
             stopper.cancel()
 
     async def _hold(self, grant: Grant, sent: float) -> None:
-        lease = LocalLease(grant.fence, self.spec.lease, sent)
+        lease = LocalLease(grant.fence, self.spec.lease, max(sent, grant.sent or sent))
         if self.paused:
             self.paused = False
         self.lease = lease

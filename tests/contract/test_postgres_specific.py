@@ -111,8 +111,24 @@ async def renew_after_session_loss(
         return Renewal.LOST
 
 
+async def take_after_quiet(coordinator: PostgresCoordinator, who: RunnerInfo) -> Grant:
+    """Take over a lease whose holder's lock was just freed: refused until the lock has
+    been free for LOCK_QUIET, granted right after."""
+    from ostinato.coordinators.postgres import LOCK_QUIET
+
+    first = await coordinator.acquire(KEY, who, 60.0)
+    assert isinstance(first, Denied), "taken before the holder's lock had been free for a while"
+    assert first.expires_in is not None
+    assert 0 < first.expires_in <= LOCK_QUIET
+    await asyncio.sleep(first.expires_in)
+    taken = await coordinator.acquire(KEY, who, 60.0)
+    assert isinstance(taken, Grant)
+    return taken
+
+
 async def test_killed_holder_connection_lets_a_standby_take_over_at_once(make: MakePostgres) -> None:
-    """A holder whose session ends is overtaken long before its TTL, and its stats are kept."""
+    """A holder whose session ends is overtaken long before its TTL (once its lock has been
+    free for a moment), and its stats are kept."""
     a, b = await make(), await make()
     ra, rb = runner(1), runner(2)
     grant = await a.acquire(KEY, ra, 60.0)
@@ -121,8 +137,7 @@ async def test_killed_holder_connection_lets_a_standby_take_over_at_once(make: M
     assert isinstance(await b.acquire(KEY, rb, 60.0), Denied)
     await kill_holder_session(a.schema, KEY)
     started = time.monotonic()
-    taken = await b.acquire(KEY, rb, 60.0)
-    assert isinstance(taken, Grant)
+    taken = await take_after_quiet(b, rb)
     assert taken.fence > grant.fence
     assert time.monotonic() - started < 1.0
     [record] = [r for r in await b.loops() if r.key == KEY]
@@ -140,8 +155,38 @@ async def test_standby_hears_released_when_the_holder_session_ends(make: MakePos
     assert isinstance(await b.acquire(KEY, runner(2), 60.0), Denied)
     await asyncio.sleep(0.2)  # the standby's waiter is queued behind the holder's lock
     await kill_holder_session(a.schema, KEY)
+    freed = time.monotonic()
     assert await asyncio.wait_for(got.get(), 2.0) == Event("released", KEY)
-    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)
+    from ostinato.coordinators.postgres import LOCK_QUIET
+
+    assert time.monotonic() - freed >= LOCK_QUIET / 2  # announced once the lock stayed free
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)  # no second wait
+
+
+async def test_urgent_statements_go_before_lease_requests() -> None:
+    """On a busy connection, renewals and reports waiting behind lease requests go first."""
+    from ostinato.coordinators.postgres import Link
+
+    link, order = Link("test"), []
+    gate = asyncio.Event()
+
+    async def use(name: str, urgent: bool) -> None:
+        async with link.turn(urgent):
+            order.append(name)
+            if name == "first":
+                await gate.wait()
+
+    first = asyncio.create_task(use("first", False))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(use(f"request-{n}", False)) for n in range(3)]
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(use("gave-up", True))
+    renewal = asyncio.create_task(use("renewal", True))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    gate.set()
+    await asyncio.gather(first, renewal, *waiting, return_exceptions=True)
+    assert order == ["first", "renewal", "request-0", "request-1", "request-2"]
 
 
 async def test_renewal_fails_once_the_holder_session_was_replaced(make: MakePostgres) -> None:
@@ -199,7 +244,7 @@ async def test_holder_takes_its_lock_at_renewal_once_free(make: MakePostgres) ->
     await until_lock_free(a.schema, KEY)
     assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.HELD
     await kill_holder_session(a.schema, KEY)
-    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)
+    await take_after_quiet(b, runner(2))
 
 
 async def test_released_lease_frees_the_lock(make: MakePostgres) -> None:

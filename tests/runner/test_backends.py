@@ -44,7 +44,7 @@ async def test_a_holder_whose_connection_is_terminated_stops_before_the_standby_
         async with second.running():
             await asyncio.sleep(0.3)  # the standby is refused and waits on the holder's lock
             assert {r.pid for r in records} == {1}
-            backend = holder_runner.coordinator._conn.info.backend_pid  # type: ignore[attr-defined]
+            backend = holder_runner.coordinator._lease.conn.info.backend_pid  # type: ignore[attr-defined]
             async with await psycopg.AsyncConnection.connect(postgres_url(), autocommit=True) as admin:
                 await admin.execute("SELECT pg_terminate_backend(%s)", [backend])
             terminated = time.monotonic()

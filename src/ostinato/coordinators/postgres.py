@@ -5,16 +5,22 @@ decides when a claim has expired, and one ``INSERT ... ON CONFLICT DO UPDATE
 ... WHERE`` both grants the lease and bumps its fence.
 
 The row is the authority; session advisory locks only make failover faster.
-A coordinator keeps one connection for all its statements. When it is granted
-a lease it also takes a session-level advisory lock for that loop on that
-connection and marks the row ``locked``; the server frees the lock when the
-connection ends (the runner was killed, or its connection dropped). A standby
-may take an unexpired lease only from a row marked ``locked`` whose lock it can
-take itself. Renewals run on the same connection and refuse a ``locked`` row
-this session no longer holds the lock of, so a connection that died and was
-replaced shows up as a lost lease. A standby that was refused waits for the
-holder's lock on a connection of its own and announces ``released`` the moment
-it is freed.
+A coordinator keeps two connections. The *lease* connection carries what keeps
+a lease: when this runner is granted one it takes a session-level advisory lock
+for that loop there and marks the row ``locked``, and renewals and releases run
+there too, ahead of anything else. The server frees the locks when that
+connection ends (the runner was killed, or its connection dropped); the runner
+is told at once (``revoked``). Renewals refuse a ``locked`` row this session no
+longer holds the lock of, so a connection that died and was replaced shows up
+as a lost lease. The *main* connection carries the rest: lease requests,
+reports, status and events, with requests from standby loops last in line, so
+that a slow network delays a takeover but never a renewal.
+
+A standby may take an unexpired lease only from a row marked ``locked`` whose
+lock has been free for ``LOCK_QUIET``: the holder, if only its connection died,
+has stopped starting passes by then. A standby that was refused waits for the
+holder's lock on a connection of its own and announces ``released`` when the
+lock has been free that long.
 
 URL query parameters: ``schema`` (default ``ostinato``) names the schema the
 tables live in, created on first use; ``timeout`` (seconds, default 2) bounds
@@ -27,10 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,9 +79,9 @@ SCHEMA_LOCK = (0x6F737469, 0x6E61746F)
 # the waits are capped to spare the server's connection slots; past the cap a
 # standby retries when the lease expires, as it would without advisory locks.
 MAX_WAITERS = 8
-# A standby that sees a holder's lock freed waits this long before trying: the
-# holder, if only its connection died, notices in about a millisecond (see
-# ``_watch_idle``) and stops starting passes first.
+# A holder's lock must have been free this long before a standby takes its lease:
+# the holder, if only its connection died, notices in about a millisecond (see
+# ``_watch_idle``), stops starting passes, and a short pass in flight ends.
 LOCK_QUIET = 0.05
 
 
@@ -80,6 +89,42 @@ def lock_id(schema: str, key: str) -> int:
     """The advisory lock (one signed bigint) of loop ``key`` in ``schema``."""
     digest = hashlib.blake2b(f"{schema}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+class Link:
+    """One connection and whose turn it is to use it: urgent statements go first."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.conn: Connection | None = None
+        self._busy = False
+        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, urgent: bool) -> AsyncIterator[None]:
+        if self._busy:
+            waiter = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), waiter))
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._pass_on()  # the turn came just as the caller gave up
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        while self._queue:
+            waiter = heapq.heappop(self._queue)[2]
+            if not waiter.done():
+                waiter.set_result(None)  # still busy: handed straight to the next caller
+                return
+        self._busy = False
 
 
 class PostgresCoordinator(Coordinator):
@@ -105,11 +150,13 @@ class PostgresCoordinator(Coordinator):
         self.channel = f"{self.schema}_events"
         names = {"s": sql.Identifier(self.schema), "channel": sql.Identifier(self.channel)}
         self._sql = {name: sql.SQL(text).format(**names) for name, text in SQL.items()}
-        self._conn: Connection | None = None
-        self._lock = asyncio.Lock()
-        # Loops whose advisory lock this session holds, with the grant it guards.
+        self._main, self._lease = Link("main"), Link("lease")
+        self._schema_ready = False
+        # Loops whose advisory lock the lease connection holds, with the grant it guards.
         self._holders: dict[str, tuple[str, int]] = {}
         self._waiters: dict[str, asyncio.Task[None]] = {}
+        # When a holder's lock was first seen free: (owner, fence) of its row -> monotonic time.
+        self._freed: dict[str, tuple[str | None, int | None, float]] = {}
         self._events = EventFeed[Connection](
             f"ostinato-postgres-events:{self.schema}", self.display_url, self._notices,
             self._listen, self._close_quietly, UNREACHABLE, self._unavailable,
@@ -136,27 +183,35 @@ class PostgresCoordinator(Coordinator):
             )
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[Connection]:
-        """The coordinator's own connection, one caller at a time. A failure drops it,
-        and with it every advisory lock it held, and becomes ``CoordinatorUnavailable``."""
+    async def _session(
+        self, link: Link | None = None, *, urgent: bool = True
+    ) -> AsyncIterator[Connection]:
+        """A connection (``main`` unless told), one caller at a time. A failure drops
+        it (the lease connection's advisory locks with it) and becomes
+        ``CoordinatorUnavailable``."""
+        link = link or self._main
         if self._closed:
             raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
-        async with self._lock:
-            self._unwatch_idle()
+        async with link.turn(urgent):
+            if link is self._lease:
+                self._unwatch_idle()
             try:
-                if self._conn is None or self._conn.closed:
-                    await self._drop_session()
-                    self._conn = await self._connect()
-                    await self._ensure_schema(self._conn)
+                if link.conn is None or link.conn.closed:
+                    await self._drop(link)
+                    link.conn = await self._connect()
+                    if not self._schema_ready:
+                        await self._ensure_schema(link.conn)
+                        self._schema_ready = True
                 async with asyncio.timeout(self.timeout * 2):
-                    yield self._conn
+                    yield link.conn
             except UNREACHABLE as exc:
-                await self._drop_session()
+                await self._drop(link)
                 raise self._unavailable(exc) from exc
             except asyncio.CancelledError:
-                await self._drop_session()  # cut off mid-statement: its state is unknown
+                await self._drop(link)  # cut off mid-statement: its state is unknown
                 raise
-            self._watch_idle()
+            if link is self._lease:
+                self._watch_idle()
 
     def _watch_idle(self) -> None:
         """While the connection is idle, notice at once if the server ends it.
@@ -165,7 +220,7 @@ class PostgresCoordinator(Coordinator):
         the runner is told (``revoked``) so that it stops their passes now
         rather than at its next renewal.
         """
-        conn = self._conn
+        conn = self._lease.conn
         if conn is None or conn.closed or not self._holders:
             return
         with contextlib.suppress(psycopg.Error, OSError, ValueError):
@@ -179,7 +234,7 @@ class PostgresCoordinator(Coordinator):
             self._watched_fd = None
 
     def _idle_readable(self) -> None:
-        conn = self._conn
+        conn = self._lease.conn
         self._unwatch_idle()
         if conn is None:
             return
@@ -197,20 +252,21 @@ class PostgresCoordinator(Coordinator):
         lost = list(self._holders)
         log.warning("the connection holding the advisory locks of %d loop(s) was closed by the "
                     "server; their leases are given up", len(lost))
-        self._conn = None
+        self._lease.conn = None
         self._holders.clear()
         asyncio.get_running_loop().create_task(self._close_quietly(conn))
         for key in lost:
             self._events.deliver(Event("revoked", key))
 
-    async def _drop_session(self) -> None:
-        conn, self._conn = self._conn, None
-        lost = list(self._holders)
-        self._holders.clear()
-        # The advisory locks went with the connection, so a standby may take these
-        # loops now: the runner must stop their passes now, not at its next renewal.
-        for key in lost:
-            self._events.deliver(Event("revoked", key))
+    async def _drop(self, link: Link) -> None:
+        conn, link.conn = link.conn, None
+        if link is self._lease:
+            lost = list(self._holders)
+            self._holders.clear()
+            # The advisory locks went with the connection, so a standby may take these
+            # loops soon: the runner must stop their passes now, not at its next renewal.
+            for key in lost:
+                self._events.deliver(Event("revoked", key))
         if conn is not None:
             await self._close_quietly(conn)
 
@@ -250,55 +306,82 @@ class PostgresCoordinator(Coordinator):
         if self._waiters:
             await asyncio.wait(list(self._waiters.values()), timeout=self.timeout)
         await self._events.stop(self.timeout)
-        async with self._lock:
-            self._unwatch_idle()
-            await self._drop_session()
+        self._unwatch_idle()
+        for link in (self._lease, self._main):
+            async with link.turn(urgent=True):
+                await self._drop(link)
 
     # -- leases --------------------------------------------------------------------------
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
         lock = lock_id(self.schema, key)
         params: dict[str, Any] = {"key": key, "owner": runner.id, "holder": runner.label,
-                                  "ttl": ttl, "dead": None, "dead_fence": None}
-        async with self._session() as conn:
+                                  "ttl": ttl, "dead": None, "dead_fence": None, "probe": lock}
+        async with self._session(urgent=key in self._holders) as conn:
+            sent = time.monotonic()
             params["locked"] = key in self._holders
             row = await self._fetch(conn, "acquire", params)
-            if row is not None and row["granted"]:
-                return await self._granted(conn, key, runner, row, params["locked"])
-            if row is None:  # a first grant raced ours and is not visible yet
-                return Denied(holder=None, expires_in=None)
-            if row["paused"]:
-                return Denied(holder=None, expires_in=None, paused=True)
-            if row["locked"] and key not in self._holders:
-                took = await self._fetch(conn, "try_lock", {"lock": lock})
-                if took is not None and took["ok"]:
-                    # The holder's session is gone: take the lease over, its lock in hand.
-                    params.update(locked=True, dead=row["owner"], dead_fence=row["fence"])
-                    again = await self._fetch(conn, "acquire", params)
-                    if again is not None and again["granted"]:
-                        return await self._granted(conn, key, runner, again, True)
-                    await self._run(conn, "unlock", {"locks": [lock]})
-                else:
-                    self._watch(key, lock)
+        if row is not None and row["granted"]:
+            return await self._granted(key, runner, row, params["locked"], sent)
+        if row is None:  # a first grant raced ours and is not visible yet
+            return Denied(holder=None, expires_in=None)
+        if row["paused"]:
+            return Denied(holder=None, expires_in=None, paused=True)
+        if row["locked"] and key not in self._holders:
+            if not row["lock_free"]:
+                self._watch(key, lock, row["owner"], row["fence"])
+            elif (quiet := self._quiet_for(key, row["owner"], row["fence"])) > 0:
+                return Denied(holder=row["holder"], expires_in=quiet)
+            elif (taken := await self._take_from_dead(key, runner, lock, row, params)) is not None:
+                return taken
         return Denied(holder=row["holder"], expires_in=row["expires_in"])
 
+    async def _take_from_dead(
+        self, key: str, runner: RunnerInfo, lock: int, row: DictRow, params: dict[str, Any]
+    ) -> Grant | None:
+        """The holder's session is gone: take its lock on the lease connection, then its lease."""
+        async with self._session(self._lease) as conn:
+            sent = time.monotonic()
+            took = await self._fetch(conn, "try_lock", {"lock": lock})
+            if took is None or not took["ok"]:
+                return None
+            params.update(locked=True, dead=row["owner"], dead_fence=row["fence"], probe=None)
+            again = await self._fetch(conn, "acquire", params)
+            if again is not None and again["granted"]:
+                self._held(key, runner, int(again["fence"]))
+                return Grant(fence=int(again["fence"]), last_start=again["last_start"], sent=sent)
+            await self._run(conn, "unlock", {"locks": [lock]})
+        return None
+
+    def _quiet_for(self, key: str, owner: str | None, fence: int | None) -> float:
+        """How much longer the lock of ``key``'s holder must stay free before its lease is
+        taken (0: long enough). The first sighting starts the clock."""
+        now = time.monotonic()
+        seen = self._freed.get(key)
+        if seen is None or seen[:2] != (owner, fence):
+            self._freed[key] = (owner, fence, now)
+            return LOCK_QUIET
+        return max(0.0, seen[2] + LOCK_QUIET - now)
+
     async def _granted(
-        self, conn: Connection, key: str, runner: RunnerInfo, row: DictRow, locked: bool
+        self, key: str, runner: RunnerInfo, row: DictRow, locked: bool, sent: float
     ) -> Grant:
         fence, lock = int(row["fence"]), lock_id(self.schema, key)
         if not locked:
-            marked = await self._fetch(
-                conn, "mark", {"lock": lock, "key": key, "owner": runner.id, "fence": fence}
-            )
-            locked = bool(marked and marked["ok"] and marked["marked"])
-            if marked and marked["ok"] and not locked:
-                await self._run(conn, "unlock", {"locks": [lock]})
-        if locked:
-            self._held(key, runner, fence)
-        return Grant(fence=fence, last_start=row["last_start"])
+            async with self._session(self._lease) as conn:
+                marked = await self._fetch(
+                    conn, "mark", {"lock": lock, "key": key, "owner": runner.id, "fence": fence}
+                )
+                locked = bool(marked and marked["ok"] and marked["marked"])
+                if marked and marked["ok"] and not locked:
+                    await self._run(conn, "unlock", {"locks": [lock]})
+                if locked:
+                    self._held(key, runner, fence)
+        return Grant(fence=fence, last_start=row["last_start"], sent=sent)
 
     def _held(self, key: str, runner: RunnerInfo, fence: int) -> None:
         self._holders[key] = (runner.id, fence)
+        self._freed.pop(key, None)
         waiter = self._waiters.pop(key, None)
         if waiter is not None:
             waiter.cancel()
@@ -308,7 +391,7 @@ class PostgresCoordinator(Coordinator):
     ) -> dict[str, Renewal]:
         if not leases:
             return {}
-        async with self._session() as conn:
+        async with self._session(self._lease) as conn:
             cursor = await self._run(conn, "renew", {
                 "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
                 "ttls": [float(ttl) for _, ttl in leases.values()],
@@ -332,7 +415,7 @@ class PostgresCoordinator(Coordinator):
         return answers
 
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
-        async with self._session() as conn:
+        async with self._session(self._lease) as conn:
             cursor = await self._run(
                 conn, "release", {"key": key, "owner": runner.id, "fence": fence}
             )
@@ -421,18 +504,22 @@ class PostgresCoordinator(Coordinator):
 
     # -- waiting for a holder's lock ------------------------------------------------------------
 
-    def _watch(self, key: str, lock: int) -> None:
+    def _watch(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
         if not self._events.callbacks or key in self._waiters or len(self._waiters) >= MAX_WAITERS:
             return
-        self._waiters[key] = asyncio.get_running_loop().create_task(self._await_holder(key, lock))
+        self._waiters[key] = asyncio.get_running_loop().create_task(
+            self._await_holder(key, lock, owner, fence)
+        )
 
-    async def _await_holder(self, key: str, lock: int) -> None:
-        """Announce ``released`` once the holder's lock is free: its session ended."""
+    async def _await_holder(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
+        """Announce ``released`` once the holder's lock has been free for ``LOCK_QUIET``:
+        its session ended."""
         conn: Connection | None = None
         try:
             conn = await self._connect(statement_timeout=0)
             await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
             await conn.execute("SELECT pg_advisory_unlock(%s)", [lock])
+            self._freed[key] = (owner, fence, time.monotonic())
             await asyncio.sleep(LOCK_QUIET)
         except (psycopg.Error, OSError) as exc:
             # Only an accelerator: the standby still retries when the lease expires.

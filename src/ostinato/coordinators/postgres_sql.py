@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS {s}.runners (
 """,
     # Granted when unclaimed, expired, asked again by its owner, or taken from a dead
     # holder (%(dead)s, %(dead_fence)s: the row whose lock the caller just took). On
-    # refusal the second SELECT shows the row as it was before this statement.
+    # refusal the second SELECT shows the row as it was before this statement and, for
+    # a locked row, whether its lock is free (taken and given back at once: this
+    # connection holds no lease locks).
     "acquire": """
 WITH granted AS (
     INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked)
@@ -43,10 +45,13 @@ WITH granted AS (
         OR (l.locked AND l.owner = %(dead)s AND l.fence = %(dead_fence)s))
     RETURNING l.fence, l.last_start)
 SELECT true AS granted, fence, last_start, NULL AS owner, NULL AS holder, false AS paused,
-       false AS locked, NULL::float8 AS expires_in FROM granted
+       false AS locked, NULL::float8 AS expires_in, false AS lock_free FROM granted
 UNION ALL
 SELECT false, fence, NULL, owner, holder, paused, locked,
-       extract(epoch FROM expires - clock_timestamp())::float8
+       extract(epoch FROM expires - clock_timestamp())::float8,
+       CASE WHEN locked AND NOT paused AND %(probe)s::bigint IS NOT NULL
+                 AND pg_try_advisory_lock(%(probe)s::bigint)
+            THEN pg_advisory_unlock(%(probe)s::bigint) ELSE false END
 FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"

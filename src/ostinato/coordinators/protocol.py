@@ -45,11 +45,15 @@ class Grant:
     """A lease was granted with this fence.
 
     ``last_start`` is the wall-clock time of the loop's last recorded pass
-    start (any holder), so pacing can carry on across a hand-over.
+    start (any holder), so pacing can carry on across a hand-over. ``sent`` is
+    the monotonic time the granting request left, when the coordinator knows it
+    better than its caller (the request waited for a connection): the lease's
+    local deadline counts from it.
     """
 
     fence: int
     last_start: float | None = None
+    sent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,12 @@ class Renewal(enum.Enum):
 
 @dataclass(frozen=True)
 class Event:
-    """A notice between processes. ``kind`` is one of ``KINDS``."""
+    """A notice between processes. ``kind`` is one of ``KINDS``, or ``dropped``.
+
+    ``dropped`` never crosses processes: a coordinator tells its own runner that the
+    connection a lease depended on dropped, so the lease may be gone (the server
+    restarted) and its passes stop until it is granted again.
+    """
 
     kind: str
     key: str
