@@ -72,7 +72,49 @@ def _start_redis() -> str | None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     atexit.register(proc.terminate)
-    return f"redis://127.0.0.1:{port}/15" if _wait_port(port) else None
+    if not _wait_port(port):
+        return None
+    # A Redis up for less than RESTART_QUIET (1 s, counted in whole seconds) grants
+    # no lease it has no fence for.
+    time.sleep(2.05)
+    return f"redis://127.0.0.1:{port}/15"
+
+
+class ThrowawayRedis:
+    """A redis-server of the test's own (no persistence) that it can kill and start
+    again on the same port; skips the test where ``redis-server`` is not on the PATH."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not on the PATH")
+        self.binary, self.folder, self.port = binary, folder, _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start the server and wait until it answers; returns when it was started."""
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        if not _wait_port(self.port, 10.0):
+            raise AssertionError("redis-server did not start")
+        return started
+
+    def kill(self) -> float:
+        """kill -9 the server; returns when."""
+        assert self.proc is not None
+        at = time.monotonic()
+        self.proc.kill()
+        self.proc.wait()
+        return at
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
 
 
 @functools.cache

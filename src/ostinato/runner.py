@@ -149,6 +149,8 @@ class Runner:
             return
         if event.kind == "revoked" and keeper.lease is not None:
             keeper.lose("the lease was revoked", step_aside=True)  # the renewal confirms it
+        if event.kind == "dropped" and keeper.lease is not None:
+            keeper.lose("the connection to the coordinator dropped; asking for it again")
         if event.kind in ("paused", "revoked"):
             self._renew_now.set()  # a holder learns at once, from its renewal
         keeper.on_event(event)

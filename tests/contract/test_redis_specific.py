@@ -7,13 +7,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from ostinato.coordinators import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo, from_url
 from ostinato.errors import CoordinatorUnavailable
-from tests.servers import redis_url
+from tests.servers import ThrowawayRedis, redis_url
 
 pytestmark = pytest.mark.backend
 
@@ -176,3 +177,52 @@ async def test_events_arrive_within_milliseconds(make: MakeRedis) -> None:
     await a.publish(Event("released", KEY))
     assert await asyncio.wait_for(got.get(), 1.0) == Event("released", KEY)
     assert time.monotonic() - started < 0.05
+
+
+async def test_a_restarted_server_grants_no_lease_it_forgot_at_once(tmp_path: Path) -> None:
+    """A server up for less than RESTART_QUIET grants no lease whose fence it must seed:
+    a holder of a lease it forgot must have stopped first."""
+    from ostinato.coordinators.redis import RESTART_QUIET
+
+    server = ThrowawayRedis(tmp_path)
+    started = server.start()
+    coordinator = from_url(server.url)
+    try:
+        await coordinator.open()
+        first = await coordinator.acquire(KEY, runner(1), 30.0)
+        assert isinstance(first, Denied), "granted by a server that had just started"
+        assert first.expires_in is not None
+        assert 0 < first.expires_in <= 1.0
+        while not isinstance(answer := await coordinator.acquire(KEY, runner(1), 30.0), Grant):
+            assert isinstance(answer, Denied)
+            assert time.monotonic() - started < 10, "never granted"
+            await asyncio.sleep(answer.expires_in or 0.1)
+        assert time.monotonic() - started >= RESTART_QUIET
+    finally:
+        await coordinator.close()
+        server.stop()
+
+
+async def test_a_holder_is_told_at_once_when_the_server_goes_away(tmp_path: Path) -> None:
+    """The events connection dropping tells the runner to stop the passes of the leases it
+    holds (``dropped``), long before a renewal could; loops it does not hold are left alone."""
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    coordinator = from_url(server.url)
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        await coordinator.open()
+        await coordinator.subscribe(runner(1), got.put_nowait)
+        deadline = time.monotonic() + 10
+        while not isinstance(await coordinator.acquire(KEY, runner(1), 30.0), Grant):
+            assert time.monotonic() < deadline, "never granted"
+            await asyncio.sleep(0.1)
+        await coordinator.publish(Event("wake", "app:other"))
+        assert await asyncio.wait_for(got.get(), 5.0) == Event("wake", "app:other")
+        server.kill()
+        assert await asyncio.wait_for(got.get(), 5.0) == Event("dropped", KEY)
+        await asyncio.sleep(0.2)
+        assert got.empty()
+    finally:
+        await coordinator.close()
+        server.stop()

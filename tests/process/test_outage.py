@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,66 +10,25 @@ import pytest
 
 from tests.history import fences_only_grow, overlaps
 from tests.process.conftest import Cluster
+from tests.servers import ThrowawayRedis
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """A throwaway redis-server that the test can kill and start again on the same port."""
-
-    def __init__(self, tmp: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not on the PATH")
-        self.binary, self.tmp, self.port = binary, tmp, free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError("redis-server did not start")
-
-    def kill(self) -> float:
-        assert self.proc is not None
-        at = time.monotonic()
-        self.proc.kill()
-        self.proc.wait()
-        return at
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path) -> Iterator[ThrowawayRedis]:
     pytest.importorskip("redis")
-    server = RedisServer(tmp_path)
+    server = ThrowawayRedis(tmp_path)
     server.start()
     yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.proc.kill()
-        server.proc.wait()
+    server.stop()
 
 
 def test_runners_stop_during_a_redis_outage_and_resume_after(
-    cluster_factory: Callable[..., Cluster], redis_server: RedisServer,
+    cluster_factory: Callable[..., Cluster], redis_server: ThrowawayRedis,
 ) -> None:
     """Redis killed for 3 s (its data lost): no pass starts without a lease; passes resume after."""
-    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    url = redis_server.url
     lease = 1.0
     cluster = cluster_factory(url, lease="1s")
     cluster.start()

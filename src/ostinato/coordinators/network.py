@@ -71,7 +71,8 @@ class EventFeed(Generic[C]):
 
     ``receive`` yields the JSON payloads ``{"kind", "key"}`` arriving on a connection.
     Any error reopens the connection; one of the types in ``lost`` is an expected
-    outage, logged without a traceback.
+    outage, logged without a traceback. ``on_lost`` runs each time the connection
+    is lost.
     """
 
     def __init__(
@@ -83,8 +84,10 @@ class EventFeed(Generic[C]):
         close: Callable[[C], Awaitable[None]],
         lost: tuple[type[BaseException], ...],
         explain: Callable[[BaseException], object],
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.name, self.display_url = name, display_url
+        self._on_lost = on_lost
         self._receive, self._reopen, self._close = receive, reopen, close
         self._lost, self._explain = lost, explain
         self.callbacks: list[Callable[[Event], None]] = []
@@ -133,6 +136,8 @@ class EventFeed(Generic[C]):
                         self.deliver_payload(payload)
                     raise ConnectionResetError("the event stream ended")
                 except Exception as exc:  # the feed must outlive any one failure
+                    if conn is not None and self._on_lost is not None:
+                        self._on_lost()
                     if not failing:
                         log.error("lost the events of %s, reconnecting: %s", self.display_url,
                                   self._explain(exc), exc_info=not isinstance(exc, self._lost))

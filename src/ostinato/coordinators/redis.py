@@ -16,6 +16,13 @@ clock did not step back. Fences on Redis are therefore large integers (about
 1.8e15 today, far inside 64 bits); the scripts pass them around as strings, so
 Lua's doubles never round them.
 
+Such a restart also forgets the leases while their holders still run. Each
+holder learns of it at once: its pub/sub connection drops, and the coordinator
+tells its runner (``dropped``) to stop the passes of every lease it holds and
+ask again. And a server up for less than ``RESTART_QUIET`` grants no lease whose
+fence it has to seed, so that holders of forgotten leases, and any pass they
+had in flight, have stopped first.
+
 Keys, all under ``<prefix>:``: ``lease:<key>`` (hash: owner, holder, fence,
 since; expires), ``fence:<key>`` (counter), ``loop:<key>`` (hash: paused flag,
 counts and latest stats), ``loops`` (set of every key seen), ``runners``
@@ -69,7 +76,12 @@ from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 # replica after a failover, something else on the port), as opposed to a bug.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, InvalidResponse, OSError)
 
-# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key.
+# Seconds a freshly (re)started server waits before granting a lease it has no fence
+# for. Redis counts its uptime in whole seconds of the wall clock, so the script
+# waits for one more than this.
+RESTART_QUIET = 1
+
+# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s.
 ACQUIRE = """
 redis.call('SADD', KEYS[4], ARGV[4])
 if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
@@ -79,6 +91,8 @@ if owner and owner ~= ARGV[1] then
 end
 local t = redis.call('TIME')
 if redis.call('EXISTS', KEYS[2]) == 0 then
+  local up = string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')
+  if up and tonumber(up) <= tonumber(ARGV[5]) then return {'denied', '', 250} end
   redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
 end
 redis.call('INCR', KEYS[2])
@@ -181,9 +195,11 @@ class RedisCoordinator(Coordinator):
         self.channel = f"{self.prefix}:events"
         self._events = EventFeed[PubSub](
             f"ostinato-redis-events:{self.prefix}", self.display_url, self._messages,
-            self._listen, self._drop, UNREACHABLE, self._unavailable,
+            self._listen, self._drop, UNREACHABLE, self._unavailable, self._connection_lost,
         )
         self._closed = False
+        # The leases granted here and not yet given up or lost: loop -> fence.
+        self._held: dict[str, int] = {}
 
     def _make_client(self, read_timeout: float | None) -> aioredis.Redis:
         return aioredis.Redis.from_url(
@@ -229,13 +245,23 @@ class RedisCoordinator(Coordinator):
         keys = [self._key("lease", key), self._key("fence", key), self._key("loop", key),
                 self._key("loops")]
         with self._reaching():
-            answer = await self._acquire(keys, [runner.id, runner.label, _ms(ttl), key])
+            answer = await self._acquire(
+                keys, [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET]
+            )
         if answer[0] == "paused":
             return Denied(holder=None, expires_in=None, paused=True)
         if answer[0] == "denied":
             pttl = int(answer[2])
             return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
+        self._held[key] = int(answer[1])
         return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
+
+    def _connection_lost(self) -> None:
+        """The events connection dropped: the server may have restarted and forgotten
+        every lease, so the runner stops their passes and asks for them again."""
+        held, self._held = self._held, {}
+        for key in held:
+            self._events.deliver(Event("dropped", key))
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
@@ -263,6 +289,8 @@ class RedisCoordinator(Coordinator):
                         raise result
                     else:
                         answers[key] = Renewal(result)
+                        if answers[key] is not Renewal.HELD:
+                            self._held.pop(key, None)
                 if not missing:
                     break
                 self._renew.sha = await self._client.script_load(RENEW)
@@ -272,6 +300,8 @@ class RedisCoordinator(Coordinator):
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
         with self._reaching():
             released = await self._release([self._key("lease", key)], [runner.id, str(fence)])
+        if self._held.get(key) == fence:
+            del self._held[key]
         return bool(released)
 
     async def revoke(self, key: str) -> int | None:
