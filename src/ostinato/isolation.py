@@ -14,7 +14,9 @@ The runner's thread for the loop waits on the pipe and, while it waits:
 * keeps the child's view of the lease deadline (``ctx.holds()``) current.
 
 A child that dies (segfault, ``os._exit``, OOM kill) makes a failed pass, and
-the next pass gets a fresh child. ``max_passes`` and ``max_memory`` recycle the
+the next pass gets a fresh child. A child whose runner dies (kill -9) kills
+itself at once, in the middle of a pass if need be: its lease died with the
+runner and a standby may already hold the next one. ``max_passes`` and ``max_memory`` recycle the
 child between passes.
 """
 
@@ -25,12 +27,14 @@ import contextlib
 import logging
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -117,9 +121,30 @@ def _rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def die_with_parent() -> None:
+    """Kill this process the moment its parent (the runner) dies, whatever it is doing."""
+    parent = os.getppid()
+    opener = getattr(os, "pidfd_open", None)
+    pidfd: int | None = None
+    if opener is not None:
+        with contextlib.suppress(OSError):
+            pidfd = opener(parent)
+
+    def watch() -> None:
+        if pidfd is not None and os.getppid() == parent:  # the pidfd is of the right process
+            select.select([pidfd], [], [])
+        else:  # no pidfd here: a reparented child has a new parent pid
+            while os.getppid() == parent:
+                time.sleep(TICK)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="ostinato-parent-watch", daemon=True).start()
+
+
 def child_main(target: str, loop: str, ttl: float, conn: Connection, deadline: SharedDeadline) -> None:
     """The child's life: import the app, then answer pass requests until told to exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when passes stop
+    die_with_parent()
     try:
         from ostinato.cli import load_app
 

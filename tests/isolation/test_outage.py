@@ -57,3 +57,49 @@ async def test_isolated_child_and_async_pass_end_before_the_lease_deadline(
         stop.set()
         await task
     assert child_gone()
+
+
+def test_isolated_child_dies_with_its_runner(tmp_path: Path) -> None:
+    """kill -9 of the runner takes its isolated child with it, mid-pass: the lease died with
+    the runner, so the pass must not run on while a standby takes the loop over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "OSTINATO_TEST_RECORDS": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "ostinato", "run", "tests.isolation.outage_app:app",
+         "--coordinator", f"sqlite:///{tmp_path / 'c.db'}"],
+        env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    pid_file = tmp_path / "isolated.pid"
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert runner.poll() is None, "the runner exited"
+            assert time.monotonic() < deadline, "the isolated pass never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 5  # the pass sleeps for 60 s
+        while Path(f"/proc/{child}").exists() and "zombie" not in _state(child):
+            assert time.monotonic() < deadline, "the child outlived its runner"
+            time.sleep(0.02)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line
+    except FileNotFoundError:
+        pass
+    return "zombie"
