@@ -4,6 +4,8 @@ secret-free errors, fast failure and a subscription that outlives its connection
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -226,3 +228,68 @@ async def test_a_holder_is_told_at_once_when_the_server_goes_away(tmp_path: Path
     finally:
         await coordinator.close()
         server.stop()
+
+
+async def test_a_dead_holder_on_this_host_is_overtaken_at_once(make: MakeRedis) -> None:
+    """A holder whose runner process died on this host loses its lease long before the TTL:
+    its liveness lock is free. While it lives (even stopped), it keeps the lease."""
+    import os
+    import signal
+
+    from ostinato.coordinators.liveness import host_folder
+
+    runner_id = f"dead-{uuid.uuid4().hex}"
+    lock_file = host_folder() / f"{runner_id}.lock"
+    holder = _liveness_lock_holder(lock_file)
+    try:
+        a, b = await make(), await make()
+        ra, rb = RunnerInfo(id=runner_id, host="test", pid=holder.pid), runner(2)
+        a.locks.hold = lambda runner_id: None  # type: ignore[method-assign]  # the process holds it
+        got: asyncio.Queue[Event] = asyncio.Queue()
+        await b.subscribe(rb, got.put_nowait)
+        grant = await a.acquire(KEY, ra, 60.0)
+        assert isinstance(grant, Grant)
+        assert isinstance(await b.acquire(KEY, rb, 60.0), Denied)
+        os.kill(holder.pid, signal.SIGSTOP)  # stopped is not dead
+        assert isinstance(await b.acquire(KEY, rb, 60.0), Denied)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        assert await asyncio.wait_for(got.get(), 5.0) == Event("released", KEY)
+        taken = await b.acquire(KEY, rb, 60.0)
+        assert isinstance(taken, Grant)
+        assert taken.fence > grant.fence
+        assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.LOST
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+        lock_file.unlink(missing_ok=True)
+
+
+def _liveness_lock_holder(lock_file: Path) -> subprocess.Popen[bytes]:
+    """A process standing for a runner: it holds its liveness lock, as a runner does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, time\n"
+         f"os.makedirs({str(lock_file.parent)!r}, mode=0o700, exist_ok=True)\n"
+         f"fd = os.open({str(lock_file)!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(600)"],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == b"locked\n"
+    return holder
+
+
+async def test_a_holder_on_another_host_waits_out_its_ttl(make: MakeRedis) -> None:
+    """A holder this host has no liveness lock of is never taken for dead."""
+    a, b = await make(), await make()
+    ra = RunnerInfo(id=f"elsewhere-{uuid.uuid4().hex}", host="far", pid=999999)
+    a.locks.hold = lambda runner_id: None  # type: ignore[method-assign]  # not on this host
+    assert isinstance(await a.acquire(KEY, ra, 60.0), Grant)
+    denied = await b.acquire(KEY, runner(2), 60.0)
+    assert isinstance(denied, Denied)
+    assert denied.expires_in is not None
+    assert denied.expires_in > 50
