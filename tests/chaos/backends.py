@@ -3,16 +3,21 @@
 * SQLite: a fresh file per run; no server, so no network faults.
 * Redis: a ``redis-server`` the suite starts itself on a free port (``--save ""``),
   so it can be killed -9 and restarted; runners reach it through the proxy.
-* PostgreSQL: the machine's server (shared, so never killed or restarted);
-  runners reach it through the proxy, each run in a schema of its own, and
-  their connections are found by ``application_name`` for ``pg_terminate_backend``.
+* PostgreSQL: a cluster the suite creates (``initdb``) and starts itself on a
+  free port, so it can be killed -9 and restarted (crash recovery keeps every
+  committed row; the advisory locks and connections are gone). Where
+  ``initdb``/``pg_ctl`` are missing, the machine's server, never killed. Runners
+  reach it through the proxy, each run in a schema of its own, and their
+  connections are found by ``application_name`` for ``pg_terminate_backend``.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -180,11 +185,19 @@ class PostgresBackend(Backend):
     name = "postgres"
     network = True
 
+    def __init__(self) -> None:
+        self.data: Path | None = None
+        self.pg_ctl: str | None = None
+
     def open(self) -> None:
         try:
             import psycopg  # noqa: F401
         except ImportError:
             raise Unavailable("psycopg is missing (pip install 'ostinato[postgres]')") from None
+        binaries = self._binaries()
+        if binaries is not None:
+            self._create(*binaries)
+            return
         try:
             url = servers.postgres_url()
         except (pytest.skip.Exception, pytest.fail.Exception) as exc:
@@ -194,6 +207,88 @@ class PostgresBackend(Backend):
         self.user = parts.username or "postgres"
         self.database = (parts.path or "/postgres").lstrip("/")
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 5432)
+
+    @staticmethod
+    def _binaries() -> tuple[str, str] | None:
+        folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+        def find(name: str) -> str | None:
+            return shutil.which(name) or next(
+                (str(f / name) for f in folders if (f / name).exists()), None
+            )
+
+        initdb, pg_ctl = find("initdb"), find("pg_ctl")
+        if initdb is None or pg_ctl is None:
+            return None
+        if os.geteuid() == 0 and (shutil.which("runuser") is None or not _user_exists("postgres")):
+            return None  # initdb refuses root
+        return initdb, pg_ctl
+
+    def _as_owner(self, *argv: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
+
+    def _create(self, initdb: str, pg_ctl: str) -> None:
+        self.pg_ctl = pg_ctl
+        self.data = Path(tempfile.mkdtemp(prefix="chaos-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres")
+        subprocess.run(self._as_owner(initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust"),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.upstream = ("127.0.0.1", free_port())
+        self.user, self.database = "postgres", "postgres"
+        self.direct = f"postgresql://postgres@127.0.0.1:{self.upstream[1]}/postgres"
+        self._start()
+        self.restartable = True
+
+    def _start(self) -> None:
+        assert self.pg_ctl is not None
+        assert self.data is not None
+        options = (f"-p {self.upstream[1]} -k {self.data} -c listen_addresses=127.0.0.1"
+                   " -c max_connections=300")
+        subprocess.run(
+            self._as_owner(self.pg_ctl, "-D", str(self.data), "-o", options, "-w", "-t", "60",
+                           "-l", str(self.data / "server.log"), "start"),
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def _processes(self) -> list[int]:
+        """The postmaster and its children."""
+        assert self.data is not None
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def restart(self) -> None:
+        if not self.restartable:
+            raise Unavailable("the PostgreSQL server is not the suite's own")
+        pids = self._processes()
+        for pid in pids:  # the whole server at once, as an OOM kill or a crash would
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                raise Unavailable("the killed PostgreSQL processes did not go away")
+            time.sleep(0.01)
+        # A killed postmaster may linger as a zombie until init reaps it, which the
+        # server would take for a live one: its lock files are stale, so they go.
+        assert self.data is not None
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        (self.data / f".s.PGSQL.{self.upstream[1]}.lock").unlink(missing_ok=True)
+        self._start()
+
+    def close(self) -> None:
+        if self.data is None or self.pg_ctl is None:
+            return
+        with contextlib.suppress(Exception):
+            subprocess.run(self._as_owner(self.pg_ctl, "-D", str(self.data), "-m", "immediate",
+                                          "stop"),
+                           check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.data, ignore_errors=True)
 
     def url(self, run: Path, tag: str, port: int | None) -> str:
         return (f"postgresql://{self.user}@127.0.0.1:{port}/{self.database}"
@@ -210,10 +305,29 @@ class PostgresBackend(Backend):
         return len(rows)
 
     def cleanup(self, tag: str) -> None:
+        if self.restartable:
+            return  # the server is ours and goes away
         import psycopg
 
         with psycopg.connect(self.direct, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "chaos_{tag}" CASCADE')
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 BACKENDS: dict[str, type[Backend]] = {
