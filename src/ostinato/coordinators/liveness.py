@@ -3,7 +3,9 @@
 Each runner holds an exclusive ``flock`` on a file of its own for its whole
 life. The kernel frees the lock when the process dies, however it dies, so
 "can I take that runner's lock?" answers "is it dead?" at once. A process that
-is merely stopped (SIGSTOP) keeps its lock. Used by the SQLite coordinator.
+is merely stopped (SIGSTOP) keeps its lock. The SQLite coordinator keeps the
+files next to its database; the Redis coordinator in ``host_folder()``, where
+only runners of this host and user see them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +34,13 @@ def boot_id() -> str:
         return str(round(time.time() - time.monotonic()))
 
 
+def host_folder() -> Path:
+    """The folder for the liveness locks of this user's runners on this host."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
+    return base / f"ostinato-runners-{os.getuid()}"
+
+
 class RunnerLocks:
     """The liveness locks of the runners sharing one folder."""
 
@@ -45,7 +55,7 @@ class RunnerLocks:
         """Take ``runner_id``'s lock for the life of this process; call before its first grant."""
         if runner_id in self._held:
             return
-        self.folder.mkdir(exist_ok=True)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
         path = self._path(runner_id)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -71,6 +81,15 @@ class RunnerLocks:
         """Whether ``runner_id``'s process has ended (its lock is free)."""
         if runner_id in self._held:
             return False
+        return _is_free(self._path(runner_id))
+
+    def died_here(self, runner_id: str) -> bool | None:
+        """Whether ``runner_id`` was a process of this host that has ended: ``None`` when
+        this folder does not know it (another host or user, or long gone)."""
+        if runner_id in self._held:
+            return False
+        if not self._path(runner_id).exists():
+            return None
         return _is_free(self._path(runner_id))
 
     def release_all(self) -> None:

@@ -23,6 +23,14 @@ ask again. And a server up for less than ``RESTART_QUIET`` grants no lease whose
 fence it has to seed, so that holders of forgotten leases, and any pass they
 had in flight, have stopped first.
 
+Redis cannot tell that a holder died, so its lease is taken over when it
+expires, except where the holder ran on this host under this user: every
+runner holds a liveness lock (see ``liveness``) in ``host_folder()`` for its
+whole life, and a standby refused by a holder whose lock it finds free takes the
+lease at once (the grant script checks that the holder and fence are still the
+ones found dead). A refused standby waits on such a holder's pidfd and hears
+``released`` the moment it dies.
+
 Keys, all under ``<prefix>:``: ``lease:<key>`` (hash: owner, holder, fence,
 since; expires), ``fence:<key>`` (counter), ``loop:<key>`` (hash: paused flag,
 counts and latest stats), ``loops`` (set of every key seen), ``runners``
@@ -57,6 +65,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from ostinato.coordinators import redact
+from ostinato.coordinators.liveness import RunnerLocks, host_folder
 from ostinato.coordinators.network import EventFeed, take_options, unavailable
 from ostinato.coordinators.protocol import (
     Coordinator,
@@ -81,13 +90,16 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, InvalidRe
 # waits for one more than this.
 RESTART_QUIET = 1
 
-# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s.
+# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s,
+# pid, and the owner and fence of a holder known to be dead ('' for none).
 ACQUIRE = """
 redis.call('SADD', KEYS[4], ARGV[4])
 if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= ARGV[1] then
-  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', redis.call('PTTL', KEYS[1])}
+local held = redis.call('HGET', KEYS[1], 'fence')
+if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8]) then
+  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', redis.call('PTTL', KEYS[1]),
+    owner, held or '', redis.call('HGET', KEYS[1], 'pid') or ''}
 end
 local t = redis.call('TIME')
 if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -99,7 +111,7 @@ redis.call('INCR', KEYS[2])
 -- GET returns the counter as a string, never as a rounded Lua number.
 local fence = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence,
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence, 'pid', ARGV[6],
   'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
@@ -200,6 +212,9 @@ class RedisCoordinator(Coordinator):
         self._closed = False
         # The leases granted here and not yet given up or lost: loop -> fence.
         self._held: dict[str, int] = {}
+        self.locks = RunnerLocks(host_folder())
+        # Holders on this host that refused us, by runner id: who waits, for which loops.
+        self._mourners: dict[str, tuple[asyncio.Task[None], set[str]]] = {}
 
     def _make_client(self, read_timeout: float | None) -> aioredis.Redis:
         return aioredis.Redis.from_url(
@@ -235,19 +250,25 @@ class RedisCoordinator(Coordinator):
         if self._closed:
             return
         self._closed = True
+        for task, _ in self._mourners.values():
+            task.cancel()
         await self._events.stop(self.timeout)
         await self._client.aclose()
         await self._events_client.aclose()
+        self.locks.release_all()
 
     # -- leases --------------------------------------------------------------------
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
-        keys = [self._key("lease", key), self._key("fence", key), self._key("loop", key),
-                self._key("loops")]
-        with self._reaching():
-            answer = await self._acquire(
-                keys, [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET]
-            )
+        self.locks.hold(runner.id)  # before the first grant: standbys here may look at it
+        answer = await self._ask(key, runner, ttl)
+        if answer[0] == "denied" and len(answer) == 6:  # refused by a holder, not by a restart
+            owner, fence, pid = answer[3:6]
+            died = self.locks.died_here(owner)
+            if died:
+                answer = await self._ask(key, runner, ttl, dead=(owner, fence))
+            elif died is False and pid:
+                self._mourn(key, owner, int(pid))
         if answer[0] == "paused":
             return Denied(holder=None, expires_in=None, paused=True)
         if answer[0] == "denied":
@@ -255,6 +276,36 @@ class RedisCoordinator(Coordinator):
             return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
         self._held[key] = int(answer[1])
         return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
+
+    async def _ask(
+        self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", "")
+    ) -> list[Any]:
+        keys = [self._key("lease", key), self._key("fence", key), self._key("loop", key),
+                self._key("loops")]
+        with self._reaching():
+            answer: list[Any] = await self._acquire(
+                keys, [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead]
+            )
+        return answer
+
+    def _mourn(self, key: str, owner: str, pid: int) -> None:
+        """Announce ``released`` for ``key`` once ``owner``, a runner of this host, dies."""
+        if not self._events.callbacks:
+            return
+        if owner in self._mourners:
+            self._mourners[owner][1].add(key)
+            return
+        keys = {key}
+        task = asyncio.get_running_loop().create_task(self._await_death(owner, pid, keys))
+        self._mourners[owner] = (task, keys)
+
+    async def _await_death(self, owner: str, pid: int, keys: set[str]) -> None:
+        try:
+            await self.locks.wait_for_death(owner, pid)
+        finally:
+            self._mourners.pop(owner, None)
+        for key in keys:
+            self._events.deliver(Event("released", key))
 
     def _connection_lost(self) -> None:
         """The events connection dropped: the server may have restarted and forgotten
