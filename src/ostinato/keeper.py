@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ostinato.loop")
 
-#: A runner holding its fair share of loops waits this long before taking a free
-#: one, so that a runner with fewer loops gets it first.
+#: A runner holding its fair share of loops waits this long (at most a tenth of
+#: the loop's lease) before taking a free one, so that a runner with fewer loops
+#: gets it first while a dead holder's loop still resumes within its lease.
 YIELD_DELAY = 0.25
 #: How long a runner whose lease was revoked or taken waits before asking again.
 STEP_ASIDE = 0.5
@@ -153,7 +154,8 @@ class LoopKeeper:
                 if runner.stopping:
                     return
             if runner.at_fair_share():
-                await self._wait_chance(YIELD_DELAY * random.uniform(0.8, 1.2), chances=False)
+                yield_for = min(YIELD_DELAY, self.spec.lease / 10)
+                await self._wait_chance(yield_for * random.uniform(0.8, 1.2), chances=False)
                 if runner.stopping:
                     return
             sent = time.monotonic()
