@@ -64,20 +64,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import psycopg
 import redis
@@ -90,6 +87,23 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from apps import RECORD, RECORDS_ENV, records_path  # noqa: E402
+from common import (  # noqa: E402
+    file_size,
+    finish,
+    in_ms,
+    in_us,
+    judge,
+    median,
+    percentile,
+    report_end,
+    set_up_process,
+    shm_folder,
+    sqlite_url,
+    summary,
+    timestamp,
+    verdict,
+    write_json,
+)
 from coordinator_apps import LEASE_ENV, WAKE_APP, WAKE_ENV, WAKE_LOOP, wake_records_path  # noqa: E402
 from core import (  # noqa: E402
     REPEATS,
@@ -101,11 +115,8 @@ from core import (  # noqa: E402
     check_kill,
     kill_and_time,
     machine_facts,
-    median,
-    percentile,
     read_records,
     sample,
-    sqlite_url,
     wait_for_record,
     wait_standby,
 )
@@ -143,23 +154,6 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 
 log = logging.getLogger("bench")
-
-
-def meets(goal: str, value: float | None) -> bool:
-    comparison, bound = GOALS[goal]
-    if value is None:
-        return False
-    return value >= bound if comparison == ">=" else value < bound
-
-
-def _raise_exit(signum: int, frame: object) -> NoReturn:  # copied from core.py (private there)
-    raise SystemExit(128 + signum)
-
-
-def summary(values: Sequence[float]) -> dict[str, float | None]:
-    ordered = sorted(values)
-    return {"p50": percentile(ordered, 0.5), "p99": percentile(ordered, 0.99),
-            "max": ordered[-1] if ordered else None, "min": ordered[0] if ordered else None}
 
 
 # -- namespaces on the shared servers ---------------------------------------------------------
@@ -396,10 +390,7 @@ def measure_failover(backend: str, spaces: Namespaces, runners: Runners, shm: Pa
 
 
 def _count(path: Path) -> int:
-    try:
-        return path.stat().st_size // RECORD.size
-    except FileNotFoundError:
-        return 0
+    return file_size(path) // RECORD.size
 
 
 def _nth_record(path: Path, n: int) -> Record:
@@ -549,23 +540,7 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                        wk[backend]["app_wake"]["latency_s"]["p99"]))
         checks.append((f"wake latency p99, shared coordinator, {backend}", "wake_p99_s",
                        wk[backend]["shared_coordinator"]["latency_s"]["p99"]))
-    return [
-        {"figure": figure, "goal": f"{GOALS[key][0]} {GOALS[key][1]:g}", "key": key,
-         "value": value, "met": meets(key, value)}
-        for figure, key, value in checks
-    ]
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:,.1f}"
-
-
-def _us(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e6:,.1f}"
-
-
-def _ok(value: bool) -> str:
-    return "met" if value else "MISSED"
+    return judge(checks, GOALS, bound_format="g")
 
 
 def table(result: dict[str, Any]) -> str:
@@ -591,35 +566,35 @@ def table(result: dict[str, Any]) -> str:
         row("passes/s", BACKENDS, lambda b: f"{tp[b]['passes_per_s']:,.0f}"),
         row("ratio to memory:// (goal >= 0.5: redis, pg)", BACKENDS, lambda b: (
             f"{tp[b]['ratio_to_memory']:.3f}"
-            + (f" {_ok(met[f'passes/s ratio to memory://, {b}'])}" if b in ("redis", "postgres")
+            + (f" {verdict(met[f'passes/s ratio to memory://, {b}'])}" if b in ("redis", "postgres")
                else ""))),
         row("ratio to memory://, per repeat", BACKENDS, lambda b: "/".join(
             f"{r:.2f}" for r in tp[b]["ratio_to_memory_per_repeat"])),
         row("ratio to the bare loop", BACKENDS, lambda b: f"{tp[b]['ratio_to_bare']:.3f}"),
         row("gap end->start p50 / p99, us", BACKENDS, lambda b: (
-            f"{_us(tp[b]['gap_s']['p50'])}/{_us(tp[b]['gap_s']['p99'])}")),
+            f"{in_us(tp[b]['gap_s']['p50'])}/{in_us(tp[b]['gap_s']['p99'])}")),
         f"  (bare loop: {tp['bare_passes_per_s']:,.0f} passes/s)",
         "",
         header(f"failover after kill -9, {KILLS} kills, ms", NETWORKED),
         row("lease TTL", NETWORKED, lambda b: fo[b]["lease"]),
         row("takeovers", NETWORKED, lambda b: f"{fo[b]['takeovers']}/{fo[b]['kills']}"),
-        row("p50", NETWORKED, lambda b: _ms(fo[b]["failover_s"]["p50"])),
+        row("p50", NETWORKED, lambda b: in_ms(fo[b]["failover_s"]["p50"])),
         row("p99 = max (goal < 500; redis: < TTL)", NETWORKED, lambda b: (
-            f"{_ms(fo[b]['failover_s']['p99'])} "
-            f"{_ok(met[f'failover after kill -9 p99, {b}'])}")),
-        row("min", NETWORKED, lambda b: _ms(fo[b]["failover_s"]["min"])),
+            f"{in_ms(fo[b]['failover_s']['p99'])} "
+            f"{verdict(met[f'failover after kill -9 p99, {b}'])}")),
+        row("min", NETWORKED, lambda b: in_ms(fo[b]["failover_s"]["min"])),
         "",
         header(f"wake-up latency, {WAKES} wakes ~{WAKE_SPACING_S * 1e3:g} ms apart, ms", NETWORKED),
     ]
     for series, label in (("app_wake", "app.wake()"), ("shared_coordinator", "shared coordinator")):
         figure = "app.wake()" if series == "app_wake" else "shared coordinator"
         lines += [
-            row(f"{label}: p50", NETWORKED, lambda b, s=series: _ms(wk[b][s]["latency_s"]["p50"])),
+            row(f"{label}: p50", NETWORKED, lambda b, s=series: in_ms(wk[b][s]["latency_s"]["p50"])),
             row(f"{label}: p99 (goal < 10)", NETWORKED, lambda b, s=series, f=figure: (
-                f"{_ms(wk[b][s]['latency_s']['p99'])} {_ok(met[f'wake latency p99, {f}, {b}'])}")),
-            row(f"{label}: max", NETWORKED, lambda b, s=series: _ms(wk[b][s]["latency_s"]["max"])),
+                f"{in_ms(wk[b][s]['latency_s']['p99'])} {verdict(met[f'wake latency p99, {f}, {b}'])}")),
+            row(f"{label}: max", NETWORKED, lambda b, s=series: in_ms(wk[b][s]["latency_s"]["max"])),
             row(f"{label}: call duration p50", NETWORKED,
-                lambda b, s=series: _ms(wk[b][s]["call_s"]["p50"])),
+                lambda b, s=series: in_ms(wk[b][s]["call_s"]["p50"])),
             row(f"{label}: woken", NETWORKED, lambda b, s=series: (
                 f"{wk[b][s]['woken']}/{wk[b][s]['wakes']}")),
         ]
@@ -629,29 +604,17 @@ def table(result: dict[str, Any]) -> str:
         f"cleanup: {len(c['redis_prefixes'])} Redis prefixes, {len(c['postgres_schemas'])} PostgreSQL "
         f"schemas dropped; {c['redis_keys_left']} keys and {len(c['postgres_schemas_left'])} schemas left",
     ]
-    if result["problems"]:
-        lines += ["", "problems:"] + [f"  {p}" for p in result["problems"]]
-    lines += ["", f"total {result['duration_s']:.0f} s; JSON: {RESULTS}"]
+    lines += report_end(result, RESULTS)
     return "\n".join(lines)
 
 
 # -- main ---------------------------------------------------------------------------------------------
 
 
-def _shm_folder(stack: contextlib.ExitStack, tmp: Path) -> Path:  # copied from core.py (private there)
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        log.warning("no /dev/shm here: record files go to %s", tmp)
-        base = tmp
-    folder = Path(tempfile.mkdtemp(prefix="ostinato-bench-", dir=base))
-    stack.callback(shutil.rmtree, folder, ignore_errors=True)
-    return folder
-
-
 def run() -> dict[str, Any]:
     began = time.monotonic()
     result: dict[str, Any] = {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
         "machine": machine_facts(),
         "servers": server_facts(),
         "settings": {
@@ -669,7 +632,7 @@ def run() -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ostinato-bench-")))
         tmp = tmp.resolve()
-        shm = _shm_folder(stack, tmp)
+        shm = shm_folder(stack, tmp, "ostinato-bench-")
         logs = tmp / "logs"
         logs.mkdir()
         spaces = Namespaces(tmp)
@@ -689,22 +652,15 @@ def run() -> dict[str, Any]:
     result["cleanup"] = cleanup
     if cleanup["redis_keys_left"] or cleanup["postgres_schemas_left"] or cleanup["errors"]:
         result["problems"].append(f"cleanup incomplete: {cleanup}")
-    result["goals"] = goals(result)
-    result["all_goals_met"] = all(g["met"] for g in result["goals"])
-    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    result["duration_s"] = time.monotonic() - began
+    finish(result, began, goals(result))
     return result
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    set_up_process()
     logging.getLogger("ostinato").setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
     result = run()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result)
     print(table(result))
     return 0
 

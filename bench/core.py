@@ -42,17 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
-import math
 import os
-import platform
 import shutil
 import signal
-import sqlite3
-import statistics
 import struct
 import subprocess
 import sys
@@ -60,11 +54,10 @@ import tempfile
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import ostinato
 
@@ -72,6 +65,29 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from apps import IDLE_LOOPS, RECORD, RECORDS_ENV, records_path  # noqa: E402
+from common import (  # noqa: E402
+    base_machine_facts,
+    death_signal,
+    file_size,
+    finish,
+    in_ms,
+    in_us,
+    int64_columns,
+    judge,
+    logged_problems,
+    median,
+    percentile,
+    proc_stat,
+    read_structs,
+    report_end,
+    set_up_process,
+    shm_folder,
+    sqlite_url,
+    summary,
+    timestamp,
+    verdict,
+    write_json,
+)
 
 RESULTS = BENCH / "results" / "core.json"
 APPS = BENCH / "apps.py"
@@ -95,80 +111,16 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 
 _STAMP = struct.Struct("<q")
-_PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("bench")
-
-
-# -- small helpers -----------------------------------------------------------------------
-
-
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """The nearest-rank ``q`` quantile (0..1) of an already sorted sequence."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"  # an absolute path gives the four slashes
-
-
-def meets(goal: str, value: float | None) -> bool:
-    comparison, bound = GOALS[goal]
-    if value is None:
-        return False
-    return value >= bound if comparison == ">=" else value < bound
-
-
-def _raise_exit(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)
 
 
 # -- machine facts ---------------------------------------------------------------------------
 
 
-def _cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=BENCH.parent, capture_output=True, text=True, timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
 def machine_facts() -> dict[str, Any]:
-    dirty = _git("status", "--porcelain", "--", "src")
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-        "ostinato": ostinato.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "src_modified_files": dirty.splitlines() if dirty else [],
-        "loadavg_at_start": list(os.getloadavg()),
-        "clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
-    }
+    """The common facts and the clock tick that /proc counts the idle CPU time in."""
+    return {**base_machine_facts(), "clock_ticks_per_s": os.sysconf("SC_CLK_TCK")}
 
 
 # -- 1 and 2: throughput and gaps, in this process ---------------------------------------------
@@ -187,12 +139,8 @@ def make_work(fd: int) -> Callable[..., None]:
 
 def read_stamps(path: Path) -> tuple[array[int], array[int]]:
     """The (starts, ends) a ``work`` function appended to ``path``."""
-    raw = path.read_bytes()
-    stamps = array("q")
-    stamps.frombytes(raw[: len(raw) // 16 * 16])
-    if sys.byteorder != "little":
-        stamps.byteswap()
-    return stamps[0::2], stamps[1::2]
+    starts, ends = int64_columns(path.read_bytes(), 2)
+    return starts, ends
 
 
 def analyse(path: Path, t0: int, t1: int) -> dict[str, Any]:
@@ -308,26 +256,13 @@ def measure_throughput(tmp: Path, shm: Path) -> dict[str, Any]:
 # -- runner subprocesses --------------------------------------------------------------------------
 
 
-def _death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes a child die with the benchmark (Linux only)."""
-    name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-
-    def arm() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return arm
-
-
 class Runners:
     """``ostinato run`` subprocesses, each logging to its own file, all killed by ``close``."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._arm = _death_signal()
+        self._arm = death_signal()
         self._cli = Path(sys.executable).with_name("ostinato")
         if not self._cli.exists():
             found = shutil.which("ostinato")
@@ -364,18 +299,12 @@ class Runners:
 
     def problems(self) -> list[str]:
         """Error lines and tracebacks the runners logged."""
-        found = []
-        for path in sorted(self.logs.glob("runner-*.log")):
-            for line in path.read_text(errors="replace").splitlines():
-                if "ERROR" in line or "Traceback" in line or "Error:" in line:
-                    found.append(f"{path.name}: {line.strip()}")
-        return found
+        return logged_problems(self.logs.glob("runner-*.log"), ("ERROR", "Traceback", "Error:"))
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid``, from /proc/<pid>/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -407,26 +336,14 @@ class Record:
 
 def read_records(path: Path) -> list[Record]:
     """The complete records in a failover file (a killed writer may leave half of one)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    usable = len(raw) // RECORD.size * RECORD.size
-    return [Record(*fields) for fields in RECORD.iter_unpack(raw[:usable])]
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    return [Record(*fields) for fields in read_structs(path, RECORD)]
 
 
 def wait_for_record(path: Path, timeout: float, poll: float = 0.002) -> Record | None:
     """The first complete record in ``path``, waiting up to ``timeout`` for it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _size(path) >= RECORD.size:
+        if file_size(path) >= RECORD.size:
             return read_records(path)[0]
         time.sleep(poll)
     return None
@@ -458,15 +375,15 @@ def kill_and_time(
 ) -> dict[str, Any]:
     """Kill -9 the holder; time how long until the standby's first pass starts."""
     old, new = records_path(shm, holder.pid), records_path(shm, standby.pid)
-    size = _size(old)
+    size = file_size(old)
     time.sleep(0.02)
-    holder_running = _size(old) > size
-    standby_early = _size(new) > 0
+    holder_running = file_size(old) > size
+    standby_early = file_size(new) > 0
     kill_ns = time.monotonic_ns()
     os.kill(holder.pid, signal.SIGKILL)
     first = wait_for_record(new, FAILOVER_TIMEOUT_S)
     holder.wait()
-    last = read_records(old)[-1] if _size(old) >= RECORD.size else None
+    last = read_records(old)[-1] if file_size(old) >= RECORD.size else None
     result: dict[str, Any] = {
         "holder_pid": holder.pid,
         "standby_pid": standby.pid,
@@ -526,8 +443,7 @@ def measure_failover(runners: Runners, tmp: Path, shm: Path) -> dict[str, Any]:
         "lease_s": 10.0,
         "kills": len(kills),
         "takeovers": len(times),
-        "failover_s": {"p50": percentile(times, 0.5), "p99": percentile(times, 0.99),
-                       "max": times[-1] if times else None, "min": times[0] if times else None},
+        "failover_s": summary(times),
         "handover_gap_s": {"p50": percentile(gaps, 0.5), "max": gaps[-1] if gaps else None},
         "samples": kills,
         "problems": problems,
@@ -599,23 +515,7 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     for body in ("sync", "async"):
         checks.append((f"idle CPU, {IDLE_LOOPS} {body} loops, sqlite", "idle_cpu_pct_of_core",
                        idle[body]["pct_of_core"]))
-    return [
-        {"figure": figure, "goal": f"{GOALS[key][0]} {GOALS[key][1]}", "key": key,
-         "value": value, "met": meets(key, value)}
-        for figure, key, value in checks
-    ]
-
-
-def _us(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e6:,.1f}"
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:,.1f}"
-
-
-def _ok(value: bool) -> str:
-    return "met" if value else "MISSED"
+    return judge(checks, GOALS)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -637,22 +537,22 @@ def table(result: dict[str, Any]) -> str:
     row("ostinato passes/s", lambda t, b: f"{t['ostinato_passes_per_s']:,.0f}")
     row("bare loop passes/s", lambda t, b: f"{t['bare_passes_per_s']:,.0f}")
     row("ratio ostinato/bare (goal >= 0.1)", lambda t, b: (
-        f"{t['ratio']:.3f} {_ok(met[f'throughput ratio ostinato/bare, {b}'])}"))
-    row("gap end->start p50, us", lambda t, b: _us(t["ostinato_gap_s"]["p50"]))
+        f"{t['ratio']:.3f} {verdict(met[f'throughput ratio ostinato/bare, {b}'])}"))
+    row("gap end->start p50, us", lambda t, b: in_us(t["ostinato_gap_s"]["p50"]))
     row("gap end->start p99, us (goal < 1000)", lambda t, b: (
-        f"{_us(t['ostinato_gap_s']['p99'])} {_ok(met[f'gap end->start p99, {b}'])}"))
+        f"{in_us(t['ostinato_gap_s']['p99'])} {verdict(met[f'gap end->start p99, {b}'])}"))
     row("gap end->start p99.9 / max, us", lambda t, b: (
-        f"{_us(t['ostinato_gap_s']['p999'])}/{_us(t['ostinato_gap_s']['max'])}"))
+        f"{in_us(t['ostinato_gap_s']['p999'])}/{in_us(t['ostinato_gap_s']['max'])}"))
     row("bare loop gap p50 / p99, us", lambda t, b: (
-        f"{_us(t['bare_gap_s']['p50'])}/{_us(t['bare_gap_s']['p99'])}"))
+        f"{in_us(t['bare_gap_s']['p50'])}/{in_us(t['bare_gap_s']['p99'])}"))
     f = fo["failover_s"]
     lines += [
         "",
         f"failover after kill -9, sqlite://, lease 10 s, {fo['kills']} kills, "
         f"{fo['takeovers']} takeovers",
-        f"  p50 {_ms(f['p50'])} ms   p99 {_ms(f['p99'])} ms   max {_ms(f['max'])} ms   "
-        f"min {_ms(f['min'])} ms   (goal p50 < 500 ms: "
-        f"{_ok(met['failover after kill -9 p50, sqlite'])})",
+        f"  p50 {in_ms(f['p50'])} ms   p99 {in_ms(f['p99'])} ms   max {in_ms(f['max'])} ms   "
+        f"min {in_ms(f['min'])} ms   (goal p50 < 500 ms: "
+        f"{verdict(met['failover after kill -9 p50, sqlite'])})",
         "",
         f"idle runner, {IDLE_LOOPS} loops returning IDLE, sqlite://, "
         f"{IDLE_WINDOW_S:g} s window after {IDLE_SETTLE_S:g} s settle",
@@ -661,33 +561,21 @@ def table(result: dict[str, Any]) -> str:
         i = idle[body]
         lines.append(
             f"  {body:<5} bodies: {i['cpu_s_per_min']:.3f} CPU s/min = {i['pct_of_core']:.3f} % "
-            f"of one core (goal < 1 %: {_ok(met[f'idle CPU, {IDLE_LOOPS} {body} loops, sqlite'])});"
+            f"of one core (goal < 1 %: {verdict(met[f'idle CPU, {IDLE_LOOPS} {body} loops, sqlite'])});"
             f" {i['idle_passes_per_s']:.1f} passes/s, {i['context_switches_per_s']:.0f} "
             f"switches/s, {i['threads']} threads"
         )
-    if result["problems"]:
-        lines += ["", "problems:"] + [f"  {p}" for p in result["problems"]]
-    lines += ["", f"total {result['duration_s']:.0f} s; JSON: {RESULTS}"]
+    lines += report_end(result, RESULTS)
     return "\n".join(lines)
 
 
 # -- main --------------------------------------------------------------------------------------------------
 
 
-def _shm_folder(stack: contextlib.ExitStack, tmp: Path) -> Path:
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        log.warning("no /dev/shm here: record files go to %s", tmp)
-        base = tmp
-    folder = Path(tempfile.mkdtemp(prefix="ostinato-bench-", dir=base))
-    stack.callback(shutil.rmtree, folder, ignore_errors=True)
-    return folder
-
-
 def run() -> dict[str, Any]:
     began = time.monotonic()
     result: dict[str, Any] = {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
         "machine": machine_facts(),
         "settings": {
             "window_s": WINDOW_S, "repeats": REPEATS, "kills": KILLS,
@@ -699,7 +587,7 @@ def run() -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ostinato-bench-")))
         tmp = tmp.resolve()
-        shm = _shm_folder(stack, tmp)
+        shm = shm_folder(stack, tmp, "ostinato-bench-")
         logs = tmp / "logs"
         logs.mkdir()
         runners = Runners(logs)
@@ -712,22 +600,15 @@ def run() -> dict[str, Any]:
         }
         runners.close()
         result["problems"] = result["failover"]["problems"] + runners.problems()
-    result["goals"] = goals(result)
-    result["all_goals_met"] = all(g["met"] for g in result["goals"])
-    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    result["duration_s"] = time.monotonic() - began
+    finish(result, began, goals(result))
     return result
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    set_up_process()
     logging.getLogger("ostinato").setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
     result = run()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result)
     print(table(result))
     return 0
 

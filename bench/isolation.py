@@ -70,17 +70,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
-import math
 import os
-import platform
 import re
 import resource
-import shutil
 import signal
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,16 +83,36 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
 import ostinato
 from ostinato import isolation
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+
+from common import (  # noqa: E402
+    base_machine_facts,
+    file_size,
+    finish,
+    in_ms,
+    in_us,
+    int64_columns,
+    judge,
+    median,
+    percentile,
+    proc_stat,
+    read_structs,
+    report_end,
+    set_up_process,
+    shm_folder,
+    sqlite_url,
+    timestamp,
+    verdict,
+    write_json,
+)
 
 RESULTS = BENCH / "results" / "isolation.json"
 #: Must match ``isolation_apps.RECORDS_ENV`` (checked once the module is imported).
@@ -124,19 +138,6 @@ log = logging.getLogger("bench")
 # -- small helpers -----------------------------------------------------------------------
 
 
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """The nearest-rank ``q`` quantile (0..1) of an already sorted sequence."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def spread(values: Sequence[float]) -> dict[str, float | int | None]:
     """Count, min, p50, p90, p99, p99.9 and max of ``values`` (seconds)."""
     ordered = sorted(values)
@@ -155,41 +156,7 @@ def difference(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"  # an absolute path gives the four slashes
-
-
-def meets(goal: str, value: float | None) -> bool:
-    comparison, bound = GOALS[goal]
-    if value is None:
-        return False
-    return value >= bound if comparison == ">=" else value < bound
-
-
-def _raise_exit(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)
-
-
 # -- machine facts ---------------------------------------------------------------------------
-
-
-def _cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=BENCH.parent, capture_output=True, text=True, timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.rstrip("\n")
 
 
 def _read(path: str) -> str | None:
@@ -200,20 +167,10 @@ def _read(path: str) -> str | None:
 
 
 def machine_facts() -> dict[str, Any]:
-    dirty = _git("status", "--porcelain", "--", "src")
+    """The common facts, and what decides whether a crashed child writes a core file."""
     core_soft, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
     return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-        "ostinato": ostinato.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "src_modified_files": dirty.splitlines() if dirty else [],
-        "loadavg_at_start": list(os.getloadavg()),
+        **base_machine_facts(trim_status=False),
         "core_pattern": _read("/proc/sys/kernel/core_pattern"),
         "rlimit_core": [core_soft, core_hard],
         "isolation_tick_s": isolation.TICK,
@@ -234,19 +191,7 @@ class Record:
 
 def read_records(path: Path, record: Any) -> list[Record]:
     """The complete records in ``path`` (a killed writer may leave half of one)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    usable = len(raw) // record.size * record.size
-    return [Record(*fields) for fields in record.iter_unpack(raw[:usable])]
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    return [Record(*fields) for fields in read_structs(path, record)]
 
 
 def _clear(path: Path) -> None:
@@ -259,7 +204,7 @@ async def _wait_for_size(path: Path, size: int, limit_s: float) -> bool:
     """Whether ``path`` grew to ``size`` bytes within ``limit_s`` seconds."""
     try:
         async with asyncio.timeout(limit_s):
-            while _size(path) < size:  # noqa: ASYNC110 - a file has no event to await
+            while file_size(path) < size:  # noqa: ASYNC110 - a file has no event to await
                 await asyncio.sleep(POLL_S)
     except TimeoutError:
         return False
@@ -307,8 +252,7 @@ def child_pids() -> list[int]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            text = (entry / "stat").read_text()
-            fields = text[text.rindex(")") + 2:].split()
+            fields = proc_stat(int(entry.name))
             if int(fields[1]) == me and fields[0] != "Z":
                 found.append(int(entry.name))
     return found
@@ -355,12 +299,8 @@ async def _noop_window(app: ostinato.App, url: str, path: Path, record: Any,
 
 def read_columns(path: Path) -> tuple[array[int], array[int], array[int], array[int]]:
     """The pids, pass numbers, starts and ends in a record file, as four columns."""
-    raw = path.read_bytes()
-    fields = array("q")
-    fields.frombytes(raw[: len(raw) // 32 * 32])
-    if sys.byteorder != "little":
-        fields.byteswap()
-    return fields[0::4], fields[1::4], fields[2::4], fields[3::4]
+    pids, numbers, starts, ends = int64_columns(path.read_bytes(), 4)
+    return pids, numbers, starts, ends
 
 
 def analyse_noop(path: Path, t0: int, t1: int) -> dict[str, Any]:
@@ -447,7 +387,7 @@ async def _episodes(app: ostinato.App, url: str, path: Path, record: Any,
         stopping = time.monotonic()
     stats["stop_s"] = time.monotonic() - stopping
     if not reached:
-        log.warning("%s: only %d passes in %ss", app.name, _size(path) // record.size, EPISODE_LIMIT_S)
+        log.warning("%s: only %d passes in %ss", app.name, file_size(path) // record.size, EPISODE_LIMIT_S)
     return took, stats
 
 
@@ -527,23 +467,7 @@ def measure_cold_start(target: str) -> dict[str, Any]:
 def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     checks = [("isolated no-op pass, start to start, p50", "isolated_noop_pass_p50_s",
                result["noop"]["process"]["pass_s"]["p50"])]
-    return [
-        {"figure": figure, "goal": f"{GOALS[key][0]} {GOALS[key][1]}", "key": key,
-         "value": value, "met": meets(key, value)}
-        for figure, key, value in checks
-    ]
-
-
-def _us(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e6:,.1f}"
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:,.1f}"
-
-
-def _ok(value: bool) -> str:
-    return "met" if value else "MISSED"
+    return judge(checks, GOALS)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -569,18 +493,18 @@ def table(result: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:,.0f}"
 
     row("passes/s", lambda s: s["passes_per_s"], rate, diff=False)
-    row("pass, start to start, p50, us", lambda s: s["pass_s"]["p50"], _us)
-    row("pass, start to start, p99, us", lambda s: s["pass_s"]["p99"], _us)
-    row("pass, start to start, p99.9, us", lambda s: s["pass_s"]["p999"], _us)
-    row("body (inside the pass), p50, us", lambda s: s["body_s"]["p50"], _us)
-    row("gap end -> next start, p50, us", lambda s: s["gap_s"]["p50"], _us)
-    row("gap end -> next start, p99, us", lambda s: s["gap_s"]["p99"], _us)
-    lines.append(f"  goal: isolated pass p50 < 1000 us: {_ok(met['isolated_noop_pass_p50_s'])}")
+    row("pass, start to start, p50, us", lambda s: s["pass_s"]["p50"], in_us)
+    row("pass, start to start, p99, us", lambda s: s["pass_s"]["p99"], in_us)
+    row("pass, start to start, p99.9, us", lambda s: s["pass_s"]["p999"], in_us)
+    row("body (inside the pass), p50, us", lambda s: s["body_s"]["p50"], in_us)
+    row("gap end -> next start, p50, us", lambda s: s["gap_s"]["p50"], in_us)
+    row("gap end -> next start, p99, us", lambda s: s["gap_s"]["p99"], in_us)
+    lines.append(f"  goal: isolated pass p50 < 1000 us: {verdict(met['isolated_noop_pass_p50_s'])}")
 
     def episode(label: str, e: dict[str, Any]) -> None:
         f = e["figure_s"]
-        lines.append(f"  {label:<50}p50 {_ms(f['p50']):>7} ms  p99 {_ms(f['p99']):>7} ms  "
-                     f"min {_ms(f['min']):>7}  max {_ms(f['max']):>7}  (n={f['n']})")
+        lines.append(f"  {label:<50}p50 {in_ms(f['p50']):>7} ms  p99 {in_ms(f['p99']):>7} ms  "
+                     f"min {in_ms(f['min']):>7}  max {in_ms(f['max']):>7}  (n={f['n']})")
 
     t, c = result["timeout"], result["crash"]
     lines += ["", "timeout 200 ms, error_backoff 10 ms: next pass start - pass start - 200 ms"]
@@ -590,24 +514,12 @@ def table(result: dict[str, Any]) -> str:
     episode("isolation='process' (new child)", c)
     cold = result["child_cold_start"]["seconds"]
     lines += ["", f"reference: new interpreter importing ostinato + the app, {cold['n']} runs",
-              f"  p50 {_ms(cold['p50'])} ms  min {_ms(cold['min'])} ms  max {_ms(cold['max'])} ms"]
-    if result["problems"]:
-        lines += ["", "problems:"] + [f"  {p}" for p in result["problems"]]
-    lines += ["", f"total {result['duration_s']:.0f} s; JSON: {RESULTS}"]
+              f"  p50 {in_ms(cold['p50'])} ms  min {in_ms(cold['min'])} ms  max {in_ms(cold['max'])} ms"]
+    lines += report_end(result, RESULTS)
     return "\n".join(lines)
 
 
 # -- main --------------------------------------------------------------------------------------------------
-
-
-def _shm_folder(stack: contextlib.ExitStack, tmp: Path) -> Path:
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        log.warning("no /dev/shm here: record files go to %s", tmp)
-        base = tmp
-    folder = Path(tempfile.mkdtemp(prefix="ostinato-bench-isolation-", dir=base))
-    stack.callback(shutil.rmtree, folder, ignore_errors=True)
-    return folder
 
 
 def load_apps(shm: Path) -> ModuleType:
@@ -640,7 +552,7 @@ def log_book() -> Iterator[LogBook]:
 def run() -> dict[str, Any]:
     began = time.monotonic()
     result: dict[str, Any] = {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": timestamp(),
         "machine": machine_facts(),
         "settings": {
             "coordinator": "sqlite", "window_s": WINDOW_S, "repeats": REPEATS,
@@ -651,7 +563,7 @@ def run() -> dict[str, Any]:
     }
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ostinato-bench-"))).resolve()
-        shm = _shm_folder(stack, tmp)
+        shm = shm_folder(stack, tmp, "ostinato-bench-isolation-")
         apps = load_apps(shm)
         stack.callback(apps.close_records)
         book = stack.enter_context(log_book())
@@ -673,21 +585,14 @@ def run() -> dict[str, Any]:
         check_not_early(episodes, name)
     result["problems"] = (result["noop"]["problems"] + result["timeout"]["process"]["problems"]
                           + result["timeout"]["async"]["problems"] + result["crash"]["problems"])
-    result["goals"] = goals(result)
-    result["all_goals_met"] = all(g["met"] for g in result["goals"])
-    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    result["duration_s"] = time.monotonic() - began
+    finish(result, began, goals(result))
     return result
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
+    set_up_process()
     result = run()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result)
     print(table(result))
     return 0
 

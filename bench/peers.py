@@ -82,15 +82,11 @@ folders that are removed at the end.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import importlib.metadata
-import json
 import logging
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -101,9 +97,8 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import redis
 from rq import Queue
@@ -114,6 +109,20 @@ import ostinato
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from common import (  # noqa: E402
+    base_machine_facts,
+    death_signal,
+    finish,
+    int64_columns,
+    logged_problems,
+    percentile,
+    proc_stat,
+    report_end,
+    set_up_process,
+    shm_folder,
+    timestamp,
+    write_json,
+)
 from peers_apps.common import (  # noqa: E402
     APS_INTERVAL_ENV,
     APS_INTERVAL_S,
@@ -151,7 +160,6 @@ APS_FAST_INTERVAL_S = 0.0001
 PASSES_RATIO_GOAL = 100.0
 GAP_P99_GOAL_S = 0.001
 
-_PR_SET_PDEATHSIG = 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 log = logging.getLogger("bench.peers")
@@ -160,22 +168,10 @@ log = logging.getLogger("bench.peers")
 # -- small helpers -------------------------------------------------------------------------------
 
 
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """The nearest-rank ``q`` quantile (0..1) of an already sorted sequence."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
-
-
-def _raise_exit(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)
 
 
 def _bin(name: str) -> str:
@@ -202,23 +198,6 @@ def redis_cpu_s() -> float:
 # -- machine facts ---------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=BENCH.parent, capture_output=True, text=True,
-                              timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -226,17 +205,15 @@ def _version(package: str) -> str | None:
         return None
 
 
+#: Common facts that peers.json gives under "versions" (ostinato) or not at all.
+_NOT_IN_PEERS_FACTS = ("python_implementation", "sqlite", "ostinato")
+
+
 def machine_facts() -> dict[str, Any]:
-    dirty = _git("status", "--porcelain", "--", "src")
+    """The common facts, the clock tick CPU time is counted in, and every peer's version."""
+    facts = {k: v for k, v in base_machine_facts().items() if k not in _NOT_IN_PEERS_FACTS}
     return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "src_modified_files": dirty.splitlines() if dirty else [],
-        "loadavg_at_start": list(os.getloadavg()),
+        **facts,
         "clock_ticks_per_s": _CLK_TCK,
         "versions": {
             "ostinato": ostinato.__version__,
@@ -374,19 +351,6 @@ OSTINATO_KEYS = ("ostinato_sqlite", "ostinato_redis")
 # -- processes ---------------------------------------------------------------------------------------
 
 
-def _death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes a child die with the benchmark (Linux only)."""
-    name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-
-    def arm() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return arm
-
-
 def children(pid: int) -> list[int]:
     found: list[int] = []
     with contextlib.suppress(OSError):
@@ -414,7 +378,7 @@ class Procs:
     def __init__(self, logs: Path, cwd: Path) -> None:
         self.logs, self.cwd = logs, cwd
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._arm = _death_signal()
+        self._arm = death_signal()
 
     def start(self, label: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         path = self.logs / f"{len(self.procs):03d}-{label}.log"
@@ -446,12 +410,7 @@ class Procs:
 
     def problems(self) -> list[str]:
         """Tracebacks and error lines the arrangements logged."""
-        found = []
-        for path in sorted(self.logs.glob("*.log")):
-            for line in path.read_text(errors="replace").splitlines():
-                if "Traceback" in line or "ERROR" in line or "CRITICAL" in line:
-                    found.append(f"{path.name}: {line.strip()[:400]}")
-        return found
+        return logged_problems(self.logs.glob("*.log"), ("Traceback", "ERROR", "CRITICAL"), width=400)
 
 
 class Arrangement:
@@ -510,17 +469,12 @@ def arrangement(procs: Procs, run: Run, workers: int) -> Iterator[Arrangement]:
 # -- /proc: CPU and memory ---------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str]:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2:].split()
-
-
 def cpu_ticks(pids: Iterable[int]) -> int:
     """utime + stime + cutime + cstime: what these processes and their reaped children used."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError, IndexError):
-            fields = _stat(pid)
+            fields = proc_stat(pid)
             total += sum(int(f) for f in fields[11:15])
     return total
 
@@ -610,11 +564,8 @@ def read_records(path: Path) -> tuple[array[int], array[int], array[int]]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raw = b""
-    values = array("q")
-    values.frombytes(raw[: len(raw) // RECORD.size * RECORD.size])
-    if sys.byteorder != "little":
-        values.byteswap()
-    return values[0::3], values[1::3], values[2::3]
+    pids, starts, ends = int64_columns(raw, 3)
+    return pids, starts, ends
 
 
 class Tail:
@@ -1139,23 +1090,11 @@ def _goal_rows(result: Mapping[str, Any]) -> list[str]:
 def table(result: dict[str, Any]) -> str:
     lines = [*_header(result), "", *_figure_rows(result), "", *_ratio_rows(result), "",
              *_goal_rows(result)]
-    if result["problems"]:
-        lines += ["", "problems:"] + [f"  {p}" for p in result["problems"]]
-    lines += ["", f"total {result['duration_s']:.0f} s; JSON: {RESULTS}"]
+    lines += report_end(result, RESULTS)
     return "\n".join(lines)
 
 
 # -- main ---------------------------------------------------------------------------------------------------
-
-
-def _shm_folder(stack: contextlib.ExitStack, tmp: Path) -> Path:
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        log.warning("no /dev/shm here: record files go to %s", tmp)
-        base = tmp
-    folder = Path(tempfile.mkdtemp(prefix="ostinato-peers-", dir=base))
-    stack.callback(shutil.rmtree, folder, ignore_errors=True)
-    return folder
 
 
 def settings() -> dict[str, Any]:
@@ -1181,7 +1120,7 @@ def run() -> dict[str, Any]:
         _redis().ping()
     except redis.RedisError as exc:
         raise SystemExit(f"cannot reach Redis at {REDIS_URL}: {exc}") from exc
-    result: dict[str, Any] = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    result: dict[str, Any] = {"timestamp": timestamp(),
                               "machine": machine_facts(), "settings": settings()}
     problems: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -1193,7 +1132,7 @@ def run() -> dict[str, Any]:
         logs.mkdir()
         procs = Procs(logs, tmp)
         stack.callback(procs.close)
-        bench = Bench(procs, tmp, _shm_folder(stack, tmp))
+        bench = Bench(procs, tmp, shm_folder(stack, tmp, "ostinato-peers-", log))
         peers = {p.key: measure_peer(bench, p, problems) for p in PEERS}
         for key, idle in measure_all_idle(bench, problems).items():
             peers[key]["idle"] = idle
@@ -1205,8 +1144,7 @@ def run() -> dict[str, Any]:
     result["goals"] = goals(result["figures"], result["ratios"])
     result["all_goals_met"] = all(g["met"] for g in result["goals"])
     result["problems"] = problems
-    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    result["duration_s"] = time.monotonic() - began
+    finish(result, began)
     return result
 
 
@@ -1222,13 +1160,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
+    set_up_process()
     result = run()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    write_json(RESULTS, _json_safe(result))
     print(table(result))
     return 0
 
