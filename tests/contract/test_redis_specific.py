@@ -293,3 +293,15 @@ async def test_a_holder_on_another_host_waits_out_its_ttl(make: MakeRedis) -> No
     assert isinstance(denied, Denied)
     assert denied.expires_in is not None
     assert denied.expires_in > 50
+
+
+async def test_leases_are_granted_without_a_liveness_folder(
+    make: MakeRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A liveness folder that cannot be created costs only the fast same-host failover."""
+    a = await make()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    a.locks.folder = blocker / "runners"
+    assert isinstance(await a.acquire(KEY, runner(1), 30.0), Grant)
+    assert "no liveness lock in" in caplog.text

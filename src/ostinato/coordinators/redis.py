@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -80,6 +81,8 @@ from ostinato.coordinators.protocol import (
     stats_fields,
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
+
+log = logging.getLogger("ostinato.redis")
 
 # Errors that mean "no Redis to talk to right now" (down, loading, a read-only
 # replica after a failover, something else on the port), as opposed to a bug.
@@ -213,6 +216,7 @@ class RedisCoordinator(Coordinator):
         # The leases granted here and not yet given up or lost: loop -> fence.
         self._held: dict[str, int] = {}
         self.locks = RunnerLocks(host_folder())
+        self._liveness_broken = False
         # Holders on this host that refused us, by runner id: who waits, for which loops.
         self._mourners: dict[str, tuple[asyncio.Task[None], set[str]]] = {}
 
@@ -260,7 +264,7 @@ class RedisCoordinator(Coordinator):
     # -- leases --------------------------------------------------------------------
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
-        self.locks.hold(runner.id)  # before the first grant: standbys here may look at it
+        self._hold_liveness(runner)
         answer = await self._ask(key, runner, ttl)
         if answer[0] == "denied" and len(answer) == 6:  # refused by a holder, not by a restart
             owner, fence, pid = answer[3:6]
@@ -276,6 +280,18 @@ class RedisCoordinator(Coordinator):
             return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
         self._held[key] = int(answer[1])
         return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
+
+    def _hold_liveness(self, runner: RunnerInfo) -> None:
+        """Take this runner's liveness lock before its first grant: standbys on this host
+        look at it. Without it (a folder that cannot be written) they wait out the TTL."""
+        if self._liveness_broken:
+            return
+        try:
+            self.locks.hold(runner.id)
+        except OSError as exc:
+            self._liveness_broken = True
+            log.warning("no liveness lock in %s (%s): a standby on this host will take over "
+                        "from this runner only when its leases expire", self.locks.folder, exc)
 
     async def _ask(
         self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", "")
