@@ -163,30 +163,32 @@ async def test_standby_hears_released_when_the_holder_session_ends(make: MakePos
     assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)  # no second wait
 
 
-async def test_urgent_statements_go_before_lease_requests() -> None:
-    """On a busy connection, renewals and reports waiting behind lease requests go first."""
-    from ostinato.coordinators.postgres import Link
+async def test_renewals_go_first_and_lease_requests_last() -> None:
+    """On a busy connection, a renewal goes before reports, and both before lease requests
+    that were waiting longer."""
+    from ostinato.coordinators.postgres import RENEWAL, REQUEST, URGENT, Link
 
     link, order = Link("test"), []
     gate = asyncio.Event()
 
-    async def use(name: str, urgent: bool) -> None:
-        async with link.turn(urgent):
+    async def use(name: str, priority: int) -> None:
+        async with link.turn(priority):
             order.append(name)
             if name == "first":
                 await gate.wait()
 
-    first = asyncio.create_task(use("first", False))
+    first = asyncio.create_task(use("first", REQUEST))
     await asyncio.sleep(0)
-    waiting = [asyncio.create_task(use(f"request-{n}", False)) for n in range(3)]
+    waiting = [asyncio.create_task(use(f"request-{n}", REQUEST)) for n in range(3)]
     await asyncio.sleep(0)
-    cancelled = asyncio.create_task(use("gave-up", True))
-    renewal = asyncio.create_task(use("renewal", True))
+    report = asyncio.create_task(use("report", URGENT))
+    cancelled = asyncio.create_task(use("gave-up", RENEWAL))
+    renewal = asyncio.create_task(use("renewal", RENEWAL))
     await asyncio.sleep(0)
     cancelled.cancel()
     gate.set()
-    await asyncio.gather(first, renewal, *waiting, return_exceptions=True)
-    assert order == ["first", "renewal", "request-0", "request-1", "request-2"]
+    await asyncio.gather(first, report, renewal, *waiting, return_exceptions=True)
+    assert order == ["first", "renewal", "report", "request-0", "request-1", "request-2"]
 
 
 async def test_renewal_fails_once_the_holder_session_was_replaced(make: MakePostgres) -> None:

@@ -91,8 +91,13 @@ def lock_id(schema: str, key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# Whose turn comes first on a busy connection (lower first; in arrival order within one).
+RENEWAL, URGENT, REQUEST = 0, 1, 2
+
+
 class Link:
-    """One connection and whose turn it is to use it: urgent statements go first."""
+    """One connection and whose turn it is to use it: renewals first, a standby's lease
+    requests last."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -102,10 +107,10 @@ class Link:
         self._order = itertools.count()
 
     @contextlib.asynccontextmanager
-    async def turn(self, urgent: bool) -> AsyncIterator[None]:
+    async def turn(self, priority: int) -> AsyncIterator[None]:
         if self._busy:
             waiter = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), waiter))
+            heapq.heappush(self._queue, (priority, next(self._order), waiter))
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -184,7 +189,7 @@ class PostgresCoordinator(Coordinator):
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, link: Link | None = None, *, urgent: bool = True
+        self, link: Link | None = None, *, priority: int = URGENT
     ) -> AsyncIterator[Connection]:
         """A connection (``main`` unless told), one caller at a time. A failure drops
         it (the lease connection's advisory locks with it) and becomes
@@ -192,7 +197,7 @@ class PostgresCoordinator(Coordinator):
         link = link or self._main
         if self._closed:
             raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
-        async with link.turn(urgent):
+        async with link.turn(priority):
             if link is self._lease:
                 self._unwatch_idle()
             try:
@@ -308,7 +313,7 @@ class PostgresCoordinator(Coordinator):
         await self._events.stop(self.timeout)
         self._unwatch_idle()
         for link in (self._lease, self._main):
-            async with link.turn(urgent=True):
+            async with link.turn(URGENT):
                 await self._drop(link)
 
     # -- leases --------------------------------------------------------------------------
@@ -317,7 +322,7 @@ class PostgresCoordinator(Coordinator):
         lock = lock_id(self.schema, key)
         params: dict[str, Any] = {"key": key, "owner": runner.id, "holder": runner.label,
                                   "ttl": ttl, "dead": None, "dead_fence": None, "probe": lock}
-        async with self._session(urgent=key in self._holders) as conn:
+        async with self._session(priority=URGENT if key in self._holders else REQUEST) as conn:
             sent = time.monotonic()
             params["locked"] = key in self._holders
             row = await self._fetch(conn, "acquire", params)
@@ -391,7 +396,7 @@ class PostgresCoordinator(Coordinator):
     ) -> dict[str, Renewal]:
         if not leases:
             return {}
-        async with self._session(self._lease) as conn:
+        async with self._session(self._lease, priority=RENEWAL) as conn:
             cursor = await self._run(conn, "renew", {
                 "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
                 "ttls": [float(ttl) for _, ttl in leases.values()],
