@@ -41,8 +41,19 @@ typecheck: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[bench,dev,redis,postgres,metrics,dashboard]'
+	touch $(BENCH_STAMP)
+
+# Every benchmark, one after the other (about 13 minutes); JSON in bench/results/.
+# The peers (RQ, Celery, APScheduler) come from the bench extra, installed here.
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/coordinators.py
+	$(BIN)/python bench/isolation.py
+	$(BIN)/python bench/peers.py
 
 # The full fault matrix (a few minutes per coordinator); results in tests/chaos/results/.
 # The wall-clock fault needs libfaketime: installed here when missing, as root only.
