@@ -189,10 +189,11 @@ class PostgresCoordinator(Coordinator):
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, link: Link | None = None, *, priority: int = URGENT
+        self, link: Link | None = None, *, priority: int = URGENT, tables: bool = True
     ) -> AsyncIterator[Connection]:
-        """A connection (``main`` unless told), one caller at a time. A failure drops
-        it (the lease connection's advisory locks with it) and becomes
+        """A connection (``main`` unless told), one caller at a time, with the schema
+        made sure of first unless the statement uses no ``tables``. A failure drops it
+        (the lease connection's advisory locks with it) and becomes
         ``CoordinatorUnavailable``."""
         link = link or self._main
         if self._closed:
@@ -204,9 +205,10 @@ class PostgresCoordinator(Coordinator):
                 if link.conn is None or link.conn.closed:
                     await self._drop(link)
                     link.conn = await self._connect()
-                    if not self._schema_ready:
-                        await self._ensure_schema(link.conn)
-                        self._schema_ready = True
+                    self._schema_ready = False  # after a reconnect, look again
+                if tables and not self._schema_ready:
+                    await self._ensure_schema(link.conn)
+                    self._schema_ready = True
                 async with asyncio.timeout(self.timeout * 2):
                     yield link.conn
             except UNREACHABLE as exc:
@@ -480,7 +482,7 @@ class PostgresCoordinator(Coordinator):
 
     async def publish(self, event: Event) -> None:
         payload = json.dumps({"kind": event.kind, "key": event.key})
-        async with self._session() as conn:
+        async with self._session(tables=False) as conn:  # a wake-up costs no schema check
             await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
 
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
