@@ -451,6 +451,9 @@ class PostgresCoordinator(Coordinator):
             for s in stats
         ]
         async with self._session() as conn, conn.transaction():
+            # Counts and heartbeats need not wait for the disk (a crash loses a second of
+            # them); leases and fences always do.
+            await conn.execute("SET LOCAL synchronous_commit = off")
             await self._run(conn, "heartbeat", {"id": runner.id, "label": runner.label, "ttl": ttl})
             if rows:
                 async with conn.cursor() as cursor:
