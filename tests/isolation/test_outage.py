@@ -51,6 +51,8 @@ async def test_isolated_child_and_async_pass_end_before_the_lease_deadline(
         ended = time.monotonic()
         assert ended < min(deadlines), "a pass outlived the lease it started under"
         assert in_loop.stats.last_error == "CancelledError: the lease was lost while the pass ran"
+        # The runner's thread records the failed pass once it has reaped the killed child.
+        await until(lambda: isolated.stats.last_error is not None, 5)
         assert "lease was lost" in (isolated.stats.last_error or "")
     finally:
         flaky.down = False
