@@ -106,7 +106,9 @@ if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8]) the
 end
 local t = redis.call('TIME')
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  local up = string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')
+  -- A server that refuses INFO to scripts (some hosted ones) is taken to be up long.
+  local info = redis.pcall('INFO', 'server')
+  local up = type(info) == 'string' and string.match(info, 'uptime_in_seconds:(%d+)')
   if up and tonumber(up) <= tonumber(ARGV[5]) then return {'denied', '', 250} end
   redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
 end
