@@ -33,15 +33,20 @@ class Cluster:
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     killed_at: dict[int, float] = field(default_factory=dict)
-    output: dict[int, str] = field(default_factory=dict)
 
     def start(self, *extra: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [*OSTINATO, "run", f"{WORKLOAD}:app", "--coordinator", self.url, *extra],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
+        # Output goes to a file, so a failing test can show what every runner said,
+        # the ones still running included.
+        with self._output(len(self.procs)).open("wb") as out:
+            proc = subprocess.Popen(
+                [*OSTINATO, "run", f"{WORKLOAD}:app", "--coordinator", self.url, *extra],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            )
         self.procs.append(proc)
         return proc
+
+    def _output(self, index: int) -> Path:
+        return self.records.with_name(f"{self.records.name}-runner{index}.out")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -77,19 +82,23 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
             time.sleep(0.01)
 
-    def holder(self, loop: str = "work") -> int:
-        self.wait(lambda: bool(self.passes(loop)), what=f"a first pass of {loop}")
+    def holder(self, loop: str = "work", since: float = 0.0, run: int = 5) -> int:
+        """The runner that ran the last ``run`` passes of ``loop`` started after ``since``."""
+
+        def settled() -> bool:
+            recent = [r for r in self.passes(loop) if r.start > since][-run:]
+            return len(recent) == run and len({r.pid for r in recent}) == 1
+
+        self.wait(settled, what=f"one runner to run {run} passes of {loop} in a row")
         return self.passes(loop)[-1].pid
 
     def logs(self) -> str:
+        """What every runner printed, last 3000 characters each."""
         out = []
-        for proc in self.procs:
-            if proc.poll() is None:
-                continue
-            if proc.pid not in self.output and proc.stdout and not proc.stdout.closed:
-                self.output[proc.pid] = proc.stdout.read().decode(errors="replace")
-            data = self.output.get(proc.pid, "")
-            out.append(f"--- runner {proc.pid} exit {proc.returncode}\n{data[-3000:]}")
+        for index, proc in enumerate(self.procs):
+            data = self._output(index).read_text(errors="replace")
+            state = "running" if proc.poll() is None else f"exit {proc.returncode}"
+            out.append(f"--- runner {proc.pid} {state}\n{data[-3000:]}")
         return "\n".join(out)
 
     def stop_all(self) -> None:
@@ -101,9 +110,6 @@ class Cluster:
                 except ProcessLookupError:
                     pass
             proc.wait(10)
-            if proc.stdout and not proc.stdout.closed:
-                self.output.setdefault(proc.pid, proc.stdout.read().decode(errors="replace"))
-                proc.stdout.close()
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:

@@ -37,11 +37,12 @@ def test_kill_9_of_the_holder_moves_the_loop_without_overlap(
     cluster_factory: Callable[..., Cluster], backend: str,
 ) -> None:
     """Kill -9 the holder twice among three runners: the loop resumes well inside the TTL each time."""
-    cluster = cluster_factory(backend, lease=lease_for(backend))
+    cluster = cluster_factory(backend, lease=lease_for(backend), drain="0")
     for _ in range(3):
         cluster.start()
+    killed = 0.0
     for _ in range(2):
-        holder = cluster.holder()
+        holder = cluster.holder(since=killed)
         cluster.wait(lambda h=holder: sum(r.pid == h for r in cluster.passes()) > 20, what="passes")
         killed = cluster.kill(holder)
         resumed = first_pass_after(cluster, killed, not_pid=holder)
@@ -58,7 +59,7 @@ def test_stopped_holder_loses_its_lease_and_starts_no_pass_with_its_stale_fence(
     cluster_factory: Callable[..., Cluster], backend: str,
 ) -> None:
     """A SIGSTOPped holder is replaced after its TTL and, once continued, runs nothing more."""
-    cluster = cluster_factory(backend, lease="1s")
+    cluster = cluster_factory(backend, lease="1s", drain="0")
     cluster.start()
     cluster.start()
     holder = cluster.holder()
@@ -91,7 +92,7 @@ def test_sigterm_finishes_the_pass_releases_and_exits_0(
     cluster_factory: Callable[..., Cluster],
 ) -> None:
     """SIGTERM: the holder exits 0 after its pass, and the standby takes over at once."""
-    cluster = cluster_factory(lease="10s", work_ms="50")
+    cluster = cluster_factory(lease="10s", work_ms="50", drain="0")
     first = cluster.start()
     holder = cluster.holder()
     assert holder == first.pid
@@ -140,10 +141,11 @@ def test_loops_spread_across_runners_and_the_survivors_take_all(
 
 def test_five_runners_hand_the_loop_down_the_line(cluster_factory: Callable[..., Cluster]) -> None:
     """Five runners, the holder stopped four times (kill -9, SIGTERM in turn): one pass at a time."""
-    cluster = cluster_factory(lease="10s")
+    cluster = cluster_factory(lease="10s", drain="0")
     procs = {p.pid: p for p in (cluster.start() for _ in range(5))}
+    at = 0.0
     for round_ in range(4):
-        holder = cluster.holder()
+        holder = cluster.holder(since=at)
         cluster.wait(lambda h=holder: sum(r.pid == h for r in cluster.passes()) > 5, what="passes")
         sig = signal.SIGKILL if round_ % 2 == 0 else signal.SIGTERM
         at = cluster.kill(holder, sig)

@@ -31,7 +31,7 @@ def test_supervisor_restarts_a_killed_runner_and_stops_cleanly(
     cluster_factory: Callable[..., Cluster],
 ) -> None:
     """A runner killed under the supervisor is replaced; SIGTERM stops them all and exits 0."""
-    cluster = cluster_factory(lease="10s")
+    cluster = cluster_factory(lease="10s", drain="0")
     supervisor = cluster.start("--processes", "2")
     cluster.wait(lambda: len(children(supervisor.pid)) == 2, what="two runners")
     holder = cluster.holder()
