@@ -249,6 +249,114 @@ async def test_holder_takes_its_lock_at_renewal_once_free(make: MakePostgres) ->
     await take_after_quiet(b, runner(2))
 
 
+async def test_holder_asking_again_keeps_its_lock_under_the_new_fence(
+    make: MakePostgres,
+) -> None:
+    """A holder granted its lease again renews under the new fence and still fails over fast."""
+    a, b = await make(), await make()
+    ra = runner(1)
+    first = await a.acquire(KEY, ra, 60.0)
+    again = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(first, Grant)
+    assert isinstance(again, Grant)
+    assert again.fence > first.fence
+    assert (await a.renew(ra, {KEY: (again.fence, 60.0)}))[KEY] is Renewal.HELD
+    assert len(await lock_holders(a.schema, KEY)) == 1
+    await kill_holder_session(a.schema, KEY)
+    await take_after_quiet(b, runner(2))
+
+
+async def test_grant_stands_without_its_lock_when_the_lease_connection_fails(
+    make: MakePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grant whose lock cannot be taken (no lease connection) is kept, and its renewal
+    takes the lock once the server can be reached again."""
+    import psycopg
+
+    a, b = await make(), await make()
+    ra = runner(1)
+    real_connect = a._connect
+
+    async def refused(statement_timeout: float | None = None) -> Any:
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(a, "_connect", refused)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    assert await lock_holders(a.schema, KEY) == []
+    denied = await b.acquire(KEY, runner(2), 60.0)
+    assert isinstance(denied, Denied)  # held, lock or not
+    monkeypatch.setattr(a, "_connect", real_connect)
+    assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.HELD
+    assert len(await lock_holders(a.schema, KEY)) == 1
+
+
+def lose_lease_connection_during(
+    coordinator: PostgresCoordinator, monkeypatch: pytest.MonkeyPatch,
+    then: Callable[[], Awaitable[None]],
+) -> None:
+    """Make the next acquire's answer arrive just after the lease connection was lost."""
+    real_fetch = coordinator._fetch
+
+    async def fetch(conn: Any, name: str, params: dict[str, Any]) -> Any:
+        row = await real_fetch(conn, name, params)
+        if name == "acquire":
+            monkeypatch.setattr(coordinator, "_fetch", real_fetch)
+            coordinator._unwatch_idle()  # as a failing renewal on that connection does
+            await coordinator._drop(coordinator._lease)
+            await until_lock_free(coordinator.schema, KEY)
+            await then()
+        return row
+
+    monkeypatch.setattr(coordinator, "_fetch", fetch)
+
+
+async def test_regrant_after_the_lock_went_with_its_connection_takes_the_lock_again(
+    make: MakePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row granted as locked just as the lock was lost is locked again before it is used."""
+    a, b = await make(), await make()
+    ra = runner(1)
+    assert isinstance(await a.acquire(KEY, ra, 60.0), Grant)
+
+    async def nothing() -> None:
+        pass
+
+    lose_lease_connection_during(a, monkeypatch, nothing)
+    again = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(again, Grant)
+    assert len(await lock_holders(a.schema, KEY)) == 1
+    assert (await a.renew(ra, {KEY: (again.fence, 60.0)}))[KEY] is Renewal.HELD
+    await asyncio.sleep(0.1)  # longer than LOCK_QUIET: the lock is not free, no takeover
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Denied)
+
+
+async def test_regrant_whose_lock_is_gone_for_good_is_given_back(
+    make: MakePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If that lock cannot be had again, the grant is given back rather than run unguarded."""
+    import psycopg
+
+    from ostinato.coordinators.postgres import lock_id
+
+    a, b = await make(), await make()
+    ra = runner(1)
+    assert isinstance(await a.acquire(KEY, ra, 60.0), Grant)
+    squatter = await psycopg.AsyncConnection.connect(postgres_url(), autocommit=True)
+
+    async def squat() -> None:
+        await squatter.execute("SELECT pg_advisory_lock(%s)", [lock_id(a.schema, KEY)])
+
+    try:
+        lose_lease_connection_during(a, monkeypatch, squat)
+        assert isinstance(await a.acquire(KEY, ra, 60.0), Denied)
+    finally:
+        await squatter.close()
+    [record] = [r for r in await b.loops() if r.key == KEY]
+    assert record.holder is None
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)
+
+
 async def test_released_lease_frees_the_lock(make: MakePostgres) -> None:
     """Releasing a lease also releases its advisory lock, so nothing lingers on the server."""
     a = await make()

@@ -372,19 +372,37 @@ class PostgresCoordinator(Coordinator):
 
     async def _granted(
         self, key: str, runner: RunnerInfo, row: DictRow, locked: bool, sent: float
-    ) -> Grant:
+    ) -> Grant | Denied:
+        """The row is ours with a new fence. Record it against the advisory lock the lease
+        connection holds, or take that lock now and mark the row with it."""
         fence, lock = int(row["fence"]), lock_id(self.schema, key)
-        if not locked:
+        grant = Grant(fence=fence, last_start=row["last_start"], sent=sent)
+        if locked and key in self._holders:
+            self._held(key, runner, fence)  # the same lock now guards the new fence
+            return grant
+        # Here ``locked`` means the lease connection, and the lock with it, was lost while
+        # the row was being granted as locked: a standby would take it over at once.
+        try:
             async with self._session(self._lease) as conn:
                 marked = await self._fetch(
                     conn, "mark", {"lock": lock, "key": key, "owner": runner.id, "fence": fence}
                 )
-                locked = bool(marked and marked["ok"] and marked["marked"])
-                if marked and marked["ok"] and not locked:
+                if marked and marked["marked"]:
+                    self._held(key, runner, fence)
+                    return grant
+                if marked and marked["ok"]:
                     await self._run(conn, "unlock", {"locks": [lock]})
                 if locked:
-                    self._held(key, runner, fence)
-        return Grant(fence=fence, last_start=row["last_start"], sent=sent)
+                    await self._run(conn, "release", {"key": key, "owner": runner.id,
+                                                      "fence": fence})
+                    return Denied(holder=None, expires_in=None)
+        except CoordinatorUnavailable as exc:
+            if locked:
+                raise
+            # Granted all the same, only without the lock: standbys wait for the lease to
+            # expire, and a renewal takes the lock once the connection is back.
+            log.info("%s: granted without its advisory lock (%s)", key, exc)
+        return grant
 
     def _held(self, key: str, runner: RunnerInfo, fence: int) -> None:
         self._holders[key] = (runner.id, fence)
