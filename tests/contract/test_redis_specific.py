@@ -230,6 +230,90 @@ async def test_a_holder_is_told_at_once_when_the_server_goes_away(tmp_path: Path
         server.stop()
 
 
+async def granting(server: ThrowawayRedis) -> None:
+    """Wait until a freshly started ``server`` grants leases (its restart quiet is over)."""
+    probe = from_url(server.url)
+    try:
+        deadline = time.monotonic() + 10
+        while not isinstance(await probe.acquire("app:probe", runner(9), 1.0), Grant):
+            assert time.monotonic() < deadline, "never granted"
+            await asyncio.sleep(0.1)
+    finally:
+        await probe.close()
+
+
+async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grant whose reply arrives after the events connection dropped may come from a server
+    that forgot it: it is not taken as held."""
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    coordinator = from_url(server.url)
+    events = coordinator._events  # type: ignore[attr-defined]
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        await granting(server)
+        await coordinator.subscribe(runner(1), got.put_nowait)
+        real_ask = coordinator._ask  # type: ignore[attr-defined]
+
+        async def ask_then_lose_the_server(*args: object, **kwargs: object) -> object:
+            answer = await real_ask(*args, **kwargs)
+            epoch = events.epoch
+            server.kill()
+            deadline = time.monotonic() + 5
+            while events.epoch == epoch:
+                assert time.monotonic() < deadline, "the events connection never dropped"
+                await asyncio.sleep(0.01)
+            return answer
+
+        monkeypatch.setattr(coordinator, "_ask", ask_then_lose_the_server)
+        answer = await coordinator.acquire(KEY, runner(1), 30.0)
+        assert isinstance(answer, Denied)
+    finally:
+        await coordinator.close()
+        server.stop()
+
+
+async def test_a_grant_made_while_events_were_down_is_dropped_when_they_return(
+    tmp_path: Path,
+) -> None:
+    """A lease granted while the events connection was down may be from a server that
+    restarted unseen: once the connection is back, the runner is told ``dropped``."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    coordinator = from_url(server.url)
+    events = coordinator._events  # type: ignore[attr-defined]
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        await granting(server)
+        await coordinator.subscribe(runner(1), got.put_nowait)
+        reopen = events._reopen
+
+        async def refused() -> object:
+            raise RedisConnectionError("refused by the test")
+
+        events._reopen = refused
+        server.kill()
+        deadline = time.monotonic() + 5
+        while events.connected:
+            assert time.monotonic() < deadline, "the events connection never dropped"
+            await asyncio.sleep(0.01)
+        server.start()
+        await granting(server)
+        grant = await coordinator.acquire(KEY, runner(1), 30.0)
+        assert isinstance(grant, Grant)
+        assert got.empty()
+        events._reopen = reopen
+        events.kick()
+        assert await asyncio.wait_for(got.get(), 10.0) == Event("dropped", KEY)
+    finally:
+        await coordinator.close()
+        server.stop()
+
+
 async def test_a_dead_holder_on_this_host_is_overtaken_at_once(make: MakeRedis) -> None:
     """A holder whose runner process died on this host loses its lease long before the TTL:
     its liveness lock is free. While it lives (even stopped), it keeps the lease."""

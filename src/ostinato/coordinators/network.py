@@ -8,6 +8,7 @@ listener task that reconnects with backoff when the server goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,7 +73,7 @@ class EventFeed(Generic[C]):
     ``receive`` yields the JSON payloads ``{"kind", "key"}`` arriving on a connection.
     Any error reopens the connection; one of the types in ``lost`` is an expected
     outage, logged without a traceback. ``on_lost`` runs each time the connection
-    is lost.
+    is lost, ``on_reopen`` each time a new one is open; ``epoch`` counts the losses.
     """
 
     def __init__(
@@ -85,9 +86,13 @@ class EventFeed(Generic[C]):
         lost: tuple[type[BaseException], ...],
         explain: Callable[[BaseException], object],
         on_lost: Callable[[], None] | None = None,
+        on_reopen: Callable[[], None] | None = None,
     ) -> None:
         self.name, self.display_url = name, display_url
-        self._on_lost = on_lost
+        self._on_lost, self._on_reopen = on_lost, on_reopen
+        self.epoch = 0
+        self.connected = False
+        self._kick = asyncio.Event()
         self._receive, self._reopen, self._close = receive, reopen, close
         self._lost, self._explain = lost, explain
         self.callbacks: list[Callable[[Event], None]] = []
@@ -100,6 +105,10 @@ class EventFeed(Generic[C]):
     def start(self, first: C) -> None:
         """Feed the callbacks from ``first``, an open connection, and its successors."""
         self._task = asyncio.get_running_loop().create_task(self._follow(first), name=self.name)
+
+    def kick(self) -> None:
+        """Try to reopen a lost connection now rather than after the backoff."""
+        self._kick.set()
 
     async def stop(self, wait: float) -> None:
         if self._task is not None:
@@ -132,12 +141,19 @@ class EventFeed(Generic[C]):
                         conn = await self._reopen()
                         log.warning("receiving events from %s again", self.display_url)
                         delay, failing = RECONNECT_MIN, False
+                        self.connected = True
+                        if self._on_reopen is not None:
+                            self._on_reopen()
+                    self.connected = True
                     async for payload in self._receive(conn):
                         self.deliver_payload(payload)
                     raise ConnectionResetError("the event stream ended")
                 except Exception as exc:  # the feed must outlive any one failure
-                    if conn is not None and self._on_lost is not None:
-                        self._on_lost()
+                    self.connected = False
+                    if conn is not None:
+                        self.epoch += 1
+                        if self._on_lost is not None:
+                            self._on_lost()
                     if not failing:
                         log.error("lost the events of %s, reconnecting: %s", self.display_url,
                                   self._explain(exc), exc_info=not isinstance(exc, self._lost))
@@ -145,8 +161,11 @@ class EventFeed(Generic[C]):
                     if conn is not None:
                         await self._close(conn)
                         conn = None
-                    await asyncio.sleep(delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._kick.wait(), delay)
+                    self._kick.clear()
                     delay = min(delay * 2, RECONNECT_MAX)
         finally:
+            self.connected = False
             if conn is not None:
                 await self._close(conn)

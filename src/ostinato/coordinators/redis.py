@@ -19,9 +19,12 @@ Lua's doubles never round them.
 Such a restart also forgets the leases while their holders still run. Each
 holder learns of it at once: its pub/sub connection drops, and the coordinator
 tells its runner (``dropped``) to stop the passes of every lease it holds and
-ask again. And a server up for less than ``RESTART_QUIET`` grants no lease whose
-fence it has to seed, so that holders of forgotten leases, and any pass they
-had in flight, have stopped first.
+ask again. A grant is trusted only if that connection stayed up around it: one
+answered after the connection dropped is not taken, and one made while it was
+down is announced ``dropped`` once it is back, since the server may have
+restarted unseen in between. And a server up for less than ``RESTART_QUIET``
+grants no lease whose fence it has to seed, so that holders of forgotten
+leases, and any pass they had in flight, have stopped first.
 
 Redis cannot tell that a holder died, so its lease is taken over when it
 expires, except where the holder ran on this host under this user: every
@@ -67,7 +70,7 @@ from redis.typing import EncodableT, FieldT
 
 from ostinato.coordinators import redact
 from ostinato.coordinators.liveness import RunnerLocks, host_folder
-from ostinato.coordinators.network import EventFeed, take_options, unavailable
+from ostinato.coordinators.network import RECONNECT_MIN, EventFeed, take_options, unavailable
 from ostinato.coordinators.protocol import (
     Coordinator,
     Denied,
@@ -213,10 +216,14 @@ class RedisCoordinator(Coordinator):
         self._events = EventFeed[PubSub](
             f"ostinato-redis-events:{self.prefix}", self.display_url, self._messages,
             self._listen, self._drop, UNREACHABLE, self._unavailable, self._connection_lost,
+            self._reconnected,
         )
         self._closed = False
         # The leases granted here and not yet given up or lost: loop -> fence.
         self._held: dict[str, int] = {}
+        # Those of them granted while the events connection was down, so by a server
+        # that may have restarted unseen since.
+        self._unwatched: set[str] = set()
         self.locks = RunnerLocks(host_folder())
         self._liveness_broken = False
         # Holders on this host that refused us, by runner id: who waits, for which loops.
@@ -267,6 +274,7 @@ class RedisCoordinator(Coordinator):
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
         self._hold_liveness(runner)
+        epoch, watched = self._events.epoch, self._events.connected
         answer = await self._ask(key, runner, ttl)
         if answer[0] == "denied" and len(answer) == 6:  # refused by a holder, not by a restart
             owner, fence, pid = answer[3:6]
@@ -280,7 +288,15 @@ class RedisCoordinator(Coordinator):
         if answer[0] == "denied":
             pttl = int(answer[2])
             return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
+        if self._events.callbacks and self._events.epoch != epoch:
+            # The events connection dropped while this was asked: the grant may come from
+            # a server that has since restarted and forgotten it, and the runner was told
+            # ``dropped`` before it held the lease. Asking again settles it.
+            return Denied(holder=None, expires_in=RECONNECT_MIN)
         self._held[key] = int(answer[1])
+        if self._events.callbacks and not (watched and self._events.connected):
+            self._unwatched.add(key)
+            self._events.kick()
         return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
 
     def _hold_liveness(self, runner: RunnerInfo) -> None:
@@ -329,8 +345,17 @@ class RedisCoordinator(Coordinator):
         """The events connection dropped: the server may have restarted and forgotten
         every lease, so the runner stops their passes and asks for them again."""
         held, self._held = self._held, {}
+        self._unwatched.clear()
         for key in held:
             self._events.deliver(Event("dropped", key))
+
+    def _reconnected(self) -> None:
+        """The events connection is back: a lease granted while it was down may come from
+        a server that restarted in the meantime, unseen, so it is asked for again."""
+        unwatched, self._unwatched = self._unwatched, set()
+        for key in unwatched:
+            if self._held.pop(key, None) is not None:
+                self._events.deliver(Event("dropped", key))
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
@@ -360,6 +385,7 @@ class RedisCoordinator(Coordinator):
                         answers[key] = Renewal(result)
                         if answers[key] is not Renewal.HELD:
                             self._held.pop(key, None)
+                            self._unwatched.discard(key)
                 if not missing:
                     break
                 self._renew.sha = await self._client.script_load(RENEW)
@@ -371,6 +397,7 @@ class RedisCoordinator(Coordinator):
             released = await self._release([self._key("lease", key)], [runner.id, str(fence)])
         if self._held.get(key) == fence:
             del self._held[key]
+            self._unwatched.discard(key)
         return bool(released)
 
     async def revoke(self, key: str) -> int | None:
