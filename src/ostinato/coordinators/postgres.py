@@ -196,9 +196,9 @@ class PostgresCoordinator(Coordinator):
         (the lease connection's advisory locks with it) and becomes
         ``CoordinatorUnavailable``."""
         link = link or self._main
-        if self._closed:
-            raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
         async with link.turn(priority):
+            if self._closed:  # checked once it is our turn: close() may have come first
+                raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
             if link is self._lease:
                 self._unwatch_idle()
             try:
@@ -217,8 +217,9 @@ class PostgresCoordinator(Coordinator):
             except asyncio.CancelledError:
                 await self._drop(link)  # cut off mid-statement: its state is unknown
                 raise
-            if link is self._lease:
-                self._watch_idle()
+            finally:
+                if link is self._lease:
+                    self._watch_idle()  # does nothing once the connection is dropped
 
     def _watch_idle(self) -> None:
         """While the connection is idle, notice at once if the server ends it.

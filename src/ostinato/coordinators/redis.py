@@ -24,7 +24,7 @@ answered after the connection dropped is not taken, and one made while it was
 down is announced ``dropped`` once it is back, since the server may have
 restarted unseen in between. And a server up for less than ``RESTART_QUIET``
 grants no lease whose fence it has to seed, so that holders of forgotten
-leases, and any pass they had in flight, have stopped first.
+leases have stopped starting passes first.
 
 Redis cannot tell that a holder died, so its lease is taken over when it
 expires, except where the holder ran on this host under this user: every
@@ -92,8 +92,10 @@ log = logging.getLogger("ostinato.redis")
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, InvalidResponse, OSError)
 
 # Seconds a freshly (re)started server waits before granting a lease it has no fence
-# for. Redis counts its uptime in whole seconds of the wall clock, so the script
-# waits for one more than this.
+# for, time for holders of leases it forgot to hear ``dropped`` and stop starting
+# passes (a pass already running is stopped only if it can be: see ``lose``). Redis
+# counts its uptime in whole seconds of the wall clock, so the script waits for one
+# more than this.
 RESTART_QUIET = 1
 
 # KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s,
@@ -263,8 +265,11 @@ class RedisCoordinator(Coordinator):
         if self._closed:
             return
         self._closed = True
-        for task, _ in self._mourners.values():
+        mourners = [task for task, _ in self._mourners.values()]
+        for task in mourners:
             task.cancel()
+        if mourners:
+            await asyncio.wait(mourners, timeout=self.timeout)
         await self._events.stop(self.timeout)
         await self._client.aclose()
         await self._events_client.aclose()
