@@ -291,6 +291,31 @@ async def test_grant_stands_without_its_lock_when_the_lease_connection_fails(
     assert len(await lock_holders(a.schema, KEY)) == 1
 
 
+async def test_grant_whose_lock_reply_was_lost_is_not_taken(
+    make: MakePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the connection fails once the lock was asked for, the row may say "locked" while
+    the lock went with the connection: the grant is not taken, and a standby may have it."""
+    import psycopg
+
+    a, b = await make(), await make()
+    ra = runner(1)
+    real_fetch = a._fetch
+
+    async def fetch(conn: Any, name: str, params: dict[str, Any]) -> Any:
+        row = await real_fetch(conn, name, params)
+        if name == "mark":
+            raise psycopg.OperationalError("the reply was lost")
+        return row
+
+    monkeypatch.setattr(a, "_fetch", fetch)
+    with pytest.raises(CoordinatorUnavailable):
+        await a.acquire(KEY, ra, 60.0)
+    monkeypatch.setattr(a, "_fetch", real_fetch)
+    await until_lock_free(a.schema, KEY)
+    await take_after_quiet(b, runner(2))  # long before the 60 s lease would expire
+
+
 def lose_lease_connection_during(
     coordinator: PostgresCoordinator, monkeypatch: pytest.MonkeyPatch,
     then: Callable[[], Awaitable[None]],

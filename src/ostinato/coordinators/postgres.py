@@ -269,6 +269,7 @@ class PostgresCoordinator(Coordinator):
     async def _drop(self, link: Link) -> None:
         conn, link.conn = link.conn, None
         if link is self._lease:
+            self._unwatch_idle()
             lost = list(self._holders)
             self._holders.clear()
             # The advisory locks went with the connection, so a standby may take these
@@ -383,8 +384,10 @@ class PostgresCoordinator(Coordinator):
             return grant
         # Here ``locked`` means the lease connection, and the lock with it, was lost while
         # the row was being granted as locked: a standby would take it over at once.
+        asked = False
         try:
             async with self._session(self._lease) as conn:
+                asked = True
                 marked = await self._fetch(
                     conn, "mark", {"lock": lock, "key": key, "owner": runner.id, "fence": fence}
                 )
@@ -398,10 +401,12 @@ class PostgresCoordinator(Coordinator):
                                                       "fence": fence})
                     return Denied(holder=None, expires_in=None)
         except CoordinatorUnavailable as exc:
-            if locked:
+            # Once asked, the row may be marked with a lock that went with the connection.
+            if locked or asked or self._closed:
                 raise
-            # Granted all the same, only without the lock: standbys wait for the lease to
-            # expire, and a renewal takes the lock once the connection is back.
+            # Not asked (no lease connection to be had): granted all the same, only without
+            # the lock, so standbys wait for the lease to expire; a renewal takes the lock
+            # once the connection is back.
             log.info("%s: granted without its advisory lock (%s)", key, exc)
         return grant
 
@@ -464,19 +469,11 @@ class PostgresCoordinator(Coordinator):
     # -- reports and status ----------------------------------------------------------------
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
-        rows = [
-            {"key": s.key, "passes": s.passes, "errors": s.errors,
-             **{name: getattr(s, name) for name in STAT_COLUMNS}}
-            for s in stats
-        ]
-        async with self._session() as conn, conn.transaction():
-            # Counts and heartbeats need not wait for the disk (a crash loses a second of
-            # them); leases and fences always do.
-            await conn.execute("SET LOCAL synchronous_commit = off")
-            await self._run(conn, "heartbeat", {"id": runner.id, "label": runner.label, "ttl": ttl})
-            if rows:
-                async with conn.cursor() as cursor:
-                    await cursor.executemany(self._sql["stats"], rows)
+        params: dict[str, Any] = {"id": runner.id, "label": runner.label, "ttl": ttl}
+        for column in ("key", "passes", "errors", *STAT_COLUMNS):
+            params[column] = [getattr(item, column) for item in stats]
+        async with self._session() as conn:
+            await self._run(conn, "report", params)
 
     async def runners(self) -> list[RunnerRecord]:
         async with self._session() as conn:
@@ -534,7 +531,8 @@ class PostgresCoordinator(Coordinator):
     # -- waiting for a holder's lock ------------------------------------------------------------
 
     def _watch(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
-        if not self._events.callbacks or key in self._waiters or len(self._waiters) >= MAX_WAITERS:
+        if (self._closed or not self._events.callbacks or key in self._waiters
+                or len(self._waiters) >= MAX_WAITERS):
             return
         self._waiters[key] = asyncio.get_running_loop().create_task(
             self._await_holder(key, lock, owner, fence)

@@ -91,19 +91,23 @@ WHERE key = %(key)s AND owner = %(owner)s AND fence = %(fence)s
 UPDATE {s}.loops SET owner = NULL, holder = NULL, expires = NULL, locked = false
 WHERE key = %(key)s AND owner IS NOT NULL AND expires > clock_timestamp() RETURNING fence
 """,
-    "heartbeat": """
-INSERT INTO {s}.runners (id, label, expires)
-VALUES (%(id)s, %(label)s, clock_timestamp() + make_interval(secs => %(ttl)s))
-ON CONFLICT (id) DO UPDATE SET label = excluded.label, expires = excluded.expires
-""",
-    # Counts add up; a field a report leaves out (NULL) keeps its stored value,
-    # except running_since, which every report replaces.
-    "stats": """
+    # The heartbeat and every loop's stats in one statement: the lease rows it updates
+    # stay locked only while the server runs it, never while a busy runner's client
+    # gets round to its next statement (a renewal would wait on them). Counts add up;
+    # a field a report leaves out (NULL) keeps its stored value, except running_since,
+    # which every report replaces.
+    "report": """
+WITH beat AS (
+    INSERT INTO {s}.runners (id, label, expires)
+    VALUES (%(id)s, %(label)s, clock_timestamp() + make_interval(secs => %(ttl)s))
+    ON CONFLICT (id) DO UPDATE SET label = excluded.label, expires = excluded.expires)
 INSERT INTO {s}.loops AS l (key, passes, errors, last_start, last_end, last_duration,
     last_outcome, last_error, last_error_at, p50, p99, running_since, stall_after)
-VALUES (%(key)s, %(passes)s, %(errors)s, %(last_start)s, %(last_end)s, %(last_duration)s,
-    %(last_outcome)s, %(last_error)s, %(last_error_at)s, %(p50)s, %(p99)s, %(running_since)s,
-    %(stall_after)s)
+SELECT * FROM unnest(%(key)s::text[], %(passes)s::bigint[], %(errors)s::bigint[],
+    %(last_start)s::float8[], %(last_end)s::float8[], %(last_duration)s::float8[],
+    %(last_outcome)s::text[], %(last_error)s::text[], %(last_error_at)s::float8[],
+    %(p50)s::float8[], %(p99)s::float8[], %(running_since)s::float8[],
+    %(stall_after)s::float8[])
 ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes,
     errors = l.errors + excluded.errors, running_since = excluded.running_since,
     last_start = coalesce(excluded.last_start, l.last_start),
