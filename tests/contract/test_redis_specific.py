@@ -259,10 +259,10 @@ async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
 
         async def ask_then_lose_the_server(*args: object, **kwargs: object) -> object:
             answer = await real_ask(*args, **kwargs)
-            epoch = events.epoch
+            generation = events.generation
             server.kill()
             deadline = time.monotonic() + 5
-            while events.epoch == epoch:
+            while events.generation == generation:
                 assert time.monotonic() < deadline, "the events connection never dropped"
                 await asyncio.sleep(0.01)
             return answer
@@ -309,6 +309,53 @@ async def test_a_grant_made_while_events_were_down_is_dropped_when_they_return(
         events._reopen = reopen
         events.kick()
         assert await asyncio.wait_for(got.get(), 10.0) == Event("dropped", KEY)
+    finally:
+        await coordinator.close()
+        server.stop()
+
+
+async def test_a_grant_answered_as_events_came_back_is_asked_for_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grant asked for while the events connection was down, and answered after it came
+    back, may come from a server that restarted unseen: it is not taken as held."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    coordinator = from_url(server.url)
+    events = coordinator._events  # type: ignore[attr-defined]
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        await granting(server)
+        await coordinator.subscribe(runner(1), got.put_nowait)
+        reopen = events._reopen
+
+        async def refused() -> object:
+            raise RedisConnectionError("refused by the test")
+
+        events._reopen = refused
+        server.kill()
+        deadline = time.monotonic() + 5
+        while events.connected:
+            assert time.monotonic() < deadline, "the events connection never dropped"
+            await asyncio.sleep(0.01)
+        server.start()
+        await granting(server)
+        real_ask = coordinator._ask  # type: ignore[attr-defined]
+
+        async def ask_then_let_events_back(*args: object, **kwargs: object) -> object:
+            answer = await real_ask(*args, **kwargs)
+            events._reopen = reopen
+            events.kick()
+            deadline = time.monotonic() + 5
+            while not events.connected:
+                assert time.monotonic() < deadline, "the events connection never came back"
+                await asyncio.sleep(0.01)
+            return answer
+
+        monkeypatch.setattr(coordinator, "_ask", ask_then_let_events_back)
+        assert isinstance(await coordinator.acquire(KEY, runner(1), 30.0), Denied)
     finally:
         await coordinator.close()
         server.stop()

@@ -73,7 +73,7 @@ class EventFeed(Generic[C]):
     ``receive`` yields the JSON payloads ``{"kind", "key"}`` arriving on a connection.
     Any error reopens the connection; one of the types in ``lost`` is an expected
     outage, logged without a traceback. ``on_lost`` runs each time the connection
-    is lost, ``on_reopen`` each time a new one is open; ``epoch`` counts the losses.
+    is lost, ``on_reopen`` each time a new one is open; ``generation`` counts both.
     """
 
     def __init__(
@@ -90,7 +90,7 @@ class EventFeed(Generic[C]):
     ) -> None:
         self.name, self.display_url = name, display_url
         self._on_lost, self._on_reopen = on_lost, on_reopen
-        self.epoch = 0
+        self.generation = 0
         self.connected = False
         self._kick = asyncio.Event()
         self._receive, self._reopen, self._close = receive, reopen, close
@@ -142,6 +142,7 @@ class EventFeed(Generic[C]):
                         log.warning("receiving events from %s again", self.display_url)
                         delay, failing = RECONNECT_MIN, False
                         self.connected = True
+                        self.generation += 1
                         if self._on_reopen is not None:
                             self._on_reopen()
                     self.connected = True
@@ -151,7 +152,7 @@ class EventFeed(Generic[C]):
                 except Exception as exc:  # the feed must outlive any one failure
                     self.connected = False
                     if conn is not None:
-                        self.epoch += 1
+                        self.generation += 1
                         if self._on_lost is not None:
                             self._on_lost()
                     if not failing:

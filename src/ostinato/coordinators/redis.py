@@ -279,7 +279,7 @@ class RedisCoordinator(Coordinator):
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
         self._hold_liveness(runner)
-        epoch, watched = self._events.epoch, self._events.connected
+        generation, watched = self._events.generation, self._events.connected
         answer = await self._ask(key, runner, ttl)
         if answer[0] == "denied" and len(answer) == 6:  # refused by a holder, not by a restart
             owner, fence, pid = answer[3:6]
@@ -293,13 +293,15 @@ class RedisCoordinator(Coordinator):
         if answer[0] == "denied":
             pttl = int(answer[2])
             return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
-        if self._events.callbacks and self._events.epoch != epoch:
-            # The events connection dropped while this was asked: the grant may come from
-            # a server that has since restarted and forgotten it, and the runner was told
-            # ``dropped`` before it held the lease. Asking again settles it.
+        if self._events.callbacks and self._events.generation != generation:
+            # The events connection dropped or came back while this was asked: the grant
+            # may come from a server that has since restarted and forgotten it, unseen.
+            # Asking again settles it.
             return Denied(holder=None, expires_in=RECONNECT_MIN)
         self._held[key] = int(answer[1])
-        if self._events.callbacks and not (watched and self._events.connected):
+        if self._events.callbacks and not watched:
+            # Asked while that connection was down (and it still is): announced
+            # ``dropped`` once it is back.
             self._unwatched.add(key)
             self._events.kick()
         return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
@@ -329,7 +331,7 @@ class RedisCoordinator(Coordinator):
 
     def _mourn(self, key: str, owner: str, pid: int) -> None:
         """Announce ``released`` for ``key`` once ``owner``, a runner of this host, dies."""
-        if not self._events.callbacks:
+        if self._closed or not self._events.callbacks:
             return
         if owner in self._mourners:
             self._mourners[owner][1].add(key)
