@@ -192,12 +192,14 @@ class Runner:
         if not held:
             return
         request = {key: (lease.fence, lease.ttl) for key, (_, lease) in held.items()}
-        # The call must not outlive the soonest lease: past that, its answer is moot.
-        soonest = min(lease.deadline for _, lease in held.values())
+        # The call must not outlive the latest lease: past that, every answer is moot. A
+        # lease that runs out sooner stops its own passes meanwhile; cutting the call
+        # short for it would cost the others their renewal (on PostgreSQL, their locks).
+        latest = max(lease.deadline for _, lease in held.values())
         sent = time.monotonic()
         try:
             answers = await asyncio.wait_for(
-                self.coordinator.renew(self.info, request), timeout=max(soonest - sent, 0.001)
+                self.coordinator.renew(self.info, request), timeout=max(latest - sent, 0.001)
             )
         except (CoordinatorUnavailable, TimeoutError) as exc:
             why = str(exc) or "the renewal timed out"

@@ -260,6 +260,43 @@ async def test_unreachable_coordinator_stops_passes_at_once_and_they_resume_afte
     assert fences[-1][1] > fences[0][1]
 
 
+async def test_a_renewal_late_for_one_lease_still_renews_the_others() -> None:
+    """A renewal answered after a short lease ran out loses that lease only: the loops with
+    longer leases keep theirs (and their fences)."""
+    flaky = Flaky(MemoryCoordinator(uuid.uuid4().hex))
+    app = ostinato.App("late", coordinator=flaky)
+    fences: dict[str, list[int]] = {"short": [], "long": []}
+
+    @app.loop(lease="300ms", pause="1ms")
+    def short(ctx: Pass) -> None:
+        fences["short"].append(ctx.fence)
+
+    @app.loop(lease="5s", pause="1ms")
+    def long(ctx: Pass) -> None:
+        fences["long"].append(ctx.fence)
+
+    real_renew = flaky.renew
+
+    async def late_renew(runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+                         ) -> dict[str, Renewal]:
+        await asyncio.sleep(0.6)  # past the short lease, well inside the long one
+        return await real_renew(runner, leases)
+
+    async with app.running() as runner:
+        await until(lambda: len(fences["short"]) > 5 and len(fences["long"]) > 5)
+        keeper = runner.keepers["late:long"]
+        losses = keeper.losses
+        flaky.renew = late_renew  # type: ignore[method-assign]
+        await runner.renew_once()
+        flaky.renew = real_renew  # type: ignore[method-assign]
+        assert keeper.losses == losses
+        assert keeper.lease is not None
+        assert keeper.lease.holds()
+        count = len(fences["long"])
+        await until(lambda: len(fences["long"]) > count + 5)
+    assert set(fences["long"]) == {fences["long"][0]}  # never lost, so never granted again
+
+
 async def test_running_stops_cleanly_and_releases() -> None:
     """Leaving ``running()`` finishes the pass, releases the lease and reports the stats."""
     url = memory_url()
