@@ -179,8 +179,12 @@ class Runner:
     async def _renew_forever(self) -> None:
         while not self.stopping:
             self._renew_now.clear()
+            # Every third of the shortest lease from one renewal's start to the next, so a
+            # slow coordinator (round trips of a tenth of the lease) does not stretch it.
+            started = time.monotonic()
             await self.renew_once()
-            await self._sleep(self._shortest_lease / 3, self._renew_now)
+            await self._sleep(started + self._shortest_lease / 3 - time.monotonic(),
+                              self._renew_now)
 
     async def renew_once(self) -> None:
         """Extend every lease held here; a lease whose renewal fails stops its passes at once."""

@@ -297,6 +297,34 @@ async def test_a_renewal_late_for_one_lease_still_renews_the_others() -> None:
     assert set(fences["long"]) == {fences["long"][0]}  # never lost, so never granted again
 
 
+async def test_renewals_keep_their_pace_when_each_takes_a_third_of_the_lease() -> None:
+    """Renewals start a third of the lease apart however long each takes, so a coordinator
+    whose round trip is a third of the lease still never lets the lease run out."""
+    flaky = Flaky(MemoryCoordinator(uuid.uuid4().hex))
+    app = ostinato.App("slow", coordinator=flaky)
+    fences: list[int] = []
+
+    @app.loop(lease="1s", pause="1ms")
+    def work(ctx: Pass) -> None:
+        fences.append(ctx.fence)
+
+    real_renew = flaky.renew
+    calls: list[float] = []
+
+    async def slow_renew(runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+                         ) -> dict[str, Renewal]:
+        calls.append(time.monotonic())
+        await asyncio.sleep(0.35)
+        return await real_renew(runner, leases)
+
+    flaky.renew = slow_renew  # type: ignore[method-assign]
+    async with app.running() as runner:
+        await until(lambda: len(calls) >= 6, timeout=10.0)
+        keeper = runner.keepers["slow:work"]
+        assert keeper.losses == 0
+    assert set(fences) == {fences[0]}  # never lost, so never granted again
+
+
 async def test_running_stops_cleanly_and_releases() -> None:
     """Leaving ``running()`` finishes the pass, releases the lease and reports the stats."""
     url = memory_url()
