@@ -16,20 +16,27 @@ only when the TTL runs out.
 
 Events reach the runners of this database as UDP datagrams on the loopback
 interface, sent to the port each runner registered.
+
+Each coordinator uses its connection from one thread, which takes waiting
+calls by priority: renewals before anything else, a standby's lease requests
+last, so a runner's renewals never queue behind its own standbys' polling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import itertools
 import json
 import logging
 import os
+import queue
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,6 +119,46 @@ def sqlite_path(url: str) -> Path:
     return path
 
 
+# The order in which the connection's thread takes waiting statements: renewals first
+# (a lease must not run out behind this runner's own requests), a standby's lease
+# requests last.
+RENEWAL, URGENT, REQUEST = 0, 1, 2
+
+
+class _Worker:
+    """The one thread that uses the connection, taking waiting calls by priority."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], Any] | None,
+                                               concurrent.futures.Future[Any] | None]]
+        self._queue = queue.PriorityQueue()
+        self._order = itertools.count()
+        threading.Thread(target=self._work, name="ostinato-sqlite", daemon=True).start()
+
+    def submit(self, priority: int, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((priority, next(self._order), fn, future))
+        return future
+
+    def stop(self) -> None:
+        """End the thread once every call already submitted has run."""
+        self._queue.put((REQUEST + 1, next(self._order), None, None))
+
+    def _work(self) -> None:
+        while True:
+            _, _, fn, future = self._queue.get()
+            if fn is None or future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up waiting
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the caller, as an executor would
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
 class SQLiteCoordinator(Coordinator):
     """Leases in a SQLite database shared by the processes of one host."""
 
@@ -120,7 +167,7 @@ class SQLiteCoordinator(Coordinator):
         self.display_url = url
         self.locks = RunnerLocks(self.path.with_name(self.path.name + "-runners"))
         self._boot = boot_id()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ostinato-sqlite")
+        self._worker = _Worker()
         self._conn: sqlite3.Connection | None = None
         self._watched: dict[str, set[str]] = {}
         self._watch_tasks: set[asyncio.Task[None]] = set()
@@ -150,17 +197,16 @@ class SQLiteCoordinator(Coordinator):
             self._conn = conn
         return self._conn
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, priority: int = URGENT) -> T:
         if self._closed:
             raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
-        loop = asyncio.get_running_loop()
 
         def call() -> T:
             conn = self._connect()
             return fn(conn, *args)
 
         try:
-            return await loop.run_in_executor(self._executor, call)
+            return await asyncio.wrap_future(self._worker.submit(priority, call))
         except sqlite3.OperationalError as exc:
             if self._conn is None and not _transient(exc):
                 raise ConfigurationError(f"cannot open SQLite database {self.path}: {exc}") from exc
@@ -188,8 +234,8 @@ class SQLiteCoordinator(Coordinator):
                 self._conn.close()
             self.locks.release_all()
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=False)
+        await asyncio.wrap_future(self._worker.submit(REQUEST, shut))  # after every call before it
+        self._worker.stop()
 
     @staticmethod
     def _write(conn: sqlite3.Connection) -> contextlib.AbstractContextManager[None]:
@@ -235,7 +281,7 @@ class SQLiteCoordinator(Coordinator):
                 )
                 return Grant(fence=fence, last_start=row["last_start"]), None
 
-        answer, holder_pid = await self._run(grant)
+        answer, holder_pid = await self._run(grant, priority=REQUEST)
         if isinstance(answer, Denied) and holder_pid is not None:
             owner = await self._run(
                 lambda conn: conn.execute(
@@ -276,7 +322,7 @@ class SQLiteCoordinator(Coordinator):
                         answers[key] = Renewal.HELD
             return answers
 
-        return await self._run(extend)
+        return await self._run(extend, priority=RENEWAL)
 
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
         def drop(conn: sqlite3.Connection) -> bool:
