@@ -205,6 +205,7 @@ class LoopKeeper:
         if self.paused:
             self.paused = False
         self.lease = lease
+        self.runner.lease_granted()
         self.held_at = time.monotonic()
         self.acquisitions += 1
         log.info("%s: lease acquired (fence %d)", self.key, lease.fence,

@@ -45,17 +45,19 @@ class LocalLease:
     infinity the moment a renewal fails, so ``holds()`` turns false at once.
     """
 
-    __slots__ = ("deadline", "fence", "margin", "ttl")
+    __slots__ = ("deadline", "fence", "margin", "renew_at", "ttl")
 
     def __init__(self, fence: int, ttl: float, sent_at: float) -> None:
         self.fence = fence
         self.ttl = ttl
         # A pass may start only while at least this much of the lease is left.
         self.margin = ttl / 10
-        self.deadline = sent_at + ttl - drift_margin(ttl)
+        self.extend(sent_at)
 
     def extend(self, sent_at: float) -> None:
         self.deadline = sent_at + self.ttl - drift_margin(self.ttl)
+        #: When the next renewal is due: a third of the way into the lease.
+        self.renew_at = sent_at + self.ttl / 3
 
     def revoke(self) -> None:
         self.deadline = float("-inf")

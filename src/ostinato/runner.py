@@ -71,6 +71,7 @@ class Runner:
         self.wall_offset = wall_offset()
         self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
         self._renew_now = asyncio.Event()
+        self._granted = asyncio.Event()
         self.live_runners = 1
         #: How child processes import the app (``isolation="process"``).
         self.app_target = app_target
@@ -165,8 +166,8 @@ class Runner:
                 log.exception("runner task %s failed; starting it again", name)
                 await asyncio.sleep(1.0)
 
-    async def _sleep(self, seconds: float, early: asyncio.Event | None = None) -> None:
-        events = [self.stopped] + ([early] if early is not None else [])
+    async def _sleep(self, seconds: float, *early: asyncio.Event) -> None:
+        events = [self.stopped, *early]
         waiters = [asyncio.ensure_future(e.wait()) for e in events]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -179,20 +180,41 @@ class Runner:
     async def _renew_forever(self) -> None:
         while not self.stopping:
             self._renew_now.clear()
-            # Every third of the shortest lease from one renewal's start to the next, so a
-            # slow coordinator (round trips of a tenth of the lease) does not stretch it.
             started = time.monotonic()
             await self.renew_once()
-            await self._sleep(started + self._shortest_lease / 3 - time.monotonic(),
-                              self._renew_now)
+            await self._until_renewal_due(started)
 
-    async def renew_once(self) -> None:
-        """Extend every lease held here; a lease whose renewal fails stops its passes at once."""
-        held = {
+    async def _until_renewal_due(self, started: float) -> None:
+        """Wait until a held lease is a third of the way through, counted from when it was
+        last asked for, and at most a third of the shortest lease from ``started``, so a
+        slow coordinator does not stretch the pace. A lease granted late in its life (its
+        request waited, or took two long round trips) is renewed as soon as it arrives,
+        not at the next regular turn, by which time it may have run out."""
+        regular = started + self._shortest_lease / 3
+        # Never sooner than this after the last start, whatever a lease says: no spinning.
+        floor = started + self._shortest_lease / 100
+        while not self.stopping and not self._renew_now.is_set():
+            self._granted.clear()
+            due = min([regular, *(lease.renew_at for _, lease in self._held_leases().values())])
+            wait = max(due, floor) - time.monotonic()
+            if wait <= 0:
+                return
+            await self._sleep(wait, self._renew_now, self._granted)
+
+    def lease_granted(self) -> None:
+        """A keeper got a lease: the renewal schedule must take it into account."""
+        self._granted.set()
+
+    def _held_leases(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
+        return {
             key: (keeper, keeper.lease)
             for key, keeper in self.keepers.items()
             if keeper.lease is not None and keeper.lease.deadline != float("-inf")
         }
+
+    async def renew_once(self) -> None:
+        """Extend every lease held here; a lease whose renewal fails stops its passes at once."""
+        held = self._held_leases()
         if not held:
             return
         request = {key: (lease.fence, lease.ttl) for key, (_, lease) in held.items()}

@@ -325,6 +325,38 @@ async def test_renewals_keep_their_pace_when_each_takes_a_third_of_the_lease() -
     assert set(fences) == {fences[0]}  # never lost, so never granted again
 
 
+async def test_a_lease_granted_late_in_its_life_is_renewed_at_once() -> None:
+    """A grant whose request took most of the lease (a queue, two long round trips) is
+    renewed as soon as it arrives. Here the grant comes 0.75 s into a 1 s lease, just
+    after a regular renewal turn (runner start + 2/3 s) and well before the next
+    (start + 1 s, past the lease): waiting for that turn would lose it every time."""
+    flaky = Flaky(MemoryCoordinator(uuid.uuid4().hex))
+    app = ostinato.App("slowgrant", coordinator=flaky)
+    fences: list[int] = []
+
+    @app.loop(lease="1s", pause="1ms")
+    def work(ctx: Pass) -> None:
+        fences.append(ctx.fence)
+
+    real_acquire = flaky.acquire
+    grants: list[float] = []
+
+    async def slow_acquire(key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
+        await asyncio.sleep(0.75)
+        answer = await real_acquire(key, runner, ttl)
+        grants.append(time.monotonic())
+        return answer
+
+    flaky.acquire = slow_acquire  # type: ignore[method-assign]
+    async with app.running() as runner:
+        await until(lambda: bool(grants) and time.monotonic() > grants[0] + 1.5, timeout=10.0)
+        keeper = runner.keepers["slowgrant:work"]
+        assert keeper.losses == 0
+        assert len(grants) == 1
+    assert fences
+    assert set(fences) == {fences[0]}  # never lost, so never granted again
+
+
 async def test_running_stops_cleanly_and_releases() -> None:
     """Leaving ``running()`` finishes the pass, releases the lease and reports the stats."""
     url = memory_url()
