@@ -998,10 +998,10 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _times(value: float | None) -> str:
+def _times(value: float | str | None) -> str:
     if value is None:
         return "-"
-    if math.isinf(value):
+    if value == "never" or math.isinf(value):  # "never" is infinity as read back from JSON
         return "inf"
     if value >= 10_000:
         exponent = math.floor(math.log10(value))
