@@ -275,34 +275,47 @@ async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
         server.stop()
 
 
+async def restart_unseen(server: ThrowawayRedis, coordinator: Coordinator,
+                         got: asyncio.Queue[Event]) -> Callable[[], Awaitable[object]]:
+    """Subscribe, then restart the server while the events connection is kept from
+    reconnecting. Returns the feed's own reopen, for the test to put back."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    events = coordinator._events  # type: ignore[attr-defined]
+    await granting(server)
+    await coordinator.subscribe(runner(1), got.put_nowait)
+    reopen: Callable[[], Awaitable[object]] = events._reopen
+
+    async def refused() -> object:
+        raise RedisConnectionError("refused by the test")
+
+    events._reopen = refused
+    server.kill()
+    await until_events(events, connected=False)
+    server.start()
+    await granting(server)
+    return reopen
+
+
+async def until_events(events: object, *, connected: bool) -> None:
+    deadline = time.monotonic() + 5
+    while events.connected != connected:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"the events connection never became {connected=}"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_grant_made_while_events_were_down_is_dropped_when_they_return(
     tmp_path: Path,
 ) -> None:
     """A lease granted while the events connection was down may be from a server that
     restarted unseen: once the connection is back, the runner is told ``dropped``."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
     server = ThrowawayRedis(tmp_path)
     server.start()
     coordinator = from_url(server.url)
     events = coordinator._events  # type: ignore[attr-defined]
     got: asyncio.Queue[Event] = asyncio.Queue()
     try:
-        await granting(server)
-        await coordinator.subscribe(runner(1), got.put_nowait)
-        reopen = events._reopen
-
-        async def refused() -> object:
-            raise RedisConnectionError("refused by the test")
-
-        events._reopen = refused
-        server.kill()
-        deadline = time.monotonic() + 5
-        while events.connected:
-            assert time.monotonic() < deadline, "the events connection never dropped"
-            await asyncio.sleep(0.01)
-        server.start()
-        await granting(server)
+        reopen = await restart_unseen(server, coordinator, got)
         grant = await coordinator.acquire(KEY, runner(1), 30.0)
         assert isinstance(grant, Grant)
         assert got.empty()
@@ -319,39 +332,20 @@ async def test_a_grant_answered_as_events_came_back_is_asked_for_again(
 ) -> None:
     """A grant asked for while the events connection was down, and answered after it came
     back, may come from a server that restarted unseen: it is not taken as held."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
     server = ThrowawayRedis(tmp_path)
     server.start()
     coordinator = from_url(server.url)
     events = coordinator._events  # type: ignore[attr-defined]
     got: asyncio.Queue[Event] = asyncio.Queue()
     try:
-        await granting(server)
-        await coordinator.subscribe(runner(1), got.put_nowait)
-        reopen = events._reopen
-
-        async def refused() -> object:
-            raise RedisConnectionError("refused by the test")
-
-        events._reopen = refused
-        server.kill()
-        deadline = time.monotonic() + 5
-        while events.connected:
-            assert time.monotonic() < deadline, "the events connection never dropped"
-            await asyncio.sleep(0.01)
-        server.start()
-        await granting(server)
+        reopen = await restart_unseen(server, coordinator, got)
         real_ask = coordinator._ask  # type: ignore[attr-defined]
 
         async def ask_then_let_events_back(*args: object, **kwargs: object) -> object:
             answer = await real_ask(*args, **kwargs)
             events._reopen = reopen
             events.kick()
-            deadline = time.monotonic() + 5
-            while not events.connected:
-                assert time.monotonic() < deadline, "the events connection never came back"
-                await asyncio.sleep(0.01)
+            await until_events(events, connected=True)
             return answer
 
         monkeypatch.setattr(coordinator, "_ask", ask_then_let_events_back)
