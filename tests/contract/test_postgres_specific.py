@@ -393,6 +393,29 @@ async def test_released_lease_frees_the_lock(make: MakePostgres) -> None:
     assert await lock_holders(a.schema, KEY) == []
 
 
+async def test_release_is_one_statement(
+    make: MakePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release (lock included) is one round trip on the lease connection: a renewal
+    queued behind it on a slow link waits for one round trip, not two."""
+    a = await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    real_run = a._run
+    sent: list[str] = []
+
+    async def counting(conn: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        return await real_run(conn, name, *args, **kwargs)
+
+    monkeypatch.setattr(a, "_run", counting)
+    assert await a.release(KEY, ra, grant.fence)
+    assert sent == ["release"]
+    assert await lock_holders(a.schema, KEY) == []
+    assert not await a.release(KEY, ra, grant.fence)  # a second release finds nothing
+
+
 async def test_subscription_survives_a_terminated_listener(make: MakePostgres) -> None:
     """When the server ends the LISTEN session, the subscriber reconnects and hears again."""
     a, b = await make(), await make()

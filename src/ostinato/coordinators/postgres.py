@@ -398,7 +398,7 @@ class PostgresCoordinator(Coordinator):
                     await self._run(conn, "unlock", {"locks": [lock]})
                 if locked:
                     await self._run(conn, "release", {"key": key, "owner": runner.id,
-                                                      "fence": fence})
+                                                      "fence": fence, "locks": []})
                     return Denied(holder=None, expires_in=None)
         except CoordinatorUnavailable as exc:
             # Once asked, the row may be marked with a lock that went with the connection.
@@ -447,11 +447,11 @@ class PostgresCoordinator(Coordinator):
 
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
         async with self._session(self._lease) as conn:
-            cursor = await self._run(
-                conn, "release", {"key": key, "owner": runner.id, "fence": fence}
+            locks = [lock_id(self.schema, k) for k in self._forget(runner, {key: fence})]
+            row = await self._fetch(
+                conn, "release", {"key": key, "owner": runner.id, "fence": fence, "locks": locks}
             )
-            await self._unlock(conn, runner, {key: fence})
-            return cursor.rowcount == 1
+            return bool(row and row["released"])
 
     async def revoke(self, key: str) -> int | None:
         # The holder's session keeps its lock until its next renewal, answered LOST.
@@ -459,10 +459,16 @@ class PostgresCoordinator(Coordinator):
             row = await self._fetch(conn, "revoke", {"key": key})
         return None if row is None else int(row["fence"])
 
-    async def _unlock(self, conn: Connection, runner: RunnerInfo, fences: dict[str, int]) -> None:
+    def _forget(self, runner: RunnerInfo, fences: dict[str, int]) -> list[str]:
+        """The keys among ``fences`` whose lock this session holds for that grant, no
+        longer counted as held: the caller unlocks them."""
         gone = [key for key, fence in fences.items() if self._holders.get(key) == (runner.id, fence)]
         for key in gone:
             del self._holders[key]
+        return gone
+
+    async def _unlock(self, conn: Connection, runner: RunnerInfo, fences: dict[str, int]) -> None:
+        gone = self._forget(runner, fences)
         if gone:
             await self._run(conn, "unlock", {"locks": [lock_id(self.schema, k) for k in gone]})
 
