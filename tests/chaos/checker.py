@@ -132,17 +132,35 @@ def pass_end(record: PassRecord, died: dict[int, float]) -> float:
     return died.get(record.pid, math.inf)
 
 
-def pauses(history: History) -> dict[int, list[tuple[float, float]]]:
-    """When each process was stopped (SIGSTOP), from the faults and the passes' own records."""
-    found: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    self_stops = {r.pid: r.paused_at for r in history.passes if r.paused_at is not None}
+@dataclass(frozen=True)
+class Stop:
+    """A process stopped (SIGSTOP) from some moment in [``start``, ``seen``] to ``end``.
+
+    The nemesis sees the process stopped at ``seen``; a process that stops itself
+    records the moment before it does (``start``), and its other threads may still
+    start a pass in between, which the stop then freezes.
+    """
+
+    start: float
+    seen: float
+    end: float
+
+
+def pauses(history: History) -> dict[int, list[Stop]]:
+    """When each process was stopped, from the faults and the passes' own records."""
+    found: dict[int, list[Stop]] = defaultdict(list)
+    self_stops: dict[int, list[float]] = defaultdict(list)
+    for record in history.passes:
+        if record.paused_at is not None:
+            self_stops[record.pid].append(record.paused_at)
     for fault in history.faults:
         if fault.paused and fault.target is not None:
             start = fault.start
-            own = self_stops.get(fault.target)
-            if fault.kind == "pause_write" and own is not None and own <= fault.end:
-                start = min(start, own)
-            found[fault.target].append((start, fault.end))
+            if fault.kind == "pause_write":
+                own = [t for t in self_stops.get(fault.target, []) if t <= fault.start]
+                if own:
+                    start = max(own)  # this fault's own record: the latest before it was seen
+            found[fault.target].append(Stop(start, fault.start, fault.end))
     return found
 
 
@@ -203,13 +221,13 @@ def check_fences(passes: dict[str, list[PassRecord]], logs: list[LogLine], repor
             report.problem(f"fence granted {count} times: {granted} fence {granted_fence}")
 
 
-def excused(old: PassRecord, new: PassRecord, old_end: float,
-            stops: list[tuple[float, float]], ttl: float) -> bool:
+def excused(old: PassRecord, new: PassRecord, old_end: float, stops: list[Stop], ttl: float) -> bool:
     """An overlap is allowed only after a pause of at least the TTL inside the old pass,
     ending within one renewal interval of the continue."""
-    for start, end in stops:
-        if (end - start >= PAUSE_SLACK * ttl and old.start <= start <= old_end
-                and new.start >= start and old_end <= end + ttl / 3):
+    for stop in stops:
+        if (stop.end - stop.seen >= PAUSE_SLACK * ttl and old.start <= stop.seen
+                and stop.start <= old_end and new.start >= stop.start
+                and old_end <= stop.end + ttl / 3):
             return True
     return False
 

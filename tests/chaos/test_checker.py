@@ -93,6 +93,34 @@ def test_an_overlap_is_not_excused_by_a_short_pause_or_a_late_end(
     assert report.allowed_overlaps == 0
 
 
+def self_stop_overlap(other_start: float) -> Report:
+    """Holder 1 stops itself in a pass of loop ``z`` (it records 0.5000, the nemesis sees it
+    stopped at 0.5010, it continues at 2.5); its pass of loop ``a`` began at ``other_start``
+    and ends after the continue; holder 2 takes ``a`` over at 1.5."""
+    passes = [
+        *run(1, 1, 0, 0.5), PassRecord("a", 1, 50, 1, other_start, 2.55, "refused"),
+        PassRecord("z", 1, 51, 1, 0.499, 2.52, "refused", paused_at=0.5000), *run(2, 2, 1.5, 4),
+    ]
+    fault = Fault("pause_write", 0.5010, 2.5, target=1, paused=True)
+    return check(history(passes, faults=[fault], loops=("a", "z")))
+
+
+def test_a_pass_that_began_as_its_process_stopped_itself_is_frozen_with_it() -> None:
+    """A pass another thread began between the self-stop's own record and the stop being
+    seen was frozen by the stop: its overlap is excused like any frozen pass's."""
+    report = self_stop_overlap(0.5005)
+    assert report.overlaps == 0, report.problems
+    assert report.allowed_overlaps == 1
+
+
+def test_a_pass_that_began_after_its_process_was_seen_stopped_is_not_excused() -> None:
+    """A pass can only have started before its process was seen stopped; one recorded
+    as starting after (after the continue, here) is an overlap like any other."""
+    report = self_stop_overlap(2.51)
+    assert report.overlaps >= 1
+    assert report.allowed_overlaps == 0
+
+
 def write(n: int, fence: int, accepted: bool, t: float, pid: int = 1) -> Write:
     return Write(n, "a", fence, pid, n, accepted, t)
 
