@@ -136,9 +136,9 @@ def pass_end(record: PassRecord, died: dict[int, float]) -> float:
 class Stop:
     """A process stopped (SIGSTOP) from some moment in [``start``, ``seen``] to ``end``.
 
-    The nemesis sees the process stopped at ``seen``; a process that stops itself
-    records the moment before it does (``start``), and its other threads may still
-    start a pass in between, which the stop then freezes.
+    ``start`` is when the signal was sent, or, for a process that stops itself, the
+    moment it recorded before doing so; ``seen`` is when the nemesis saw every
+    thread stopped. A thread may start a pass in between, and the stop freezes it.
     """
 
     start: float
@@ -155,12 +155,12 @@ def pauses(history: History) -> dict[int, list[Stop]]:
             self_stops[record.pid].append(record.paused_at)
     for fault in history.faults:
         if fault.paused and fault.target is not None:
-            start = fault.start
+            start, seen = fault.start, float(fault.detail.get("seen", fault.start))
             if fault.kind == "pause_write":
                 own = [t for t in self_stops.get(fault.target, []) if t <= fault.start]
                 if own:
                     start = max(own)  # this fault's own record: the latest before it was seen
-            found[fault.target].append(Stop(start, fault.start, fault.end))
+            found[fault.target].append(Stop(start, max(seen, start), fault.end))
     return found
 
 

@@ -59,10 +59,30 @@ class Runner:
 
     def state(self) -> str:
         """The process state letter from /proc (``T``: stopped), or ``X`` when gone."""
+        return _state(Path(f"/proc/{self.pid}/stat"))
+
+    def all_stopped(self) -> bool:
+        """Whether every thread of the process is stopped (a SIGSTOP has taken effect)."""
         try:
-            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return "X"
+            tasks = list(Path(f"/proc/{self.pid}/task").iterdir())
+        except OSError:
+            return False
+        return bool(tasks) and all(_state(task / "stat") == "T" for task in tasks)
+
+    def wait_stopped(self, timeout: float = 1.0) -> float:
+        """When every thread was seen stopped (or ``timeout`` passed): after that, none of
+        them can start anything until SIGCONT."""
+        deadline = time.monotonic() + timeout
+        while not self.all_stopped() and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        return time.monotonic()
+
+
+def _state(stat: Path) -> str:
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
 
 
 @dataclass

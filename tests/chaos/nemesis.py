@@ -110,10 +110,11 @@ class Stop(Fault):
     def inject(self, stage: Stage) -> None:
         target = stage.holder()
         start = stage.cluster.signal(target, signal.SIGSTOP)
-        time.sleep(self.factor * stage.ttl)  # stopped runners are not reaped meanwhile
+        seen = target.wait_stopped()  # a thread may start a pass until the stop takes effect
+        time.sleep(max(0.0, start + self.factor * stage.ttl - time.monotonic()))
         end = stage.cluster.signal(target, signal.SIGCONT)
         stage.events.fault(self.name, start, end, target=target.pid, disruptive=self.disruptive,
-                           paused=True)
+                           paused=True, seen=seen)
         stage.sleep(2 * stage.ttl)
 
 
@@ -151,7 +152,7 @@ class PauseWrite(Fault):
             stage.events.write("fault_missed", fault=self.name, pid=target.pid)
             (stage.run / "ctl" / f"cont-{target.pid}").write_text("1")
             return
-        start = time.monotonic()
+        start = target.wait_stopped()
         time.sleep(2 * stage.ttl)
         (stage.run / "ctl" / f"cont-{target.pid}").write_text("1")
         end = stage.cluster.signal(target, signal.SIGCONT)

@@ -64,11 +64,13 @@ def test_a_planted_overlap_is_caught() -> None:
     assert any("overlap: a pid 1 fence 1" in p for p in report.problems)
 
 
-def paused_overlap(stop: tuple[float, float], old_end: float) -> Report:
-    """Holder 1 is stopped inside a pass; holder 2 takes over at 1.5; the old pass ends at ``old_end``."""
+def paused_overlap(stop: tuple[float, float], old_end: float, seen: float | None = None) -> Report:
+    """Holder 1 is stopped inside a pass; holder 2 takes over at 1.5; the old pass ends at
+    ``old_end``. ``seen``: when every thread of holder 1 was seen stopped."""
     passes = [*run(1, 1, 0, 0.5), PassRecord("a", 1, 50, 1, 0.5, old_end, "refused"),
               *run(2, 2, 1.5, 4)]
-    fault = Fault("stop_long", stop[0], stop[1], target=1, paused=True)
+    detail = {} if seen is None else {"seen": seen}
+    fault = Fault("stop_long", stop[0], stop[1], target=1, paused=True, detail=detail)
     return check(history(passes, faults=[fault]))
 
 
@@ -77,6 +79,15 @@ def test_an_overlap_after_a_long_pause_ending_within_a_renewal_interval_is_allow
     report = paused_overlap((0.52, 2.52), 2.62)
     assert report.ok, report.problems
     assert (report.overlaps, report.allowed_overlaps) == (0, 1)
+
+
+def test_a_pass_begun_between_sigstop_and_the_stop_taking_effect_is_excused() -> None:
+    """SIGSTOP sent at 0.4999 takes effect by 0.5003; the pass begun at 0.5 is frozen with
+    its process, and its overlap is excused as any frozen pass's. Seen stopped only before
+    the pass began, it is not."""
+    report = paused_overlap((0.4999, 2.52), 2.62, seen=0.5003)
+    assert (report.overlaps, report.allowed_overlaps) == (0, 1), report.problems
+    assert paused_overlap((0.4999, 2.52), 2.62, seen=0.4999).overlaps >= 1
 
 
 @pytest.mark.parametrize(
