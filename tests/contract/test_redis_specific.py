@@ -242,37 +242,47 @@ async def granting(server: ThrowawayRedis) -> None:
         await probe.close()
 
 
-async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A grant whose reply arrives after the events connection dropped may come from a server
-    that forgot it: it is not taken as held."""
+Own = tuple[ThrowawayRedis, Coordinator, "asyncio.Queue[Event]"]
+
+
+@pytest.fixture
+async def own(tmp_path: Path) -> AsyncIterator[Own]:
+    """A Redis server of the test's own (to kill), a coordinator on it and the queue its
+    runner's events would go to."""
     server = ThrowawayRedis(tmp_path)
     server.start()
     coordinator = from_url(server.url)
-    events = coordinator._events  # type: ignore[attr-defined]
-    got: asyncio.Queue[Event] = asyncio.Queue()
     try:
-        await granting(server)
-        await coordinator.subscribe(runner(1), got.put_nowait)
-        real_ask = coordinator._ask  # type: ignore[attr-defined]
-
-        async def ask_then_lose_the_server(*args: object, **kwargs: object) -> object:
-            answer = await real_ask(*args, **kwargs)
-            generation = events.generation
-            server.kill()
-            deadline = time.monotonic() + 5
-            while events.generation == generation:
-                assert time.monotonic() < deadline, "the events connection never dropped"
-                await asyncio.sleep(0.01)
-            return answer
-
-        monkeypatch.setattr(coordinator, "_ask", ask_then_lose_the_server)
-        answer = await coordinator.acquire(KEY, runner(1), 30.0)
-        assert isinstance(answer, Denied)
+        yield server, coordinator, asyncio.Queue()
     finally:
         await coordinator.close()
         server.stop()
+
+
+async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
+    own: Own, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grant whose reply arrives after the events connection dropped may come from a server
+    that forgot it: it is not taken as held."""
+    server, coordinator, got = own
+    events = coordinator._events  # type: ignore[attr-defined]
+    await granting(server)
+    await coordinator.subscribe(runner(1), got.put_nowait)
+    real_ask = coordinator._ask  # type: ignore[attr-defined]
+
+    async def ask_then_lose_the_server(*args: object, **kwargs: object) -> object:
+        answer = await real_ask(*args, **kwargs)
+        generation = events.generation
+        server.kill()
+        deadline = time.monotonic() + 5
+        while events.generation == generation:
+            assert time.monotonic() < deadline, "the events connection never dropped"
+            await asyncio.sleep(0.01)
+        return answer
+
+    monkeypatch.setattr(coordinator, "_ask", ask_then_lose_the_server)
+    answer = await coordinator.acquire(KEY, runner(1), 30.0)
+    assert isinstance(answer, Denied)
 
 
 async def restart_unseen(server: ThrowawayRedis, coordinator: Coordinator,
@@ -304,55 +314,39 @@ async def until_events(events: object, *, connected: bool) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_grant_made_while_events_were_down_is_dropped_when_they_return(
-    tmp_path: Path,
-) -> None:
+async def test_a_grant_made_while_events_were_down_is_dropped_when_they_return(own: Own) -> None:
     """A lease granted while the events connection was down may be from a server that
     restarted unseen: once the connection is back, the runner is told ``dropped``."""
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    coordinator = from_url(server.url)
+    server, coordinator, got = own
     events = coordinator._events  # type: ignore[attr-defined]
-    got: asyncio.Queue[Event] = asyncio.Queue()
-    try:
-        reopen = await restart_unseen(server, coordinator, got)
-        grant = await coordinator.acquire(KEY, runner(1), 30.0)
-        assert isinstance(grant, Grant)
-        assert got.empty()
-        events._reopen = reopen
-        events.kick()
-        assert await asyncio.wait_for(got.get(), 10.0) == Event("dropped", KEY)
-    finally:
-        await coordinator.close()
-        server.stop()
+    reopen = await restart_unseen(server, coordinator, got)
+    grant = await coordinator.acquire(KEY, runner(1), 30.0)
+    assert isinstance(grant, Grant)
+    assert got.empty()
+    events._reopen = reopen
+    events.kick()
+    assert await asyncio.wait_for(got.get(), 10.0) == Event("dropped", KEY)
 
 
 async def test_a_grant_answered_as_events_came_back_is_asked_for_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    own: Own, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A grant asked for while the events connection was down, and answered after it came
     back, may come from a server that restarted unseen: it is not taken as held."""
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    coordinator = from_url(server.url)
+    server, coordinator, got = own
     events = coordinator._events  # type: ignore[attr-defined]
-    got: asyncio.Queue[Event] = asyncio.Queue()
-    try:
-        reopen = await restart_unseen(server, coordinator, got)
-        real_ask = coordinator._ask  # type: ignore[attr-defined]
+    reopen = await restart_unseen(server, coordinator, got)
+    real_ask = coordinator._ask  # type: ignore[attr-defined]
 
-        async def ask_then_let_events_back(*args: object, **kwargs: object) -> object:
-            answer = await real_ask(*args, **kwargs)
-            events._reopen = reopen
-            events.kick()
-            await until_events(events, connected=True)
-            return answer
+    async def ask_then_let_events_back(*args: object, **kwargs: object) -> object:
+        answer = await real_ask(*args, **kwargs)
+        events._reopen = reopen
+        events.kick()
+        await until_events(events, connected=True)
+        return answer
 
-        monkeypatch.setattr(coordinator, "_ask", ask_then_let_events_back)
-        assert isinstance(await coordinator.acquire(KEY, runner(1), 30.0), Denied)
-    finally:
-        await coordinator.close()
-        server.stop()
+    monkeypatch.setattr(coordinator, "_ask", ask_then_let_events_back)
+    assert isinstance(await coordinator.acquire(KEY, runner(1), 30.0), Denied)
 
 
 async def test_a_dead_holder_on_this_host_is_overtaken_at_once(make: MakeRedis) -> None:
