@@ -2,13 +2,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/dev.txt
+# Refreshing the lock is done on purpose, with this pinned pip-tools (make lock).
+PIP_TOOLS := pip-tools==7.7.0
+COMPILE = --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links --strip-extras
+EXTRAS := dev,redis,postgres,metrics,dashboard,bench
 
-.PHONY: install browser test lint typecheck demo bench chaos clean
+.PHONY: install browser test lint typecheck docs demo bench chaos lock test-latest clean
 
-$(STAMP): pyproject.toml
+# The development venv holds exactly the lock: every package pinned with its hash,
+# nothing resolved at install time. The venv is made anew whenever the lock changes.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,redis,postgres,metrics,dashboard]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,18 +47,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-BENCH_STAMP := $(VENV)/.bench-installed
-
-$(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e '.[bench,dev,redis,postgres,metrics,dashboard]'
-	touch $(BENCH_STAMP)
-
 # Every benchmark, one after the other (about 13 minutes); JSON in bench/results/.
-# The peers (RQ, Celery, APScheduler) come from the bench extra, installed here.
-bench: $(BENCH_STAMP)
+# The peers (RQ, Celery, APScheduler) come from the bench extra, which the lock holds.
+bench: $(STAMP)
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/coordinators.py
 	$(BIN)/python bench/isolation.py
@@ -64,5 +70,27 @@ chaos: $(STAMP)
 	  || echo "make: *** libfaketime is missing: the clock_jump fault will be skipped"
 	$(BIN)/python -m tests.chaos.run --coordinator all $(CHAOS_ARGS)
 
+# Refresh the lock to the newest releases that pyproject.toml allows. Run it on purpose,
+# then make test, and commit requirements/ with what had to change.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check $(PIP_TOOLS)
+	.venv-lock/bin/pip-compile $(COMPILE) --upgrade --extra $(EXTRAS) -o requirements/dev.txt pyproject.toml
+	.venv-lock/bin/pip-compile $(COMPILE) --upgrade -o requirements/runtime.txt pyproject.toml
+	rm -rf .venv-lock
+
+# The suite against the newest releases, in a venv of its own: how an upgrade is tried
+# before make lock takes it. Not part of make test, and never touches .venv.
+test-latest: browser
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade -e '.[$(EXTRAS)]'
+	.venv-latest/bin/ruff check src tests bench examples
+	.venv-latest/bin/mypy
+	.venv-latest/bin/mkdocs build --strict --quiet --site-dir .venv-latest/site
+	.venv-latest/bin/pytest $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .venv-lock site .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from ostinato.app import App
 from ostinato.coordinators import Coordinator, from_url
 from ostinato.errors import (
@@ -28,4 +30,7 @@ __all__ = [
     "from_url",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("ostinato")  # one place: pyproject.toml's [project] version
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import ostinato
 from tests.process.conftest import OSTINATO, WORKLOAD, Cluster
 
 pytestmark = pytest.mark.slow
@@ -154,4 +156,4 @@ def test_python_m_and_version() -> None:
     result = subprocess.run([sys.executable, "-m", "ostinato", "--version"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0
-    assert "0.1.0" in result.stdout
+    assert result.stdout.split()[-1] == importlib.metadata.version("ostinato") == ostinato.__version__

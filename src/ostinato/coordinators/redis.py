@@ -56,7 +56,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -516,7 +516,7 @@ class RedisCoordinator(Coordinator):
     @staticmethod
     async def _drop(pubsub: PubSub) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            await cast(Any, pubsub).aclose()  # typed in some redis-py releases, not in others
 
     # -- tests -------------------------------------------------------------------------
 
