@@ -39,6 +39,7 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
