@@ -218,14 +218,14 @@ class Worker:
 
     def run(self, ctx: Pass, lease: LocalLease, abort: list[bool]) -> Any:
         """Run one pass in the child; return its result or raise ``PassError``."""
-        self.deadline.value = lease.deadline
+        self.deadline.value = lease.effective_deadline()
         self._await_ready(lease)
         started = time.monotonic()
         self.conn.send(("pass", ctx.fence, ctx.number))
         self.passes += 1
         timeout = self.spec.timeout
         while not self.conn.poll(TICK):
-            self.deadline.value = lease.deadline
+            self.deadline.value = lease.effective_deadline()
             now = time.monotonic()
             if not lease.holds(now) or abort[0]:
                 # A standby may take the loop now: the child must not outlive the lease.

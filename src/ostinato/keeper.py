@@ -201,7 +201,7 @@ class LoopKeeper:
             stopper.cancel()
 
     async def _hold(self, grant: Grant, sent: float) -> None:
-        lease = LocalLease(grant.fence, self.spec.lease, max(sent, grant.sent or sent))
+        lease = LocalLease(grant.fence, self.spec.lease, max(sent, grant.sent or sent), grant.bound)
         if self.paused:
             self.paused = False
         self.lease = lease
@@ -223,6 +223,13 @@ class LoopKeeper:
             else:
                 finished = await self._run_thread(lease, first)
         finally:
+            if (
+                lease.deadline != float("-inf") and not self.runner.stopping
+                and not self._handing_over and lease.unconfirmed()
+            ):
+                # Not a lease to give back: kept, but its session went quiet, so a standby
+                # may take it if the session is gone. Asked for again, as after a drop.
+                self.lose("no answer from the coordinator's session in time; asking for it again")
             self.lease = None
             if (
                 lease.deadline != float("-inf") and not self.runner.stopping

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ostinato.coordinators.protocol import drift_margin
+from ostinato.coordinators.protocol import SessionBound, drift_margin
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import DeclarationError
 from ostinato.pacing import Pacing, check_cron
@@ -43,13 +43,16 @@ class LocalLease:
 
     The deadline is moved only by the runner's renewals, and set to minus
     infinity the moment a renewal fails, so ``holds()`` turns false at once.
+    ``bound``, given by coordinators whose standbys may take a lease once the
+    holder's session ends, must hold too (see ``SessionBound``).
     """
 
-    __slots__ = ("deadline", "fence", "margin", "renew_at", "ttl")
+    __slots__ = ("bound", "deadline", "fence", "margin", "renew_at", "ttl")
 
-    def __init__(self, fence: int, ttl: float, sent_at: float) -> None:
+    def __init__(self, fence: int, ttl: float, sent_at: float, bound: SessionBound | None = None) -> None:
         self.fence = fence
         self.ttl = ttl
+        self.bound = bound
         # A pass may start only while at least this much of the lease is left.
         self.margin = ttl / 10
         self.extend(sent_at)
@@ -65,7 +68,20 @@ class LocalLease:
     def holds(self, now: float | None = None) -> bool:
         if now is None:
             now = time.monotonic()
-        return now + self.margin < self.deadline
+        return now + self.margin < self.deadline and (self.bound is None or self.bound.holds(now))
+
+    def unconfirmed(self, now: float | None = None) -> bool:
+        """Whether the lease is held but its session has gone unconfirmed too long."""
+        if self.bound is None:
+            return False
+        return not self.bound.holds(time.monotonic() if now is None else now)
+
+    def effective_deadline(self) -> float:
+        """The deadline that ``holds()`` keeps, the session bound included, on the scale of
+        ``deadline`` (for a child process that knows only the lease's margin)."""
+        if self.bound is None:
+            return self.deadline
+        return min(self.deadline, self.bound.until - self.bound.margin + self.margin)
 
 
 class Pass:

@@ -465,3 +465,77 @@ async def test_unreachable_server_fails_fast_without_the_password() -> None:
         assert "s3cret-pw" not in str(caught.value)
         assert "postgresql://postgres:***@127.0.0.1:1/test" in str(caught.value)
     await coordinator.close()
+
+
+async def test_holder_cut_off_before_its_session_ends_stops_before_a_standby_takes_over(
+    url: str, make: MakePostgres
+) -> None:
+    """A holder cut off from the server whose session the server then ends hears nothing, yet
+    it stops starting passes (and is told ``dropped``) before a standby may take its lease."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from ostinato.coordinators.postgres import BOUND_MARGIN, LOCK_QUIET, WINDOW, PostgresCoordinator
+    from ostinato.loop import LocalLease
+    from tests.chaos.proxy import NORMAL, Mode, Proxy
+
+    parts = urlsplit(url)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = proxy.listen()
+    netloc = f"{parts.username}@127.0.0.1:{port}" if parts.username else f"127.0.0.1:{port}"
+    holder = from_url(urlunsplit(parts._replace(netloc=netloc)))
+    assert isinstance(holder, PostgresCoordinator)
+    standby = await make()
+    ra, rb = runner(1), runner(2)
+    heard: list[tuple[float, Event]] = []
+    released: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        await holder.subscribe(ra, lambda e: heard.append((time.monotonic(), e)))
+        await standby.subscribe(rb, released.put_nowait)
+        sent = time.monotonic()
+        grant = await holder.acquire(KEY, ra, 60.0)
+        assert isinstance(grant, Grant)
+        lease = LocalLease(grant.fence, 60.0, sent, grant.bound)  # as a runner holds it
+        deadline = time.monotonic() + 2.0
+        while not lease.holds():
+            assert time.monotonic() < deadline, "the holder's session was never heard from"
+            await asyncio.sleep(0.005)
+        assert isinstance(await standby.acquire(KEY, rb, 60.0), Denied)
+        [pid] = await lock_holders(holder.schema, KEY)
+
+        stopped: list[float] = []
+
+        async def watch() -> None:  # when the holder would have started its last pass
+            while lease.holds():
+                await asyncio.sleep(0.001)
+            stopped.append(time.monotonic())
+
+        watcher = asyncio.create_task(watch())
+        cut = time.monotonic()
+        proxy.set_mode(Mode(blackhole=True), port)
+        await asyncio.sleep(0.5)
+        await admin("SELECT pg_terminate_backend(%s)", pid)  # the server ends the silent session
+        assert await asyncio.wait_for(released.get(), 5.0) == Event("released", KEY)
+        taken = await standby.acquire(KEY, rb, 60.0)
+        taken_at = time.monotonic()
+        assert isinstance(taken, Grant), taken
+        assert taken.fence > grant.fence
+        await asyncio.wait_for(watcher, 1.0)
+        # The holder stopped on its own, a bounded time after the cut, well before the takeover.
+        assert stopped[0] - cut <= WINDOW + 0.05
+        assert taken_at - stopped[0] >= LOCK_QUIET - WINDOW + BOUND_MARGIN
+        drops = [t for t, e in heard if e == Event("dropped", KEY)]
+        assert drops, heard
+        assert drops[0] < taken_at
+    finally:
+        proxy.set_mode(NORMAL, port)
+        await holder.close()
+        proxy.close()
+
+
+def test_a_standby_waits_longer_than_a_holder_trusts_a_silent_session() -> None:
+    """The fast path's arithmetic: LOCK_QUIET exceeds WINDOW even on a clock 1% fast."""
+    from ostinato.coordinators.postgres import BEAT, BOUND_MARGIN, LOCK_QUIET, WINDOW
+    from ostinato.coordinators.protocol import drift_margin
+
+    assert WINDOW + drift_margin(WINDOW) < LOCK_QUIET
+    assert BEAT * 3 <= WINDOW - BOUND_MARGIN  # a pass starts with up to three beats late

@@ -17,8 +17,17 @@ reports, status and events, with requests from standby loops last in line, so
 that a slow network delays a takeover but never a renewal.
 
 A standby may take an unexpired lease only from a row marked ``locked`` whose
-lock has been free for ``LOCK_QUIET``: the holder, if only its connection died,
-has stopped starting passes by then. A standby that was refused waits for the
+lock has been free for ``LOCK_QUIET``. A freed lock proves only that the server
+ended the holder's session, not that the holder heard of it: a holder cut off
+from the server, whose session the server then ends (a keepalive, a timeout, a
+pooler, an operator), hears nothing. So a holder trusts its leases only while
+its lease connection keeps answering: it sends a statement there every
+``BEAT``, and starts passes only within ``WINDOW - BOUND_MARGIN`` of the send
+time of the last statement answered (``SessionBound``). The session ended after
+that answer, and the standby takes the lease only ``LOCK_QUIET > WINDOW`` after
+it saw the lock free, so by then a cut-off holder has stopped starting passes
+for at least ``LOCK_QUIET - WINDOW + BOUND_MARGIN``, and its async and isolated
+passes have been stopped (``dropped``). A standby that was refused waits for the
 holder's lock on a connection of its own and announces ``released`` when the
 lock has been free that long.
 
@@ -62,6 +71,7 @@ from ostinato.coordinators.protocol import (
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    SessionBound,
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
@@ -79,10 +89,18 @@ SCHEMA_LOCK = (0x6F737469, 0x6E61746F)
 # the waits are capped to spare the server's connection slots; past the cap a
 # standby retries when the lease expires, as it would without advisory locks.
 MAX_WAITERS = 8
-# A holder's lock must have been free this long before a standby takes its lease:
-# the holder, if only its connection died, notices in about a millisecond (see
-# ``_watch_idle``), stops starting passes, and a short pass in flight ends.
-LOCK_QUIET = 0.05
+# The session bound (see the module docstring). A holder's lease connection answers a
+# statement every BEAT; an answer to a statement sent at t lets passes start until
+# t + WINDOW - BOUND_MARGIN, so a holder tolerates about three late beats before it stops
+# starting passes and asks for its leases again (on the same lock, if the session lived).
+BEAT = 0.05
+WINDOW = 0.3
+BOUND_MARGIN = 0.1
+# A holder's lock must have been free this long before a standby takes its lease: longer
+# than WINDOW on the standby's clock even if it runs 1% fast (drift_margin), so that a
+# holder cut off from its ended session stopped starting passes at least BOUND_MARGIN +
+# 40 ms before, and its async and isolated passes were stopped.
+LOCK_QUIET = 0.35
 
 
 def lock_id(schema: str, key: str) -> int:
@@ -168,6 +186,10 @@ class PostgresCoordinator(Coordinator):
         )
         self._closed = False
         self._watched_fd: int | None = None
+        #: How long the lease connection's session was last heard from; every grant carries it.
+        self.bound = SessionBound(WINDOW, BOUND_MARGIN)
+        self._pulse_task: asyncio.Task[None] | None = None
+        self._lapse: asyncio.TimerHandle | None = None
 
     # -- connections -----------------------------------------------------------------
 
@@ -210,7 +232,10 @@ class PostgresCoordinator(Coordinator):
                     await self._ensure_schema(link.conn)
                     self._schema_ready = True
                 async with asyncio.timeout(self.timeout * 2):
+                    sent = time.monotonic()
                     yield link.conn
+                if link is self._lease:
+                    self._heard(sent)
             except UNREACHABLE as exc:
                 await self._drop(link)
                 raise self._unavailable(exc) from exc
@@ -261,6 +286,7 @@ class PostgresCoordinator(Coordinator):
         log.warning("the connection holding the advisory locks of %d loop(s) was closed by the "
                     "server; their leases are given up", len(lost))
         self._lease.conn = None
+        self.bound.reset()
         self._holders.clear()
         asyncio.get_running_loop().create_task(self._close_quietly(conn))
         for key in lost:
@@ -270,6 +296,7 @@ class PostgresCoordinator(Coordinator):
         conn, link.conn = link.conn, None
         if link is self._lease:
             self._unwatch_idle()
+            self.bound.reset()
             lost = list(self._holders)
             self._holders.clear()
             # The advisory locks went with the connection, so a standby may take these
@@ -316,6 +343,11 @@ class PostgresCoordinator(Coordinator):
             await asyncio.wait(list(self._waiters.values()), timeout=self.timeout)
         await self._events.stop(self.timeout)
         self._unwatch_idle()
+        if self._lapse is not None:
+            self._lapse.cancel()
+        if self._pulse_task is not None:
+            self._pulse_task.cancel()
+            await asyncio.gather(self._pulse_task, return_exceptions=True)
         for link in (self._lease, self._main):
             async with link.turn(URGENT):
                 await self._drop(link)
@@ -358,7 +390,8 @@ class PostgresCoordinator(Coordinator):
             again = await self._fetch(conn, "acquire", params)
             if again is not None and again["granted"]:
                 self._held(key, runner, int(again["fence"]))
-                return Grant(fence=int(again["fence"]), last_start=again["last_start"], sent=sent)
+                return Grant(fence=int(again["fence"]), last_start=again["last_start"], sent=sent,
+                             bound=self.bound)
             await self._run(conn, "unlock", {"locks": [lock]})
         return None
 
@@ -378,7 +411,7 @@ class PostgresCoordinator(Coordinator):
         """The row is ours with a new fence. Record it against the advisory lock the lease
         connection holds, or take that lock now and mark the row with it."""
         fence, lock = int(row["fence"]), lock_id(self.schema, key)
-        grant = Grant(fence=fence, last_start=row["last_start"], sent=sent)
+        grant = Grant(fence=fence, last_start=row["last_start"], sent=sent, bound=self.bound)
         if locked and key in self._holders:
             self._held(key, runner, fence)  # the same lock now guards the new fence
             return grant
@@ -416,6 +449,43 @@ class PostgresCoordinator(Coordinator):
         waiter = self._waiters.pop(key, None)
         if waiter is not None:
             waiter.cancel()
+        if self._pulse_task is None or self._pulse_task.done():
+            self._pulse_task = asyncio.get_running_loop().create_task(
+                self._pulse(), name="ostinato-postgres-pulse"
+            )
+
+    # -- the session bound -------------------------------------------------------------------
+
+    async def _pulse(self) -> None:
+        """While the lease connection holds advisory locks, hear from its session every BEAT."""
+        while not self._closed and self._holders and self._lease.conn is not None:
+            started = time.monotonic()
+            try:
+                async with self._session(self._lease, priority=RENEWAL, tables=False) as conn:
+                    await conn.execute("SELECT 1")
+            except CoordinatorUnavailable:
+                return  # dropped, and the runner told; the next lock held starts it again
+            await asyncio.sleep(max(0.0, started + BEAT - time.monotonic()))
+
+    def _heard(self, sent: float) -> None:
+        """The lease connection's session answered a statement sent at ``sent``."""
+        self.bound.confirm(sent)
+        if self._lapse is not None:
+            self._lapse.cancel()
+        due = self.bound.until - self.bound.margin - time.monotonic()
+        self._lapse = asyncio.get_running_loop().call_later(max(0.0, due), self._lapsed)
+
+    def _lapsed(self) -> None:
+        """No answer in time: passes stop starting by themselves (``LocalLease.holds``);
+        the runner is told too, so that it stops the passes it can stop."""
+        self._lapse = None
+        if self.bound.holds(time.monotonic()) or not self._holders:
+            return
+        log.warning("no answer from the session holding the advisory locks of %d loop(s) within "
+                    "%.0f ms: their passes stop until it answers again (a standby may take them "
+                    "if the server ended it)", len(self._holders), 1000 * (WINDOW - BOUND_MARGIN))
+        for key in list(self._holders):
+            self._events.deliver(Event("dropped", key))
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]

@@ -40,6 +40,40 @@ class RunnerInfo:
         return f"{self.host}:{self.pid}"
 
 
+class SessionBound:
+    """How long this runner may still start passes under leases that a standby could take
+    the moment the coordinator's server ends this runner's session.
+
+    Some coordinators let a standby take a lease before it expires once the holder's
+    session has ended (PostgreSQL: its advisory lock was freed). The server may end a
+    session the holder cannot hear about (a network cut, then a keepalive, a proxy or an
+    operator), so such a holder trusts its leases only while it keeps hearing from that
+    session: every answer on it, to a statement sent at ``sent``, moves ``until`` to
+    ``sent + window``, and passes start only while ``now + margin < until``. A standby
+    waits longer than ``window`` after the session ended, so a cut-off holder has
+    stopped starting passes by then.
+    """
+
+    __slots__ = ("margin", "until", "window")
+
+    def __init__(self, window: float, margin: float) -> None:
+        self.window = window
+        self.margin = margin
+        self.until = float("-inf")
+
+    def confirm(self, sent: float) -> None:
+        """The session answered a statement sent at ``sent`` (local monotonic time)."""
+        if sent + self.window > self.until:
+            self.until = sent + self.window
+
+    def reset(self) -> None:
+        """The session ended, or its state is unknown: nothing it said counts any more."""
+        self.until = float("-inf")
+
+    def holds(self, now: float) -> bool:
+        return now + self.margin < self.until
+
+
 @dataclass(frozen=True)
 class Grant:
     """A lease was granted with this fence.
@@ -48,12 +82,14 @@ class Grant:
     start (any holder), so pacing can carry on across a hand-over. ``sent`` is
     the monotonic time the granting request left, when the coordinator knows it
     better than its caller (the request waited for a connection): the lease's
-    local deadline counts from it.
+    local deadline counts from it. ``bound``, when set, must also hold for a pass
+    to start (see ``SessionBound``).
     """
 
     fence: int
     last_start: float | None = None
     sent: float | None = None
+    bound: SessionBound | None = None
 
 
 @dataclass(frozen=True)
