@@ -505,7 +505,7 @@ async def test_holder_cut_off_before_its_session_ends_stops_before_a_standby_tak
         stopped: list[float] = []
 
         async def watch() -> None:  # when the holder would have started its last pass
-            while lease.holds():
+            while lease.holds():  # noqa: ASYNC110 - sampling holds() is the measurement
                 await asyncio.sleep(0.001)
             stopped.append(time.monotonic())
 
@@ -539,3 +539,44 @@ def test_a_standby_waits_longer_than_a_holder_trusts_a_silent_session() -> None:
 
     assert WINDOW + drift_margin(WINDOW) < LOCK_QUIET
     assert BEAT * 3 <= WINDOW - BOUND_MARGIN  # a pass starts with up to three beats late
+
+
+async def test_a_standby_judges_expiry_on_its_own_clock_not_the_servers(make: MakePostgres) -> None:
+    """A claim the server's clock calls expired (as after that clock stepped forward) is
+    refused to a standby until the standby itself has seen it unchanged for its TTL."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    await admin(f'UPDATE "{a.schema}".loops SET expires = clock_timestamp() - interval \'30 s\''
+                " WHERE key = %s", KEY)
+    denied = await b.acquire(KEY, rb, 60.0)
+    assert isinstance(denied, Denied)
+    assert denied.holder == ra.label
+    assert denied.expires_in is not None
+    assert denied.expires_in > 59  # the holder's whole TTL, from when the standby saw it
+    assert isinstance(await b.acquire(KEY, rb, 60.0), Denied)
+
+
+async def test_a_standby_takes_a_claim_it_saw_unchanged_for_its_ttl(make: MakePostgres) -> None:
+    """Seen unchanged for the holder's TTL (not the standby's), a claim is taken; a renewal
+    in between starts the count again."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 0.4)
+    assert isinstance(grant, Grant)
+    first = await b.acquire(KEY, rb, 30.0)
+    assert isinstance(first, Denied)
+    assert first.expires_in is not None
+    assert 0.35 < first.expires_in < 0.5  # the holder's TTL counts
+    await asyncio.sleep(0.2)
+    assert (await a.renew(ra, {KEY: (grant.fence, 0.4)}))[KEY] is Renewal.HELD
+    await asyncio.sleep(0.25)  # the first sighting is 0.45 s old, the renewed claim 0.25 s
+    again = await b.acquire(KEY, rb, 30.0)
+    assert isinstance(again, Denied)
+    assert again.expires_in is not None
+    assert again.expires_in > 0.1
+    await asyncio.sleep(again.expires_in)
+    taken = await b.acquire(KEY, rb, 30.0)
+    assert isinstance(taken, Grant)
+    assert taken.fence > grant.fence

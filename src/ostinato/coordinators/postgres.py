@@ -72,6 +72,7 @@ from ostinato.coordinators.protocol import (
     RunnerInfo,
     RunnerRecord,
     SessionBound,
+    Sightings,
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
@@ -180,6 +181,8 @@ class PostgresCoordinator(Coordinator):
         self._waiters: dict[str, asyncio.Task[None]] = {}
         # When a holder's lock was first seen free: (owner, fence) of its row -> monotonic time.
         self._freed: dict[str, tuple[str | None, int | None, float]] = {}
+        # Claims seen on refusals, so that expiry is judged on this host's clock.
+        self._sightings = Sightings()
         self._events = EventFeed[Connection](
             f"ostinato-postgres-events:{self.schema}", self.display_url, self._notices,
             self._listen, self._close_quietly, UNREACHABLE, self._unavailable,
@@ -357,17 +360,21 @@ class PostgresCoordinator(Coordinator):
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
         lock = lock_id(self.schema, key)
         params: dict[str, Any] = {"key": key, "owner": runner.id, "holder": runner.label,
-                                  "ttl": ttl, "dead": None, "dead_fence": None, "probe": lock}
+                                  "ttl": ttl, "dead": None, "dead_fence": None, "probe": lock,
+                                  **self._unchanged(key)}
         async with self._session(priority=URGENT if key in self._holders else REQUEST) as conn:
             sent = time.monotonic()
             params["locked"] = key in self._holders
             row = await self._fetch(conn, "acquire", params)
         if row is not None and row["granted"]:
+            self._sightings.forget(key)
             return await self._granted(key, runner, row, params["locked"], sent)
         if row is None:  # a first grant raced ours and is not visible yet
             return Denied(holder=None, expires_in=None)
         if row["paused"]:
             return Denied(holder=None, expires_in=None, paused=True)
+        # Seen now, at the latest: after the server ran the statement that last changed the row.
+        matures_in = self._saw(key, row, ttl, time.monotonic())
         if row["locked"] and key not in self._holders:
             if not row["lock_free"]:
                 self._watch(key, lock, row["owner"], row["fence"])
@@ -375,7 +382,23 @@ class PostgresCoordinator(Coordinator):
                 return Denied(holder=row["holder"], expires_in=quiet)
             elif (taken := await self._take_from_dead(key, runner, lock, row, params)) is not None:
                 return taken
-        return Denied(holder=row["holder"], expires_in=row["expires_in"])
+        return Denied(holder=row["holder"], expires_in=matures_in)
+
+    def _saw(self, key: str, row: DictRow, ttl: float, now: float) -> float:
+        """Note the claim on ``key`` as seen ``now``; return how much longer it must stay
+        unchanged before it may be taken (its holder has stopped by then)."""
+        if row["owner"] is None or row["expires"] is None:
+            self._sightings.forget(key)
+            return 0.0
+        claim_ttl = float(row["ttl"] if row["ttl"] is not None else ttl)
+        return self._sightings.saw(key, (row["fence"], row["expires"]), claim_ttl, now)
+
+    def _unchanged(self, key: str) -> dict[str, Any]:
+        """The acquire statement's leave to take a claim seen unchanged for its TTL."""
+        claim = self._sightings.unchanged(key, time.monotonic())
+        if claim is None:
+            return {"seen_fence": None, "seen_expires": None}
+        return {"seen_fence": claim[0], "seen_expires": claim[1]}
 
     async def _take_from_dead(
         self, key: str, runner: RunnerInfo, lock: int, row: DictRow, params: dict[str, Any]

@@ -1,8 +1,13 @@
 """The statements of the PostgreSQL coordinator (``postgres.py``).
 
 ``{s}`` stands for the quoted schema and ``{channel}`` for the event channel;
-``%(name)s`` are query parameters. Expiry is always judged by the server's
-``clock_timestamp()``, which, unlike ``now()``, moves on within a transaction.
+``%(name)s`` are query parameters. No grant depends on the server's wall clock:
+a standby takes an unreleased lease only once it has seen the row unchanged (same
+fence, same ``expires``, which every renewal moves) for the holder's ``ttl`` on its
+own monotonic clock (``%(seen_fence)s``, ``%(seen_expires)s``). ``expires`` and
+``clock_timestamp()`` still decide whether a renewal comes too late (a holder that
+loses its lease that way stops: safe whichever way the clock stepped) and what
+status shows as held.
 """
 
 from __future__ import annotations
@@ -22,32 +27,37 @@ CREATE TABLE IF NOT EXISTS {s}.loops (
     passes bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0,
     last_start float8, last_end float8, last_duration float8, last_outcome text,
     last_error text, last_error_at float8, p50 float8, p99 float8,
-    running_since float8, stall_after float8);
+    running_since float8, stall_after float8, ttl float8);
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS ttl float8;
 CREATE TABLE IF NOT EXISTS {s}.runners (
     id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL);
 """,
-    # Granted when unclaimed, expired, asked again by its owner, or taken from a dead
-    # holder (%(dead)s, %(dead_fence)s: the row whose lock the caller just took). On
+    # Granted when unclaimed, seen unchanged for its ttl by the caller (%(seen_fence)s,
+    # %(seen_expires)s), asked again by its owner, or taken from a dead holder (%(dead)s,
+    # %(dead_fence)s: the row whose lock the caller just took). On
     # refusal the second SELECT shows the row as it was before this statement and, for
     # a locked row, whether its lock is free (taken and given back at once: this
     # connection holds no lease locks).
     "acquire": """
 WITH granted AS (
-    INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked)
+    INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked, ttl)
     VALUES (%(key)s, 1, %(owner)s, %(holder)s,
             clock_timestamp() + make_interval(secs => %(ttl)s),
-            extract(epoch FROM clock_timestamp()), %(locked)s)
+            extract(epoch FROM clock_timestamp()), %(locked)s, %(ttl)s)
     ON CONFLICT (key) DO UPDATE SET
         fence = l.fence + 1, owner = excluded.owner, holder = excluded.holder,
-        expires = excluded.expires, held_since = excluded.held_since, locked = excluded.locked
+        expires = excluded.expires, held_since = excluded.held_since, locked = excluded.locked,
+        ttl = excluded.ttl
     WHERE NOT l.paused AND (
-        l.owner IS NULL OR l.expires <= clock_timestamp() OR l.owner = excluded.owner
+        l.owner IS NULL OR l.owner = excluded.owner
+        OR (l.fence = %(seen_fence)s AND l.expires = %(seen_expires)s)
         OR (l.locked AND l.owner = %(dead)s AND l.fence = %(dead_fence)s))
     RETURNING l.fence, l.last_start)
 SELECT true AS granted, fence, last_start, NULL AS owner, NULL AS holder, false AS paused,
-       false AS locked, NULL::float8 AS expires_in, false AS lock_free FROM granted
+       false AS locked, NULL::timestamptz AS expires, NULL::float8 AS ttl,
+       NULL::float8 AS expires_in, false AS lock_free FROM granted
 UNION ALL
-SELECT false, fence, NULL, owner, holder, paused, locked,
+SELECT false, fence, NULL, owner, holder, paused, locked, expires, ttl,
        extract(epoch FROM expires - clock_timestamp())::float8,
        CASE WHEN locked AND NOT paused AND %(probe)s::bigint IS NOT NULL
                  AND pg_try_advisory_lock(%(probe)s::bigint)
@@ -55,7 +65,8 @@ SELECT false, fence, NULL, owner, holder, paused, locked,
 FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
-              " AS ok",
+              " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
+              " AND attname = 'ttl' AND NOT attisdropped) AS ok",
     "schema_lock": "SELECT pg_advisory_xact_lock(%(a)s, %(b)s)",
     "try_lock": "SELECT pg_try_advisory_lock(%(lock)s) AS ok",
     "mark": """
@@ -73,6 +84,7 @@ SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
 UPDATE {s}.loops AS l SET
     expires = CASE WHEN l.paused THEN NULL
                    ELSE clock_timestamp() + make_interval(secs => v.ttl) END,
+    ttl = v.ttl,
     owner = CASE WHEN l.paused THEN NULL ELSE l.owner END,
     holder = CASE WHEN l.paused THEN NULL ELSE l.holder END,
     locked = CASE WHEN l.paused THEN false WHEN l.locked THEN true

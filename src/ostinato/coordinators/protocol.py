@@ -219,6 +219,41 @@ def drift_margin(ttl: float) -> float:
     return ttl * 0.01 + 0.002
 
 
+class Sightings:
+    """Claims a standby has seen, and since when, on its own monotonic clock.
+
+    A standby takes a claim that was never released only once it has seen it
+    unchanged for the claim's whole TTL (cut 1% short for drift, the other way):
+    the holder's last renewal was answered after it left, and the holder trusts
+    a renewal for at most the TTL from when it left, so by then the holder has
+    stopped. The server's wall clock has no say, so a step of it hands no live
+    holder's lease to a standby. ``claim`` is whatever every renewal changes
+    (PostgreSQL: fence and expiry; Redis: fence and renewal count).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple[object, ...], float, float]] = {}
+
+    def saw(self, key: str, claim: tuple[object, ...], ttl: float, now: float) -> float:
+        """Note ``claim`` on ``key`` as seen at ``now`` (a time after the server answered);
+        return how much longer it must stay unchanged before it may be taken."""
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != claim:
+            seen = self._seen[key] = (claim, ttl, now)
+        return max(0.0, seen[2] + seen[1] + drift_margin(seen[1]) - now)
+
+    def unchanged(self, key: str, now: float) -> tuple[object, ...] | None:
+        """The claim on ``key`` seen unchanged for its whole TTL by ``now``, if any: the
+        caller may take it if the coordinator still holds that same claim."""
+        seen = self._seen.get(key)
+        if seen is None or now < seen[2] + seen[1] + drift_margin(seen[1]):
+            return None
+        return seen[0]
+
+    def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
+
+
 class Coordinator(abc.ABC):
     """The shared store of leases. Implementations are safe for use from one event loop.
 
@@ -243,7 +278,9 @@ class Coordinator(abc.ABC):
         The lease is granted when:
 
         * it is unclaimed (never held, or released);
-        * its claim has expired on the coordinator's clock;
+        * its claim has expired: on the coordinator's monotonic clock (SQLite), or, where
+          the coordinator has only a wall clock (Redis, PostgreSQL), once this
+          coordinator has seen the claim unchanged for its TTL (``Sightings``);
         * it is claimed by ``runner`` itself (a re-grant, with a new fence);
         * its holder is known to be dead (a backend-specific shortcut, such as a
           lock the kernel or the server frees when the holder's process or
