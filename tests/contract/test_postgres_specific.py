@@ -548,7 +548,7 @@ async def test_a_standby_judges_expiry_on_its_own_clock_not_the_servers(make: Ma
     ra, rb = runner(1), runner(2)
     grant = await a.acquire(KEY, ra, 60.0)
     assert isinstance(grant, Grant)
-    await admin(f'UPDATE "{a.schema}".loops SET expires = clock_timestamp() - interval \'30 s\''
+    await admin(f'UPDATE "{a.schema}".loops SET expires = clock_timestamp() - interval \'30 s\''  # noqa: S608
                 " WHERE key = %s", KEY)
     denied = await b.acquire(KEY, rb, 60.0)
     assert isinstance(denied, Denied)

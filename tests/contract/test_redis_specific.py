@@ -133,15 +133,69 @@ async def _every_call_fails_within(coordinator: Coordinator, seconds: float) -> 
     await coordinator.close()
 
 
-async def test_denied_expires_in_follows_the_server_ttl(make: MakeRedis) -> None:
-    """A standby is told how long the holder's claim has left, from the key's PTTL."""
+async def test_denied_expires_in_counts_from_the_standbys_first_sighting(make: MakeRedis) -> None:
+    """A standby is told to look again once it has seen the claim unchanged for the
+    holder's TTL, whatever the server's clock says is left; a renewal starts it again."""
     a, b = await make(), await make()
-    assert isinstance(await a.acquire(KEY, runner(1), 2.0), Grant)
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 2.0)
+    assert isinstance(grant, Grant)
     await asyncio.sleep(0.5)
-    denied = await b.acquire(KEY, runner(2), 2.0)
+    denied = await b.acquire(KEY, runner(2), 30.0)  # the holder's TTL counts, not this one
     assert isinstance(denied, Denied)
     assert denied.expires_in is not None
-    assert 1.2 < denied.expires_in < 1.6
+    assert 1.95 < denied.expires_in < 2.1
+    await asyncio.sleep(0.3)
+    again = await b.acquire(KEY, runner(2), 30.0)
+    assert isinstance(again, Denied)
+    assert again.expires_in is not None
+    assert 1.65 < again.expires_in < 1.8
+    assert (await a.renew(ra, {KEY: (grant.fence, 2.0)}))[KEY] is Renewal.HELD
+    renewed = await b.acquire(KEY, runner(2), 30.0)
+    assert isinstance(renewed, Denied)
+    assert renewed.expires_in is not None
+    assert renewed.expires_in > 1.95
+
+
+async def test_a_standby_judges_expiry_on_its_own_clock_not_the_servers(make: MakeRedis) -> None:
+    """A claim the server's clock calls ended (as after that clock stepped forward) is
+    refused to a standby until the standby itself has seen it unchanged for its TTL; the
+    holder's renewal is refused too, so it stops rather than runs on."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 60.0)
+    assert isinstance(grant, Grant)
+    admin = a._make_client(2.0)
+    try:
+        seconds, micros = await admin.time()
+        await admin.hset(f"{a.prefix}:lease:{KEY}", "ends", str(seconds * 1000 + micros // 1000 - 30_000))
+    finally:
+        await admin.aclose()
+    denied = await b.acquire(KEY, rb, 60.0)
+    assert isinstance(denied, Denied)
+    assert denied.holder == ra.label
+    assert denied.expires_in is not None
+    assert denied.expires_in > 59
+    assert isinstance(await b.acquire(KEY, rb, 60.0), Denied)
+    assert (await a.renew(ra, {KEY: (grant.fence, 60.0)}))[KEY] is Renewal.LOST
+    assert not [r for r in await b.loops() if r.key == KEY and r.holder is not None]
+
+
+async def test_a_claim_seen_unchanged_for_its_ttl_is_taken(make: MakeRedis) -> None:
+    """A holder that stopped renewing loses its lease to a standby that watched it for the
+    TTL, with a greater fence, and its late renewal is refused."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 0.4)
+    assert isinstance(grant, Grant)
+    first = await b.acquire(KEY, rb, 0.4)
+    assert isinstance(first, Denied)
+    assert first.expires_in is not None
+    await asyncio.sleep(first.expires_in)
+    taken = await b.acquire(KEY, rb, 0.4)
+    assert isinstance(taken, Grant)
+    assert taken.fence > grant.fence
+    assert (await a.renew(ra, {KEY: (grant.fence, 0.4)}))[KEY] is Renewal.LOST
 
 
 async def test_subscription_survives_a_dropped_connection(make: MakeRedis) -> None:

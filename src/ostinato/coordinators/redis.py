@@ -1,10 +1,19 @@
 """``redis://`` and ``rediss://``: leases in a Redis server shared by runners on many hosts.
 
-Each loop's lease is one hash key with a server-side expiry (``PEXPIRE``): the
-server's clock decides when a claim ends. Acquire, renew and release are Lua
-scripts that check the owner token and the fence atomically; nothing is ever
-extended or deleted blindly. A grant bumps the loop's fence (``INCR``) in the
-same script.
+Each loop's lease is one hash key: owner, fence, a renewal count (``beat``),
+the TTL and when the claim ends by the server's clock. Acquire, renew and
+release are Lua scripts that check the owner token and the fence atomically;
+nothing is ever extended or deleted blindly. A grant bumps the loop's fence
+(``INCR``) in the same script.
+
+The server's wall clock never hands a claim to a standby: a claim that was not
+released is taken only by a standby that has seen it unchanged (same fence, same
+renewal count) for its whole TTL on its own monotonic clock (``Sightings``), so a
+step of the server's clock cannot move a live holder's lease. The key outlives
+the claim by ``LINGER`` so that an ended claim is still there to be judged so; a
+step forward longer than that (or a restart without persistence, below) forgets
+it. The server's clock still decides whether a renewal came too late, which a
+holder answers by stopping, and what status shows as held.
 
 A Redis restarted without persistence forgets every key, the fence counters
 among them, yet a fence must never go backwards. So when the grant script finds
@@ -55,6 +64,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -81,6 +91,7 @@ from ostinato.coordinators.protocol import (
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    Sightings,
     stats_fields,
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
@@ -98,18 +109,30 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, InvalidRe
 # more than this.
 RESTART_QUIET = 1
 
+# How long a lease key outlives its claim (ms), so that a claim the server's clock calls
+# ended is still there for a standby to judge on its own clock: a forward step of the
+# server's clock up to this long moves no live holder's lease.
+LINGER_MS = 60_000
+
 # KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s,
-# pid, and the owner and fence of a holder known to be dead ('' for none).
+# pid, the owner and fence of a holder known to be dead, and the fence and renewal count
+# of a claim the caller saw unchanged for its TTL ('' for none). A refusal says who
+# holds it, ms left by the server's clock, owner, fence, pid, renewal count and TTL ms.
 ACQUIRE = """
 redis.call('SADD', KEYS[4], ARGV[4])
 if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local held = redis.call('HGET', KEYS[1], 'fence')
-if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8]) then
-  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', redis.call('PTTL', KEYS[1]),
-    owner, held or '', redis.call('HGET', KEYS[1], 'pid') or ''}
+local beat = redis.call('HGET', KEYS[1], 'beat') or '0'
+if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8])
+   and not (held == ARGV[9] and beat == ARGV[10]) then
+  local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
+  local left = ends and string.format('%d', ends - now) or redis.call('PTTL', KEYS[1])
+  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', left, owner, held or '',
+    redis.call('HGET', KEYS[1], 'pid') or '', beat, redis.call('HGET', KEYS[1], 'ttl') or ''}
 end
-local t = redis.call('TIME')
 if redis.call('EXISTS', KEYS[2]) == 0 then
   -- A server that refuses INFO to scripts (some hosted ones) is taken to be up long.
   local info = redis.pcall('INFO', 'server')
@@ -122,20 +145,28 @@ redis.call('INCR', KEYS[2])
 local fence = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence, 'pid', ARGV[6],
-  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[3],
+  'ends', string.format('%d', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[11]))
 return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
 """
 
-# KEYS: lease, loop hash. ARGV: owner, fence, ttl ms.
+# KEYS: lease, loop hash. ARGV: owner, fence, ttl ms, linger ms. A renewal after the claim
+# ended by the server's clock is refused, and changes nothing.
 RENEW = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
    or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'lost' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
+if ends and ends <= now then return 'lost' end
 if redis.call('HGET', KEYS[2], 'paused') == '1' then
   redis.call('DEL', KEYS[1])
   return 'paused'
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'beat', 1)
+redis.call('HSET', KEYS[1], 'ttl', ARGV[3], 'ends', string.format('%d', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
 return 'held'
 """
 
@@ -148,10 +179,16 @@ end
 return 0
 """
 
-# KEYS: lease. Returns the fence of the lease it dropped, or nil.
+# KEYS: lease. Returns the fence of the lease it dropped, or nil if none was held (a
+# claim that ended by the server's clock is dropped all the same).
 REVOKE = """
 local fence = redis.call('HGET', KEYS[1], 'fence')
-if fence then redis.call('DEL', KEYS[1]) end
+if not fence then return nil end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
+redis.call('DEL', KEYS[1])
+if ends and ends <= now then return nil end
 return fence
 """
 
@@ -228,6 +265,8 @@ class RedisCoordinator(Coordinator):
         self._unwatched: set[str] = set()
         self.locks = RunnerLocks(host_folder())
         self._liveness_broken = False
+        # Claims seen on refusals, so that expiry is judged on this host's clock.
+        self._sightings = Sightings()
         # Holders on this host that refused us, by runner id: who waits, for which loops.
         self._mourners: dict[str, tuple[asyncio.Task[None], set[str]]] = {}
 
@@ -280,19 +319,26 @@ class RedisCoordinator(Coordinator):
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
         self._hold_liveness(runner)
         generation, watched = self._events.generation, self._events.connected
-        answer = await self._ask(key, runner, ttl)
-        if answer[0] == "denied" and len(answer) == 6:  # refused by a holder, not by a restart
+        seen = self._sightings.unchanged(key, time.monotonic())
+        unchanged = ("", "") if seen is None else (str(seen[0]), str(seen[1]))
+        answer = await self._ask(key, runner, ttl, unchanged=unchanged)
+        if answer[0] == "denied" and len(answer) == 8:  # refused by a holder, not by a restart
             owner, fence, pid = answer[3:6]
             died = self.locks.died_here(owner)
             if died:
-                answer = await self._ask(key, runner, ttl, dead=(owner, fence))
+                answer = await self._ask(key, runner, ttl, dead=(owner, fence), unchanged=unchanged)
             elif died is False and pid:
                 self._mourn(key, owner, int(pid))
         if answer[0] == "paused":
             return Denied(holder=None, expires_in=None, paused=True)
         if answer[0] == "denied":
-            pttl = int(answer[2])
-            return Denied(holder=answer[1] or None, expires_in=pttl / 1000 if pttl > 0 else None)
+            if len(answer) < 8:
+                return Denied(holder=None, expires_in=int(answer[2]) / 1000)
+            # Seen now, at the latest: after the server ran the script that last changed it.
+            claim_ttl = int(answer[7]) / 1000 if answer[7] else ttl
+            matures_in = self._sightings.saw(key, (answer[4], answer[6]), claim_ttl, time.monotonic())
+            return Denied(holder=answer[1] or None, expires_in=matures_in)
+        self._sightings.forget(key)
         if self._events.callbacks and self._events.generation != generation:
             # The events connection dropped or came back while this was asked: the grant
             # may come from a server that has since restarted and forgotten it, unseen.
@@ -319,13 +365,15 @@ class RedisCoordinator(Coordinator):
                         "from this runner only when its leases expire", self.locks.folder, exc)
 
     async def _ask(
-        self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", "")
+        self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
+        unchanged: tuple[str, str] = ("", ""),
     ) -> list[Any]:
         keys = [self._key("lease", key), self._key("fence", key), self._key("loop", key),
                 self._key("loops")]
         with self._reaching():
             answer: list[Any] = await self._acquire(
-                keys, [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead]
+                keys, [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead,
+                       *unchanged, LINGER_MS]
             )
         return answer
 
@@ -370,7 +418,8 @@ class RedisCoordinator(Coordinator):
         if not leases:
             return {}
         calls = {
-            key: (self._key("lease", key), self._key("loop", key), runner.id, str(fence), _ms(ttl))
+            key: (self._key("lease", key), self._key("loop", key), runner.id, str(fence), _ms(ttl),
+                  LINGER_MS)
             for key, (fence, ttl) in leases.items()
         }
         answers: dict[str, Renewal] = {}
@@ -457,6 +506,8 @@ class RedisCoordinator(Coordinator):
     async def loops(self) -> list[LoopRecord]:
         with self._reaching():
             keys = sorted(str(k) for k in await self._client.smembers(self._key("loops")))
+            seconds, micros = await self._client.time()
+            now_ms = seconds * 1000 + micros // 1000
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(self._key("lease", key))
@@ -466,6 +517,8 @@ class RedisCoordinator(Coordinator):
         records = []
         for n, key in enumerate(keys):
             lease, fence, loop = rows[3 * n: 3 * n + 3]
+            if "ends" in lease and int(lease["ends"]) <= now_ms:
+                lease = {}  # kept for standbys to judge, but no longer held
             records.append(
                 LoopRecord(
                     key=key,
