@@ -9,16 +9,26 @@
   ``initdb``/``pg_ctl`` are missing, the machine's server, never killed. Runners
   reach it through the proxy, each run in a schema of its own, and their
   connections are found by ``application_name`` for ``pg_terminate_backend``.
+
+For the cross-host cells (``netsim``), ``serve_hosts`` before ``open`` makes the
+suite's own server listen on the coordinator host's simulated address too, with
+TCP keepalives of a few seconds (so that the server itself drops a session whose
+host went silent), and runners on simulated hosts connect to it there directly.
+``server_clock`` restarts the server with a wall clock the harness can step:
+libfaketime for PostgreSQL (``FAKETIME_NO_CACHE=1``), and for Redis, which
+libfaketime 0.9.10 cannot start, ``clockshim.c`` compiled here with gcc.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -29,6 +39,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests import servers
+
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+CLOCK_SHIM = Path(__file__).with_name("clockshim.c")
+#: Keepalives when serving simulated hosts: a silent peer is dropped after a few seconds.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 1, 1, 2
 
 
 class Unavailable(Exception):
@@ -59,6 +74,65 @@ def wait_port(port: int, seconds: float = 15.0) -> bool:
     return False
 
 
+class ServerClock(abc.ABC):
+    """A server's wall clock, ``offset`` seconds off the real one, stepped at run time."""
+
+    offset = 0.0
+
+    @abc.abstractmethod
+    def env(self) -> dict[str, str]:
+        """What the server's environment needs to run on this clock."""
+
+    @abc.abstractmethod
+    def set(self, offset: float) -> None:
+        """Step the clock to ``offset`` seconds off the real one (taken at once)."""
+
+
+class FaketimeClock(ServerClock):
+    """libfaketime, reading its offset file on every call (``FAKETIME_NO_CACHE=1``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "faketime"
+        self.set(0.0)
+
+    def env(self) -> dict[str, str]:
+        return {"LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME_TIMESTAMP_FILE": str(self.path),
+                "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                "DONT_FAKE_MONOTONIC": "1"}
+
+    def set(self, offset: float) -> None:
+        staged = self.path.with_suffix(".new")
+        staged.write_text(f"{offset:+.0f}\n")
+        staged.chmod(0o644)
+        os.replace(staged, self.path)  # never half a file for a reader
+        self.offset = offset
+
+
+class ShimClock(ServerClock):
+    """``clockshim.c``, compiled here: the offset is 8 bytes of nanoseconds the server maps."""
+
+    def __init__(self, folder: Path) -> None:
+        self.library = folder / "clockshim.so"
+        done = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(self.library),
+                               str(CLOCK_SHIM)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise Unavailable(f"the clock shim did not compile: {done.stderr.strip()[:300]}")
+        self.path = folder / "clock-offset"
+        self.path.write_bytes(struct.pack("<q", 0))
+        self.path.chmod(0o644)
+
+    def env(self) -> dict[str, str]:
+        return {"LD_PRELOAD": str(self.library), "CHAOS_CLOCK_FILE": str(self.path)}
+
+    def set(self, offset: float) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, struct.pack("<q", round(offset * 1e9)), 0)
+        finally:
+            os.close(fd)
+        self.offset = offset
+
+
 class Backend(abc.ABC):
     """One coordinator backend, set up once for a whole column of the matrix."""
 
@@ -68,6 +142,19 @@ class Backend(abc.ABC):
     #: Its server can be killed -9 and restarted.
     restartable = False
     upstream: tuple[str, int] = ("127.0.0.1", 0)
+    #: Where runners on simulated hosts reach the server (``serve_hosts``), once it listens there.
+    hosts_address: str | None = None
+    #: The server's wall clock, when it runs on one the harness can step (``server_clock``).
+    clock: ServerClock | None = None
+
+    def serve_hosts(self, address: str) -> None:
+        """Before ``open``: listen on ``address`` too (the coordinator's simulated host)."""
+        self._serve_address = address
+
+    @property
+    def serving(self) -> str | None:
+        """The simulated address asked for with ``serve_hosts``, if any."""
+        return getattr(self, "_serve_address", None)
 
     def open(self) -> None:  # noqa: B027 - most backends need nothing
         """Make the server ready, or raise ``Unavailable``."""
@@ -79,12 +166,31 @@ class Backend(abc.ABC):
     def url(self, run: Path, tag: str, port: int | None) -> str:
         """The coordinator URL for one runner of run ``tag`` (``port``: its proxy listener)."""
 
-    def kill_connections(self, tag: str) -> int:
-        """Close the runners' connections from the server side; return how many."""
+    def host_url(self, run: Path, tag: str) -> str:
+        """The coordinator URL for a runner on a simulated host (direct, no proxy)."""
+        raise Unavailable(f"{self.name} is not reached over the network")
+
+    def kill_connections(self, tag: str, client: str | None = None) -> int:
+        """Close the runners' connections (only those from address ``client``, if given)
+        from the server side; return how many."""
         raise Unavailable(f"{self.name} has no server connections")
+
+    def sessions(self, tag: str, client: str) -> dict[str, int]:
+        """How many of the runners' sessions the server has from address ``client``."""
+        return {}
 
     def restart(self) -> None:
         """Kill -9 the server and start it again."""
+        raise Unavailable(f"{self.name} has no server the suite may restart")
+
+    def clock_unavailable(self) -> str | None:
+        """Why ``server_clock`` cannot work here, or None."""
+        return f"{self.name} has no server the suite may restart"
+
+    def server_clock(self, offset: float | None) -> None:
+        """Set the server's wall clock ``offset`` seconds off the real one, restarting the
+        server on a clock that can step if it is not on one yet; None: back on the real clock
+        (restarting it)."""
         raise Unavailable(f"{self.name} has no server the suite may restart")
 
     def cleanup(self, tag: str) -> None:  # noqa: B027
@@ -129,17 +235,48 @@ class RedisBackend(Backend):
     def _start(self) -> None:
         assert self.binary is not None
         port = self.upstream[1]
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        argv = [self.binary, "--port", str(port), "--bind", "127.0.0.1", *self._hosts_args(),
+                "--save", "", "--appendonly", "no", "--dir", str(self.folder)]
+        env = {**os.environ, **(self.clock.env() if self.clock is not None else {})}
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env)
         if not wait_port(port):
             raise Unavailable(f"redis-server did not answer on port {port}")
+        if self.serving:
+            self.hosts_address = self.serving
 
     def restart(self) -> None:
         if not self.restartable or self.proc is None:
             raise Unavailable("the Redis server is not the suite's own")
+        self.proc.kill()
+        self.proc.wait(10)
+        self._start()
+
+    def _hosts_args(self) -> list[str]:
+        """Listen on the simulated address too; its runners come with no password; a silent
+        peer is dropped after a few seconds (Redis derives the probes' interval and count)."""
+        if not self.serving:
+            return []
+        return [self.serving, "--protected-mode", "no", "--tcp-keepalive", str(KEEPALIVE_IDLE)]
+
+    def clock_unavailable(self) -> str | None:
+        if not self.restartable:
+            return "the Redis server is not the suite's own"
+        if shutil.which("gcc") is None:
+            return "gcc is missing, for the clock shim (libfaketime cannot start redis-server)"
+        return None
+
+    def server_clock(self, offset: float | None) -> None:
+        if offset is not None and self.clock is not None:
+            self.clock.set(offset)
+            return
+        if offset is None and self.clock is None:
+            return
+        if not self.restartable or self.proc is None or self.folder is None:
+            raise Unavailable("the Redis server is not the suite's own")
+        self.clock = ShimClock(Path(self.folder)) if offset is not None else None
+        if self.clock is not None:
+            self.clock.set(offset or 0.0)
         self.proc.kill()
         self.proc.wait(10)
         self._start()
@@ -154,21 +291,37 @@ class RedisBackend(Backend):
     def url(self, run: Path, tag: str, port: int | None) -> str:
         return f"redis://127.0.0.1:{port}/0?prefix=chaos-{tag}"
 
+    def host_url(self, run: Path, tag: str) -> str:
+        if self.hosts_address is None:
+            raise Unavailable("the Redis server does not listen on the simulated hosts' network")
+        return f"redis://{self.hosts_address}:{self.upstream[1]}/0?prefix=chaos-{tag}"
+
     def _client(self) -> Any:
         import redis
 
         return redis.Redis(host=self.upstream[0], port=self.upstream[1], socket_timeout=5)
 
-    def kill_connections(self, tag: str) -> int:
-        client = self._client()
+    def _mine(self, client: Any, tag: str, address: str | None) -> list[dict[str, Any]]:
+        return [c for c in client.client_list() if c.get("name") == f"ostinato:chaos-{tag}"
+                and (address is None or str(c.get("addr", "")).rpartition(":")[0] == address)]
+
+    def kill_connections(self, tag: str, client: str | None = None) -> int:
+        server = self._client()
         try:
-            mine = [c["id"] for c in client.client_list() if c.get("name") == f"ostinato:chaos-{tag}"]
-            for client_id in mine:
+            mine = self._mine(server, tag, client)
+            for found in mine:
                 with contextlib.suppress(Exception):
-                    client.client_kill_filter(_id=client_id)
+                    server.client_kill_filter(_id=found["id"])
             return len(mine)
         finally:
-            client.close()
+            server.close()
+
+    def sessions(self, tag: str, client: str) -> dict[str, int]:
+        server = self._client()
+        try:
+            return {"connections": len(self._mine(server, tag, client))}
+        finally:
+            server.close()
 
     def cleanup(self, tag: str) -> None:
         if self.restartable:
@@ -234,6 +387,10 @@ class PostgresBackend(Backend):
             shutil.chown(self.data, "postgres")
         subprocess.run(self._as_owner(initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust"),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.serving:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                network = ipaddress.ip_network(f"{self.serving}/24", strict=False)
+                hba.write(f"host all all {network} trust\n")
         self.upstream = ("127.0.0.1", free_port())
         self.user, self.database = "postgres", "postgres"
         self.direct = f"postgresql://postgres@127.0.0.1:{self.upstream[1]}/postgres"
@@ -243,13 +400,22 @@ class PostgresBackend(Backend):
     def _start(self) -> None:
         assert self.pg_ctl is not None
         assert self.data is not None
-        options = (f"-p {self.upstream[1]} -k {self.data} -c listen_addresses=127.0.0.1"
+        listen = "127.0.0.1" + (f",{self.serving}" if self.serving else "")
+        options = (f"-p {self.upstream[1]} -k {self.data} -c listen_addresses={listen}"
                    " -c max_connections=300")
+        if self.serving:
+            # The server itself drops a session whose host went silent, within seconds.
+            options += (f" -c tcp_keepalives_idle={KEEPALIVE_IDLE}"
+                        f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
+                        f" -c tcp_keepalives_count={KEEPALIVE_COUNT}")
+        clock = [f"{k}={v}" for k, v in self.clock.env().items()] if self.clock is not None else []
         subprocess.run(
-            self._as_owner(self.pg_ctl, "-D", str(self.data), "-o", options, "-w", "-t", "60",
-                           "-l", str(self.data / "server.log"), "start"),
+            self._as_owner("env", *clock, self.pg_ctl, "-D", str(self.data), "-o", options, "-w",
+                           "-t", "60", "-l", str(self.data / "server.log"), "start"),
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        if self.serving:
+            self.hosts_address = self.serving
 
     def _processes(self) -> list[int]:
         """The postmaster and its children."""
@@ -281,6 +447,28 @@ class PostgresBackend(Backend):
         (self.data / f".s.PGSQL.{self.upstream[1]}.lock").unlink(missing_ok=True)
         self._start()
 
+    def clock_unavailable(self) -> str | None:
+        if not self.restartable:
+            return "the PostgreSQL server is not the suite's own"
+        if not FAKETIME_LIB.exists():
+            return f"libfaketime is missing ({FAKETIME_LIB}); apt-get install faketime"
+        return None
+
+    def server_clock(self, offset: float | None) -> None:
+        if offset is not None and self.clock is not None:
+            self.clock.set(offset)
+            return
+        if offset is None and self.clock is None:
+            return
+        if not self.restartable or self.data is None or self.pg_ctl is None:
+            raise Unavailable("the PostgreSQL server is not the suite's own")
+        subprocess.run(self._as_owner(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.clock = FaketimeClock(self.data) if offset is not None else None
+        if self.clock is not None:
+            self.clock.set(offset or 0.0)
+        self._start()
+
     def close(self) -> None:
         if self.data is None or self.pg_ctl is None:
             return
@@ -294,15 +482,36 @@ class PostgresBackend(Backend):
         return (f"postgresql://{self.user}@127.0.0.1:{port}/{self.database}"
                 f"?schema=chaos_{tag}&application_name=chaos-{tag}")
 
-    def kill_connections(self, tag: str) -> int:
+    def host_url(self, run: Path, tag: str) -> str:
+        if self.hosts_address is None:
+            raise Unavailable("the PostgreSQL server does not listen on the simulated hosts' network")
+        return (f"postgresql://{self.user}@{self.hosts_address}:{self.upstream[1]}/{self.database}"
+                f"?schema=chaos_{tag}&application_name=chaos-{tag}")
+
+    def kill_connections(self, tag: str, client: str | None = None) -> int:
         import psycopg
 
         with psycopg.connect(self.direct, autocommit=True) as conn:
             rows = conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                [f"chaos-{tag}"],
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
+                " AND (%s::inet IS NULL OR client_addr = %s::inet)",
+                [f"chaos-{tag}", client, client],
             ).fetchall()
         return len(rows)
+
+    def sessions(self, tag: str, client: str) -> dict[str, int]:
+        """The sessions from ``client``, and those of them holding an advisory (lease) lock."""
+        import psycopg
+
+        with psycopg.connect(self.direct, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE EXISTS (SELECT 1 FROM pg_locks l"
+                " WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted))"
+                " FROM pg_stat_activity a WHERE application_name = %s AND client_addr = %s::inet",
+                [f"chaos-{tag}", client],
+            ).fetchone()
+        assert row is not None
+        return {"connections": int(row[0]), "lock_holders": int(row[1])}
 
     def cleanup(self, tag: str) -> None:
         if self.restartable:

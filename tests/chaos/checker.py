@@ -22,8 +22,11 @@
 
 It also measures ``failover_s`` (fault to the first pass of the loop under a new
 holder), ``detection_s`` (from when an old holder could notice, to the end of its
-last pass under the lost fence) and ``max_gap`` (the longest stretch without a
-pass ending, per loop, up to the teardown).
+last pass under the lost fence), ``max_gap`` (the longest stretch without a
+pass ending, per loop, up to the teardown) and, for each loop a fault moved to
+another runner, ``handover_margins``: the new holder's first pass start minus
+the old holder's last pass end under the old fence (negative: they overlapped;
+``stopped_first`` counts those at or above zero).
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ from tests.chaos.records import Fault, History, LogLine, PassRecord
 from tests.chaos.store import Write
 
 #: Faults aimed at one runner that take its loops away from it.
-TAKES_LOOPS = ("kill9", "stop_long", "pause_write", "sigterm", "blackhole")
+TAKES_LOOPS = ("kill9", "stop_long", "pause_write", "sigterm", "blackhole", "partition",
+               "requests_lost", "host_kill9", "host_crash", "host_sigstop", "cut_terminate",
+               "cut_keepalive")
 #: Faults after which the old holder lives on and must notice it lost its loops.
-LEAVES_HOLDER = ("stop_long", "pause_write", "blackhole", "server_restart", "conn_kill")
+LEAVES_HOLDER = ("stop_long", "pause_write", "blackhole", "server_restart", "conn_kill",
+                 "partition", "replies_lost", "requests_lost", "latency06", "latency12", "flap",
+                 "host_sigstop", "cut_terminate", "cut_keepalive", "clock_step")
 #: A pause shorter than this fraction of the TTL does not excuse an overlap.
 PAUSE_SLACK = 0.95
 LOUD = ("warning", "error", "critical")
@@ -68,6 +75,9 @@ class Report:
     spurious_failovers: int = 0
     failover_s: list[float] = field(default_factory=list)
     detection_s: list[float] = field(default_factory=list)
+    #: Per loop a fault moved to another runner: new holder's first pass start minus the old
+    #: holder's last pass end under the old fence (negative: an overlap).
+    handover_margins: list[float] = field(default_factory=list)
     max_gap: float = 0.0
     max_gap_loop: str | None = None
     silent_stops: int = 0
@@ -90,10 +100,24 @@ class Report:
     def detection(self, pct: float) -> float | None:
         return percentile(self.detection_s, pct)
 
+    @property
+    def stopped_first(self) -> int:
+        """Moves where the old holder's last pass ended before the new holder's first began."""
+        return sum(margin >= 0 for margin in self.handover_margins)
+
+    @property
+    def margin_min(self) -> float | None:
+        return min(self.handover_margins, default=None)
+
+    def margin(self, pct: float) -> float | None:
+        return percentile(self.handover_margins, pct)
+
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out.update(ok=self.ok, failover_p50=self.failover(50), failover_p99=self.failover(99),
-                   detection_p50=self.detection(50), detection_p99=self.detection(99))
+                   detection_p50=self.detection(50), detection_p99=self.detection(99),
+                   moved=len(self.handover_margins), stopped_first=self.stopped_first,
+                   margin_min=self.margin_min, margin_p50=self.margin(50))
         return out
 
     def problem(self, text: str) -> None:
@@ -321,7 +345,7 @@ def holder_at(group: list[PassRecord], t: float) -> PassRecord | None:
 
 
 def check_recovery(history: History, passes: dict[str, list[PassRecord]], report: Report) -> None:
-    """failover_s, detection_s and not_resumed, per fault and per loop it took.
+    """failover_s, detection_s, handover_margins and not_resumed, per fault and per loop it took.
 
     A fault aimed at a holder must see its loops resumed elsewhere. A fault on
     the server or on every runner is counted for the loops whose fence changed
@@ -348,11 +372,14 @@ def check_recovery(history: History, passes: dict[str, list[PassRecord]], report
                 if moved is None or moved.start > fault.end + 2 * history.ttl + 1.0:
                     continue  # the holder kept its lease through the fault
             report.failover_s.append(moved.start - fault.start)
+            last = max((pass_end(r, died) for r in group
+                        if r.pid == before.pid and r.fence == before.fence), default=None)
+            if last is None or last == math.inf:
+                continue
+            if moved.pid != before.pid:
+                report.handover_margins.append(moved.start - last)
             if fault.kind in LEAVES_HOLDER:
-                last = max((pass_end(r, died) for r in group
-                            if r.pid == before.pid and r.fence == before.fence), default=None)
-                if last is not None and last != math.inf:
-                    report.detection_s.append(max(0.0, last - fault.aware))
+                report.detection_s.append(max(0.0, last - fault.aware))
 
 
 def check_exits(history: History, report: Report) -> None:

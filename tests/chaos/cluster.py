@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.chaos.netsim import Net
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -52,6 +55,8 @@ class Runner:
     port: int | None = None
     exited: float | None = None
     killed_at: float | None = None
+    #: The simulated host it runs on (``netsim``), or None: the harness's own host.
+    host: int | None = None
 
     @property
     def pid(self) -> int:
@@ -87,7 +92,11 @@ def _state(stat: Path) -> str:
 
 @dataclass
 class Cluster:
-    """The runners of one run: started, signalled, reaped, and every step logged."""
+    """The runners of one run: started, signalled, reaped, and every step logged.
+
+    With ``net``, each runner runs on a simulated host of its own (the lowest one
+    no live runner is on, unless told which).
+    """
 
     run: Path
     events: EventLog
@@ -95,8 +104,17 @@ class Cluster:
     env: dict[str, str]
     faketime: bool = False
     runners: list[Runner] = field(default_factory=list)
+    net: Net | None = None
 
-    def start(self) -> Runner:
+    def free_host(self) -> int:
+        assert self.net is not None
+        taken = {r.host for r in self.live()}
+        free = [host.n for host in self.net.hosts if host.n not in taken]
+        if not free:
+            raise RuntimeError(f"every one of the {len(self.net.hosts)} simulated hosts has a runner")
+        return free[0]
+
+    def start(self, host: int | None = None) -> Runner:
         n = len(self.runners)
         url, port = self.url_for(n)
         env = dict(self.env)
@@ -106,15 +124,17 @@ class Cluster:
             env.update(LD_PRELOAD=str(FAKETIME_LIB), FAKETIME_TIMESTAMP_FILE=str(spec),
                        FAKETIME_CACHE_DURATION="1", FAKETIME_DONT_FAKE_MONOTONIC="1",
                        DONT_FAKE_MONOTONIC="1")
+        argv = [sys.executable, "-m", "ostinato", "run", "tests.chaos.workload:app",
+                "--coordinator", url, "--log-format", "json"]
+        if self.net is not None:
+            host = host or self.free_host()
+            argv = self.net.command(host, argv)  # the same pid: every step execs
+            env.update(self.net.host_env(host, self.run / "hosts"))
         log = (self.run / "logs" / f"runner-{n}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ostinato", "run", "tests.chaos.workload:app",
-             "--coordinator", url, "--log-format", "json"],
-            cwd=self.run, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        runner = Runner(n, proc, log, port)
+        proc = subprocess.Popen(argv, cwd=self.run, env=env, stdout=log, stderr=subprocess.STDOUT)
+        runner = Runner(n, proc, log, port, host=host)
         self.runners.append(runner)
-        self.events.write("runner_started", n=n, pid=proc.pid, t=time.monotonic())
+        self.events.write("runner_started", n=n, pid=proc.pid, t=time.monotonic(), host=host)
         return runner
 
     def live(self) -> list[Runner]:

@@ -1,12 +1,14 @@
 """One chaos run: runners of the workload on one coordinator, one kind of fault, then the checker.
 
 ``run_scenario`` sets up a run directory, starts the runners (through a proxy
-for the server backends), waits until every loop has run, lets the nemesis loose
-for ``seconds``, stops everything, and checks what was recorded.
+for the server backends; for a cross-host fault, each on a simulated host of its
+own, straight to the server), waits until every loop has run, lets the nemesis
+loose for ``seconds``, stops everything, and checks what was recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,6 +24,7 @@ from tests.chaos.backends import Backend
 from tests.chaos.checker import Report, check
 from tests.chaos.cluster import ROOT, Cluster, EventLog
 from tests.chaos.nemesis import FAULTS, Nemesis, Stage
+from tests.chaos.netsim import Net
 from tests.chaos.proxy import Proxy
 
 
@@ -112,13 +115,18 @@ def wait_spread(cluster: Cluster, run: Path, scenario: Scenario, timeout: float)
         time.sleep(0.2)
 
 
-def run_scenario(scenario: Scenario, backend: Backend, workdir: Path) -> Outcome:
-    """Run one cell against an opened ``backend`` and check it."""
+def run_scenario(scenario: Scenario, backend: Backend, workdir: Path, net: Net | None = None) -> Outcome:
+    """Run one cell against an opened ``backend`` and check it (a cross-host fault on
+    ``net``'s simulated hosts, one runner per host)."""
     fault = FAULTS[scenario.fault]
     outcome = Outcome(scenario)
     if backend.name not in fault.backends:
         outcome.skipped = "n/a"
         return outcome
+    if fault.hosts and net is not None and len(net.hosts) < scenario.runners:
+        outcome.skipped = f"{scenario.runners} runners, {len(net.hosts)} simulated hosts"
+        return outcome
+    net = net if fault.hosts else None
     tag = uuid.uuid4().hex[:10]
     run = workdir / f"{backend.name}-{scenario.fault}{'-' + scenario.plant if scenario.plant else ''}"
     shutil.rmtree(run, ignore_errors=True)
@@ -126,16 +134,18 @@ def run_scenario(scenario: Scenario, backend: Backend, workdir: Path) -> Outcome
         (run / sub).mkdir(parents=True, exist_ok=True)
     store.create(run / "fenced.db")
     events = EventLog(run / "events.jsonl")
-    proxy = Proxy(*backend.upstream) if backend.network else None
+    proxy = Proxy(*backend.upstream) if backend.network and not fault.hosts else None
 
     def url_for(n: int) -> tuple[str, int | None]:
+        if fault.hosts:
+            return backend.host_url(run, tag), None
         port = proxy.listen() if proxy is not None else None
         return backend.url(run, tag, port), port
 
     cluster = Cluster(run, events, url_for, runner_env(run, scenario),
-                      faketime=scenario.fault == "clock_jump")
+                      faketime=scenario.fault == "clock_jump", net=net)
     stage = Stage(run, cluster, backend, proxy, events, scenario.rng, scenario.ttl, tag,
-                  [f"loop{n:02d}" for n in range(scenario.loops)])
+                  [f"loop{n:02d}" for n in range(scenario.loops)], net)
     why = fault.unavailable(stage)
     if why is not None:
         outcome.skipped = why
@@ -144,9 +154,16 @@ def run_scenario(scenario: Scenario, backend: Backend, workdir: Path) -> Outcome
             proxy.close()
         return outcome
     meta = {**asdict(scenario), "tag": tag, "wall_offset": wall_offset(),
-            "url": backend.url(run, tag, 0)}
+            "url": backend.host_url(run, tag) if fault.hosts else backend.url(run, tag, 0)}
+    if net is not None:
+        net.heal()
+        meta["hosts"] = [asdict(host) for host in net.hosts]
+        meta["coordinator_address"] = net.coordinator_address
     (run / "meta.json").write_text(json.dumps(meta, indent=2))
+    prepared = False
     try:
+        fault.prepare(stage)
+        prepared = True
         for _ in range(scenario.runners):
             cluster.start()
         wait_warm(cluster, run, scenario.loops, timeout=30 + 2 * scenario.loops * scenario.ttl)
@@ -156,6 +173,15 @@ def run_scenario(scenario: Scenario, backend: Backend, workdir: Path) -> Outcome
         events.phase("teardown")
     finally:
         cluster.stop_all()
+        if net is not None:
+            net.heal()
+            with contextlib.suppress(Exception):  # information only
+                events.write("switch", **net.stats())
+        if prepared:
+            try:
+                fault.restore(stage)
+            except Exception as exc:
+                outcome.notes.append(f"restore failed: {exc}")
         events.close()
         if proxy is not None:
             proxy.close()

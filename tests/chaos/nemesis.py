@@ -5,6 +5,10 @@ undone, and writes one ``fault`` event with its start and end on CLOCK_MONOTONIC
 ``span`` is how long one injection and the recovery after it take, so that
 ``Nemesis.run`` can fit several into a run without them overlapping.
 
+The faults with ``hosts`` (cross-host cells) run each runner on a simulated
+host of its own (``netsim``) and work on one holder's link to the coordinator's
+host, or on the server: ``prepare`` and ``restore`` set the stage up before the
+runners start and put it back after they stopped.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from tests.chaos.backends import Backend
+from tests.chaos.backends import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Backend
 from tests.chaos.cluster import FAKETIME_LIB, ROOT, Cluster, EventLog, Runner
+from tests.chaos.netsim import Net
 from tests.chaos.proxy import NORMAL, Mode, Proxy
 
 ALL = ("sqlite", "redis", "postgres")
@@ -39,6 +44,8 @@ class Stage:
     ttl: float
     tag: str
     loops: list[str]
+    #: The simulated hosts, in a cross-host cell.
+    net: Net | None = None
 
     def sleep(self, seconds: float) -> None:
         """Wait, noting runners that exit meanwhile."""
@@ -56,9 +63,15 @@ class Stage:
             self.sleep(0.02)
         return self.rng.choice(self.cluster.live())
 
-    def replace(self) -> None:
-        """Start a runner in place of one that is gone, so the run keeps its size."""
-        self.cluster.start()
+    def replace(self, host: int | None = None) -> None:
+        """Start a runner in place of one that is gone (on ``host``), so the run keeps its size."""
+        self.cluster.start(host)
+
+    def address(self, runner: Runner) -> str:
+        """The simulated address of ``runner``'s host."""
+        assert self.net is not None
+        assert runner.host is not None
+        return self.net.host(runner.host).address
 
 
 class Fault:
@@ -67,10 +80,18 @@ class Fault:
     name: ClassVar[str]
     disruptive: ClassVar[bool] = True
     backends: ClassVar[tuple[str, ...]] = ALL
+    #: Runs with each runner on a simulated host of its own (a cross-host cell).
+    hosts: ClassVar[bool] = False
 
     def unavailable(self, stage: Stage) -> str | None:
         """Why this fault cannot run here, or None."""
         return None
+
+    def prepare(self, stage: Stage) -> None:
+        """Before the runners start."""
+
+    def restore(self, stage: Stage) -> None:
+        """After the runners stopped: undo ``prepare``."""
 
     def span(self, ttl: float) -> float:
         raise NotImplementedError
@@ -94,9 +115,9 @@ class Kill9(Fault):
             time.sleep(0.002)
         at = stage.cluster.signal(target, signal.SIGKILL)
         stage.cluster.wait_exit(target, 10)
-        stage.events.fault(self.name, at, at, target=target.pid)
+        stage.events.fault(self.name, at, at, target=target.pid, host=target.host)
         stage.sleep(stage.ttl / 2)
-        stage.replace()
+        stage.replace(target.host)
 
 
 class Stop(Fault):
@@ -114,7 +135,7 @@ class Stop(Fault):
         time.sleep(max(0.0, start + self.factor * stage.ttl - time.monotonic()))
         end = stage.cluster.signal(target, signal.SIGCONT)
         stage.events.fault(self.name, start, end, target=target.pid, disruptive=self.disruptive,
-                           paused=True, seen=seen)
+                           paused=True, seen=seen, host=target.host)
         stage.sleep(2 * stage.ttl)
 
 
@@ -346,11 +367,246 @@ class Hang(Fault):
         stage.sleep(stage.ttl)
 
 
+# ------------------------------------------------------------------ across simulated hosts
+
+
+class OnHosts(Fault):
+    """A cross-host fault: every runner on a simulated host of its own, the server reached
+    at the coordinator host's simulated address."""
+
+    backends = NETWORK
+    hosts = True
+
+    def unavailable(self, stage: Stage) -> str | None:
+        if stage.net is None:
+            return "no simulated hosts (netsim)"
+        if stage.backend.hosts_address is None:
+            return f"the {stage.backend.name} server does not listen on the simulated hosts' network"
+        return None
+
+
+class LinkFault(OnHosts):
+    """One holder's link to the coordinator's host, for 3 x the TTL: cut either way or both,
+    ``delay`` x the TTL of one-way latency each way, or cut and restored every ``flap`` x the TTL."""
+
+    up_drop: ClassVar[bool] = False
+    down_drop: ClassVar[bool] = False
+    delay: ClassVar[float] = 0.0
+    flap: ClassVar[float] = 0.0
+
+    def span(self, ttl: float) -> float:
+        # After the heal, TCP may wait out its retransmission backoff (a second or two).
+        return 5 * ttl + 2.0
+
+    def inject(self, stage: Stage) -> None:
+        assert stage.net is not None
+        target = stage.holder()
+        assert target.host is not None
+        start = stage.net.link(target.host, up_drop=self.up_drop, down_drop=self.down_drop,
+                               delay=self.delay * stage.ttl, flap=self.flap * stage.ttl)
+        stage.sleep(start + 3 * stage.ttl - time.monotonic())
+        end = stage.net.heal(target.host)
+        stage.events.fault(self.name, start, end, target=target.pid, disruptive=self.disruptive,
+                           host=target.host, delay=self.delay * stage.ttl, flap=self.flap * stage.ttl)
+        stage.sleep(2 * stage.ttl + 1.0)
+
+
+class Partition(LinkFault):
+    """Nothing passes between one holder's host and the coordinator's, either way."""
+
+    name = "partition"
+    up_drop = down_drop = True
+
+
+class RepliesLost(LinkFault):
+    """The holder's requests reach the server; nothing comes back."""
+
+    name = "replies_lost"
+    down_drop = True
+
+
+class RequestsLost(LinkFault):
+    """Nothing the holder sends reaches the server; what the server sends gets through."""
+
+    name = "requests_lost"
+    up_drop = True
+
+
+class Latency03(LinkFault):
+    """0.3 x the TTL each way: a renewal's round trip (0.6 TTL) still fits in its lease."""
+
+    name = "latency03"
+    delay = 0.3
+    disruptive = False
+
+
+class Latency06(LinkFault):
+    """0.6 x the TTL each way: a renewal answers after the lease it renewed ran out."""
+
+    name = "latency06"
+    delay = 0.6
+
+
+class Latency12(LinkFault):
+    name = "latency12"
+    delay = 1.2
+
+
+class Flap(LinkFault):
+    """Cut and restored every quarter of the TTL."""
+
+    name = "flap"
+    flap = 0.25
+
+
+class HostKill9(OnHosts, Kill9):
+    """kill -9 of a holder on its host: the server sees its connections close, but no
+    standby on another host can see its liveness lock."""
+
+    name = "host_kill9"
+
+
+class HostCrash(OnHosts):
+    """A holder's host goes away: its link is cut, then the holder is killed -9, so the
+    server never hears its connections close; the link comes back after 3 x the TTL (the
+    host rebooted), and a fresh runner starts there."""
+
+    name = "host_crash"
+
+    def span(self, ttl: float) -> float:
+        return 5 * ttl + 2.0
+
+    def inject(self, stage: Stage) -> None:
+        assert stage.net is not None
+        target = stage.holder()
+        assert target.host is not None
+        deadline = time.monotonic() + 1.0
+        while not stage.cluster.in_pass(target) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        start = stage.net.cut(target.host)
+        killed = stage.cluster.signal(target, signal.SIGKILL)
+        stage.cluster.wait_exit(target, 10)
+        stage.sleep(start + 3 * stage.ttl - time.monotonic())
+        end = stage.net.heal(target.host)
+        stage.events.fault(self.name, start, end, target=target.pid, host=target.host,
+                           killed=killed)
+        stage.sleep(stage.ttl / 2)
+        stage.replace(target.host)
+        stage.sleep(1.5 * stage.ttl + 1.0)
+
+
+class HostSigstop(OnHosts, StopLong):
+    """SIGSTOP of a holder on its host for 2 x the TTL, then SIGCONT."""
+
+    name = "host_sigstop"
+
+
+class CutSession(OnHosts):
+    """A holder's link is cut both ways, and its server session ends while it cannot hear
+    of it; the link heals ``hold`` seconds after the cut. ``sessions`` records what the
+    server had from that host at the cut and just before the heal."""
+
+    def hold(self, ttl: float) -> float:
+        return 3 * ttl
+
+    def span(self, ttl: float) -> float:
+        return self.hold(ttl) + 2 * ttl + 2.0
+
+    def end_session(self, stage: Stage, address: str, start: float) -> dict[str, object]:
+        raise NotImplementedError
+
+    def inject(self, stage: Stage) -> None:
+        assert stage.net is not None
+        target = stage.holder()
+        assert target.host is not None
+        address = stage.address(target)
+        start = stage.net.cut(target.host)
+        at_cut = stage.backend.sessions(stage.tag, address)
+        detail = self.end_session(stage, address, start)
+        stage.sleep(start + self.hold(stage.ttl) - time.monotonic())
+        before_heal = stage.backend.sessions(stage.tag, address)
+        end = stage.net.heal(target.host)
+        stage.events.fault(self.name, start, end, target=target.pid, host=target.host,
+                           sessions_at_cut=at_cut, sessions_before_heal=before_heal, **detail)
+        stage.sleep(2 * stage.ttl + 1.0)
+
+
+class CutTerminate(CutSession):
+    """Cut, and 0.5 s later the server ends the holder's sessions (pg_terminate_backend,
+    CLIENT KILL); the link heals 3 x the TTL after the cut."""
+
+    name = "cut_terminate"
+    AFTER = 0.5
+
+    def end_session(self, stage: Stage, address: str, start: float) -> dict[str, object]:
+        stage.sleep(start + self.AFTER - time.monotonic())
+        at = time.monotonic()
+        killed = stage.backend.kill_connections(stage.tag, address)
+        return {"terminated": killed, "terminated_at": at}
+
+
+class CutKeepalive(CutSession):
+    """Cut, and the server's own TCP keepalive drops the silent sessions (the suite's
+    servers probe an idle peer after 1 s: PostgreSQL every 1 s, 2 probes; Redis derives
+    its own, about 4 s in all); the link heals once that has surely happened. ``dropped_at``:
+    when the server was first seen with fewer sessions from that host."""
+
+    name = "cut_keepalive"
+
+    def hold(self, ttl: float) -> float:
+        keepalive = KEEPALIVE_IDLE + max(KEEPALIVE_COUNT, 3) * KEEPALIVE_INTERVAL
+        return max(3 * ttl, keepalive + 1.5)
+
+    def end_session(self, stage: Stage, address: str, start: float) -> dict[str, object]:
+        first = stage.backend.sessions(stage.tag, address)
+        until = start + self.hold(stage.ttl) - 0.3
+        while time.monotonic() < until:
+            now = stage.backend.sessions(stage.tag, address)
+            if any(now.get(k, 0) < v for k, v in first.items()):
+                return {"dropped_at": time.monotonic(), "sessions_dropped": now}
+            stage.sleep(0.1)
+        return {"dropped_at": None}
+
+
+class ClockStep(OnHosts):
+    """The server's wall clock steps 30 s forward, and back 3 x the TTL later (the server
+    runs on a clock the harness steps: libfaketime, or the clock shim for Redis)."""
+
+    name = "clock_step"
+    STEP = 30.0
+
+    def unavailable(self, stage: Stage) -> str | None:
+        return super().unavailable(stage) or stage.backend.clock_unavailable()
+
+    def prepare(self, stage: Stage) -> None:
+        stage.backend.server_clock(0.0)
+
+    def restore(self, stage: Stage) -> None:
+        stage.backend.server_clock(None)
+
+    def span(self, ttl: float) -> float:
+        return 5 * ttl + 2.0
+
+    def inject(self, stage: Stage) -> None:
+        start = time.monotonic()
+        stage.backend.server_clock(self.STEP)
+        stage.sleep(3 * stage.ttl)
+        end = time.monotonic()
+        stage.backend.server_clock(0.0)
+        stage.events.fault(self.name, start, end, step=self.STEP)
+        stage.sleep(2 * stage.ttl + 1.0)
+
+
 FAULTS: dict[str, Fault] = {
     fault.name: fault
     for fault in (Kill9(), StopLong(), StopShort(), PauseWrite(), Sigterm(), ServerRestart(),
-                  ConnKill(), Blackhole(), Latency(), ClockJump(), Contention(), Raise(), Hang())
+                  ConnKill(), Blackhole(), Latency(), ClockJump(), Contention(), Raise(), Hang(),
+                  Partition(), RepliesLost(), RequestsLost(), Latency03(), Latency06(), Latency12(),
+                  Flap(), HostKill9(), HostCrash(), HostSigstop(), CutTerminate(), CutKeepalive(),
+                  ClockStep())
 }
+#: The cross-host faults (each runner on a simulated host of its own).
+CROSS_HOST = [name for name, fault in FAULTS.items() if fault.hosts]
 
 
 class Nemesis:
