@@ -17,19 +17,19 @@ reports, status and events, with requests from standby loops last in line, so
 that a slow network delays a takeover but never a renewal.
 
 A standby may take an unexpired lease only from a row marked ``locked`` whose
-lock has been free for ``LOCK_QUIET``. A freed lock proves only that the server
-ended the holder's session, not that the holder heard of it: a holder cut off
-from the server, whose session the server then ends (a keepalive, a timeout, a
-pooler, an operator), hears nothing. So a holder trusts its leases only while
-its lease connection keeps answering: it sends a statement there every
-``BEAT``, and starts passes only within ``WINDOW - BOUND_MARGIN`` of the send
-time of the last statement answered (``SessionBound``). The session ended after
-that answer, and the standby takes the lease only ``LOCK_QUIET > WINDOW`` after
-it saw the lock free, so by then a cut-off holder has stopped starting passes
-for at least ``LOCK_QUIET - WINDOW + BOUND_MARGIN``, and its async and isolated
-passes have been stopped (``dropped``). A standby that was refused waits for the
-holder's lock on a connection of its own and announces ``released`` when the
-lock has been free that long.
+lock has been free for the row's ``quiet``. A freed lock proves only that the
+server ended the holder's session, not that the holder heard of it: a holder
+cut off from the server, whose session the server then ends (a keepalive, a
+timeout, a pooler, an operator), hears nothing. So a holder trusts its leases
+only while its lease connection keeps answering: it sends a statement there
+every ``BEAT``, and starts passes only within ``window - BOUND_MARGIN`` of the
+send time of the last statement answered (``SessionBound``), where the window
+is shorter than the quiet written in every row it holds (``quiet``). The session
+ended after that answer, so by the time a standby may take a lease a cut-off
+holder has stopped starting passes, and its async and isolated passes have been
+stopped (``dropped``). A standby that was refused waits for the holder's lock on
+a connection of its own and announces ``released`` when the lock has been free
+for ``MIN_QUIET``; it asks again after the rest of the row's quiet.
 
 URL query parameters: ``schema`` (default ``ostinato``) names the schema the
 tables live in, created on first use; ``timeout`` (seconds, default 2) bounds
@@ -49,7 +49,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,6 +74,7 @@ from ostinato.coordinators.protocol import (
     SessionBound,
     Sightings,
 )
+from ostinato.coordinators.quiet import BEAT, BOUND_MARGIN, MIN_QUIET, QuietBook, window_for
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
 log = logging.getLogger("ostinato.postgres")
@@ -90,18 +91,6 @@ SCHEMA_LOCK = (0x6F737469, 0x6E61746F)
 # the waits are capped to spare the server's connection slots; past the cap a
 # standby retries when the lease expires, as it would without advisory locks.
 MAX_WAITERS = 8
-# The session bound (see the module docstring). A holder's lease connection answers a
-# statement every BEAT; an answer to a statement sent at t lets passes start until
-# t + WINDOW - BOUND_MARGIN, so a holder tolerates about three late beats before it stops
-# starting passes and asks for its leases again (on the same lock, if the session lived).
-BEAT = 0.05
-WINDOW = 0.3
-BOUND_MARGIN = 0.1
-# A holder's lock must have been free this long before a standby takes its lease: longer
-# than WINDOW on the standby's clock even if it runs 1% fast (drift_margin), so that a
-# holder cut off from its ended session stopped starting passes at least BOUND_MARGIN +
-# 40 ms before, and its async and isolated passes were stopped.
-LOCK_QUIET = 0.35
 
 
 def lock_id(schema: str, key: str) -> int:
@@ -190,7 +179,8 @@ class PostgresCoordinator(Coordinator):
         self._closed = False
         self._watched_fd: int | None = None
         #: How long the lease connection's session was last heard from; every grant carries it.
-        self.bound = SessionBound(WINDOW, BOUND_MARGIN)
+        self.bound = SessionBound(window_for(MIN_QUIET), BOUND_MARGIN)
+        self._quiet = QuietBook()
         self._pulse_task: asyncio.Task[None] | None = None
         self._lapse: asyncio.TimerHandle | None = None
 
@@ -290,7 +280,7 @@ class PostgresCoordinator(Coordinator):
                     "server; their leases are given up", len(lost))
         self._lease.conn = None
         self.bound.reset()
-        self._holders.clear()
+        self._unheld(lost)
         asyncio.get_running_loop().create_task(self._close_quietly(conn))
         for key in lost:
             self._events.deliver(Event("revoked", key))
@@ -301,7 +291,7 @@ class PostgresCoordinator(Coordinator):
             self._unwatch_idle()
             self.bound.reset()
             lost = list(self._holders)
-            self._holders.clear()
+            self._unheld(lost)
             # The advisory locks went with the connection, so a standby may take these
             # loops soon: the runner must stop their passes now, not at its next renewal.
             for key in lost:
@@ -362,13 +352,15 @@ class PostgresCoordinator(Coordinator):
         params: dict[str, Any] = {"key": key, "owner": runner.id, "holder": runner.label,
                                   "ttl": ttl, "dead": None, "dead_fence": None, "probe": lock,
                                   **self._unchanged(key)}
+        params["quiet"] = quiet = self._quiet.wanted()
         async with self._session(priority=URGENT if key in self._holders else REQUEST) as conn:
             sent = time.monotonic()
             params["locked"] = key in self._holders
-            row = await self._fetch(conn, "acquire", params)
+            with self._promising(quiet):  # a locked row asked for again takes the new quiet
+                row = await self._fetch(conn, "acquire", params)
         if row is not None and row["granted"]:
             self._sightings.forget(key)
-            return await self._granted(key, runner, row, params["locked"], sent)
+            return await self._granted(key, runner, row, params["locked"], sent, quiet)
         if row is None:  # a first grant raced ours and is not visible yet
             return Denied(holder=None, expires_in=None)
         if row["paused"]:
@@ -378,8 +370,8 @@ class PostgresCoordinator(Coordinator):
         if row["locked"] and key not in self._holders:
             if not row["lock_free"]:
                 self._watch(key, lock, row["owner"], row["fence"])
-            elif (quiet := self._quiet_for(key, row["owner"], row["fence"])) > 0:
-                return Denied(holder=row["holder"], expires_in=quiet)
+            elif (left := self._quiet_left(key, row)) > 0:
+                return Denied(holder=row["holder"], expires_in=left)
             elif (taken := await self._take_from_dead(key, runner, lock, row, params)) is not None:
                 return taken
         return Denied(holder=row["holder"], expires_in=matures_in)
@@ -410,33 +402,36 @@ class PostgresCoordinator(Coordinator):
             if took is None or not took["ok"]:
                 return None
             params.update(locked=True, dead=row["owner"], dead_fence=row["fence"], probe=None)
-            again = await self._fetch(conn, "acquire", params)
+            with self._promising(params["quiet"]):
+                again = await self._fetch(conn, "acquire", params)
             if again is not None and again["granted"]:
-                self._held(key, runner, int(again["fence"]))
+                self._held(key, runner, int(again["fence"]), params["quiet"])
                 return Grant(fence=int(again["fence"]), last_start=again["last_start"], sent=sent,
                              bound=self.bound)
             await self._run(conn, "unlock", {"locks": [lock]})
         return None
 
-    def _quiet_for(self, key: str, owner: str | None, fence: int | None) -> float:
+    def _quiet_left(self, key: str, row: DictRow) -> float:
         """How much longer the lock of ``key``'s holder must stay free before its lease is
-        taken (0: long enough). The first sighting starts the clock."""
+        taken (0: long enough): the quiet its row asks for. The first sighting starts the
+        clock. The row cannot change meanwhile: only the ended session could."""
         now = time.monotonic()
+        quiet = max(MIN_QUIET, float(row["quiet"] or 0.0))
         seen = self._freed.get(key)
-        if seen is None or seen[:2] != (owner, fence):
-            self._freed[key] = (owner, fence, now)
-            return LOCK_QUIET
-        return max(0.0, seen[2] + LOCK_QUIET - now)
+        if seen is None or seen[:2] != (row["owner"], row["fence"]):
+            self._freed[key] = (row["owner"], row["fence"], now)
+            return quiet
+        return max(0.0, seen[2] + quiet - now)
 
     async def _granted(
-        self, key: str, runner: RunnerInfo, row: DictRow, locked: bool, sent: float
+        self, key: str, runner: RunnerInfo, row: DictRow, locked: bool, sent: float, quiet: float
     ) -> Grant | Denied:
         """The row is ours with a new fence. Record it against the advisory lock the lease
         connection holds, or take that lock now and mark the row with it."""
         fence, lock = int(row["fence"]), lock_id(self.schema, key)
         grant = Grant(fence=fence, last_start=row["last_start"], sent=sent, bound=self.bound)
         if locked and key in self._holders:
-            self._held(key, runner, fence)  # the same lock now guards the new fence
+            self._held(key, runner, fence, quiet)  # the same lock now guards the new fence
             return grant
         # Here ``locked`` means the lease connection, and the lock with it, was lost while
         # the row was being granted as locked: a standby would take it over at once.
@@ -444,11 +439,12 @@ class PostgresCoordinator(Coordinator):
         try:
             async with self._session(self._lease) as conn:
                 asked = True
-                marked = await self._fetch(
-                    conn, "mark", {"lock": lock, "key": key, "owner": runner.id, "fence": fence}
-                )
+                with self._promising(quiet):
+                    marked = await self._fetch(conn, "mark", {
+                        "lock": lock, "key": key, "owner": runner.id, "fence": fence, "quiet": quiet
+                    })
                 if marked and marked["marked"]:
-                    self._held(key, runner, fence)
+                    self._held(key, runner, fence, quiet)
                     return grant
                 if marked and marked["ok"]:
                     await self._run(conn, "unlock", {"locks": [lock]})
@@ -466,8 +462,10 @@ class PostgresCoordinator(Coordinator):
             log.info("%s: granted without its advisory lock (%s)", key, exc)
         return grant
 
-    def _held(self, key: str, runner: RunnerInfo, fence: int) -> None:
+    def _held(self, key: str, runner: RunnerInfo, fence: int, quiet: float) -> None:
         self._holders[key] = (runner.id, fence)
+        self._quiet.rows[key] = quiet
+        self.bound.window = self._quiet.window()
         self._freed.pop(key, None)
         waiter = self._waiters.pop(key, None)
         if waiter is not None:
@@ -479,13 +477,30 @@ class PostgresCoordinator(Coordinator):
 
     # -- the session bound -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _promising(self, quiet: float) -> Iterator[None]:
+        """A write of ``quiet`` into rows is in flight: the window fits it from now on, and
+        grows back only when the rows it reached are recorded (``_held``), never before."""
+        with self._quiet.writing(quiet):
+            self.bound.window = min(self.bound.window, self._quiet.window())
+            yield
+
+    def _unheld(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._holders.pop(key, None)
+            self._quiet.rows.pop(key, None)
+        self.bound.window = self._quiet.window()
+
     async def _pulse(self) -> None:
-        """While the lease connection holds advisory locks, hear from its session every BEAT."""
+        """While the lease connection holds advisory locks, hear from its session every BEAT,
+        and time the round trips (the quiet asked for in rows fits the slowest)."""
         while not self._closed and self._holders and self._lease.conn is not None:
             started = time.monotonic()
             try:
                 async with self._session(self._lease, priority=RENEWAL, tables=False) as conn:
+                    sent = time.monotonic()
                     await conn.execute("SELECT 1")
+                    self._quiet.took(time.monotonic() - sent)
             except CoordinatorUnavailable:
                 return  # dropped, and the runner told; the next lock held starts it again
             await asyncio.sleep(max(0.0, started + BEAT - time.monotonic()))
@@ -506,7 +521,8 @@ class PostgresCoordinator(Coordinator):
             return
         log.warning("no answer from the session holding the advisory locks of %d loop(s) within "
                     "%.0f ms: their passes stop until it answers again (a standby may take them "
-                    "if the server ended it)", len(self._holders), 1000 * (WINDOW - BOUND_MARGIN))
+                    "if the server ended it)", len(self._holders),
+                    1000 * (self.bound.window - BOUND_MARGIN))
         for key in list(self._holders):
             self._events.deliver(Event("dropped", key))
 
@@ -515,24 +531,27 @@ class PostgresCoordinator(Coordinator):
     ) -> dict[str, Renewal]:
         if not leases:
             return {}
+        quiet = self._quiet.wanted()
         async with self._session(self._lease, priority=RENEWAL) as conn:
-            cursor = await self._run(conn, "renew", {
-                "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
-                "ttls": [float(ttl) for _, ttl in leases.values()],
-                "locks": [None if key in self._holders else lock_id(self.schema, key)
-                          for key in leases],
-                "owner": runner.id,
-                "mine": [key for key, (fence, _) in leases.items()
-                         if self._holders.get(key) == (runner.id, fence)],
-            })
-            kept = {row["key"]: row for row in await cursor.fetchall()}
+            with self._promising(quiet):
+                cursor = await self._run(conn, "renew", {
+                    "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
+                    "ttls": [float(ttl) for _, ttl in leases.values()],
+                    "locks": [None if key in self._holders else lock_id(self.schema, key)
+                              for key in leases],
+                    "owner": runner.id,
+                    "mine": [key for key, (fence, _) in leases.items()
+                             if self._holders.get(key) == (runner.id, fence)],
+                    "quiet": quiet,
+                })
+                kept = {row["key"]: row for row in await cursor.fetchall()}
             answers = {}
             for key, (fence, _) in leases.items():
                 row = kept.get(key)
                 answers[key] = (Renewal.LOST if row is None
                                 else Renewal.PAUSED if row["paused"] else Renewal.HELD)
-                if row is not None and row["locked"] and key not in self._holders:
-                    self._held(key, runner, fence)
+                if row is not None and row["locked"]:
+                    self._held(key, runner, fence, quiet)
             await self._unlock(conn, runner, {
                 key: leases[key][0] for key, answer in answers.items() if answer is not Renewal.HELD
             })
@@ -556,8 +575,7 @@ class PostgresCoordinator(Coordinator):
         """The keys among ``fences`` whose lock this session holds for that grant, no
         longer counted as held: the caller unlocks them."""
         gone = [key for key, fence in fences.items() if self._holders.get(key) == (runner.id, fence)]
-        for key in gone:
-            del self._holders[key]
+        self._unheld(gone)
         return gone
 
     async def _unlock(self, conn: Connection, runner: RunnerInfo, fences: dict[str, int]) -> None:
@@ -638,7 +656,7 @@ class PostgresCoordinator(Coordinator):
         )
 
     async def _await_holder(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
-        """Announce ``released`` once the holder's lock has been free for ``LOCK_QUIET``:
+        """Announce ``released`` once the holder's lock has been free for ``MIN_QUIET``:
         its session ended."""
         conn: Connection | None = None
         try:
@@ -646,7 +664,7 @@ class PostgresCoordinator(Coordinator):
             await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
             await conn.execute("SELECT pg_advisory_unlock(%s)", [lock])
             self._freed[key] = (owner, fence, time.monotonic())
-            await asyncio.sleep(LOCK_QUIET)
+            await asyncio.sleep(MIN_QUIET)
         except (psycopg.Error, OSError) as exc:
             # Only an accelerator: the standby still retries when the lease expires.
             log.debug("stopped waiting for the holder of %s: %s", key, self._unavailable(exc))

@@ -27,8 +27,9 @@ CREATE TABLE IF NOT EXISTS {s}.loops (
     passes bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0,
     last_start float8, last_end float8, last_duration float8, last_outcome text,
     last_error text, last_error_at float8, p50 float8, p99 float8,
-    running_since float8, stall_after float8, ttl float8);
+    running_since float8, stall_after float8, ttl float8, quiet float8);
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS ttl float8;
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS quiet float8;
 CREATE TABLE IF NOT EXISTS {s}.runners (
     id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL);
 """,
@@ -40,14 +41,15 @@ CREATE TABLE IF NOT EXISTS {s}.runners (
     # connection holds no lease locks).
     "acquire": """
 WITH granted AS (
-    INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked, ttl)
+    INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked, ttl,
+                                quiet)
     VALUES (%(key)s, 1, %(owner)s, %(holder)s,
             clock_timestamp() + make_interval(secs => %(ttl)s),
-            extract(epoch FROM clock_timestamp()), %(locked)s, %(ttl)s)
+            extract(epoch FROM clock_timestamp()), %(locked)s, %(ttl)s, %(quiet)s)
     ON CONFLICT (key) DO UPDATE SET
         fence = l.fence + 1, owner = excluded.owner, holder = excluded.holder,
         expires = excluded.expires, held_since = excluded.held_since, locked = excluded.locked,
-        ttl = excluded.ttl
+        ttl = excluded.ttl, quiet = excluded.quiet
     WHERE NOT l.paused AND (
         l.owner IS NULL OR l.owner = excluded.owner
         OR (l.fence = %(seen_fence)s AND l.expires = %(seen_expires)s)
@@ -55,9 +57,9 @@ WITH granted AS (
     RETURNING l.fence, l.last_start)
 SELECT true AS granted, fence, last_start, NULL AS owner, NULL AS holder, false AS paused,
        false AS locked, NULL::timestamptz AS expires, NULL::float8 AS ttl,
-       NULL::float8 AS expires_in, false AS lock_free FROM granted
+       NULL::float8 AS quiet, NULL::float8 AS expires_in, false AS lock_free FROM granted
 UNION ALL
-SELECT false, fence, NULL, owner, holder, paused, locked, expires, ttl,
+SELECT false, fence, NULL, owner, holder, paused, locked, expires, ttl, quiet,
        extract(epoch FROM expires - clock_timestamp())::float8,
        CASE WHEN locked AND NOT paused AND %(probe)s::bigint IS NOT NULL
                  AND pg_try_advisory_lock(%(probe)s::bigint)
@@ -66,12 +68,12 @@ FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
-              " AND attname = 'ttl' AND NOT attisdropped) AS ok",
+              " AND attname = 'quiet' AND NOT attisdropped) AS ok",
     "schema_lock": "SELECT pg_advisory_xact_lock(%(a)s, %(b)s)",
     "try_lock": "SELECT pg_try_advisory_lock(%(lock)s) AS ok",
     "mark": """
 WITH got AS (SELECT pg_try_advisory_lock(%(lock)s) AS ok),
-marked AS (UPDATE {s}.loops SET locked = true FROM got
+marked AS (UPDATE {s}.loops SET locked = true, quiet = %(quiet)s FROM got
            WHERE got.ok AND key = %(key)s AND owner = %(owner)s AND fence = %(fence)s
            RETURNING 1)
 SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
@@ -84,7 +86,7 @@ SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
 UPDATE {s}.loops AS l SET
     expires = CASE WHEN l.paused THEN NULL
                    ELSE clock_timestamp() + make_interval(secs => v.ttl) END,
-    ttl = v.ttl,
+    ttl = v.ttl, quiet = CASE WHEN l.paused THEN l.quiet ELSE %(quiet)s END,
     owner = CASE WHEN l.paused THEN NULL ELSE l.owner END,
     holder = CASE WHEN l.paused THEN NULL ELSE l.holder END,
     locked = CASE WHEN l.paused THEN false WHEN l.locked THEN true

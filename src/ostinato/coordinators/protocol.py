@@ -48,30 +48,35 @@ class SessionBound:
     session has ended (PostgreSQL: its advisory lock was freed). The server may end a
     session the holder cannot hear about (a network cut, then a keepalive, a proxy or an
     operator), so such a holder trusts its leases only while it keeps hearing from that
-    session: every answer on it, to a statement sent at ``sent``, moves ``until`` to
-    ``sent + window``, and passes start only while ``now + margin < until``. A standby
-    waits longer than ``window`` after the session ended, so a cut-off holder has
-    stopped starting passes by then.
+    session: an answer to a statement sent at ``sent`` moves ``heard`` there, and passes
+    start only while ``now + margin < heard + window``. A standby waits longer than
+    ``window`` after the session ended, so a cut-off holder has stopped starting passes
+    by then. The coordinator may shrink ``window`` at any time, and grows it only once
+    what lets it grow is confirmed.
     """
 
-    __slots__ = ("margin", "until", "window")
+    __slots__ = ("heard", "margin", "window")
 
     def __init__(self, window: float, margin: float) -> None:
         self.window = window
         self.margin = margin
-        self.until = float("-inf")
+        self.heard = float("-inf")
+
+    @property
+    def until(self) -> float:
+        return self.heard + self.window
 
     def confirm(self, sent: float) -> None:
         """The session answered a statement sent at ``sent`` (local monotonic time)."""
-        if sent + self.window > self.until:
-            self.until = sent + self.window
+        if sent > self.heard:
+            self.heard = sent
 
     def reset(self) -> None:
         """The session ended, or its state is unknown: nothing it said counts any more."""
-        self.until = float("-inf")
+        self.heard = float("-inf")
 
     def holds(self, now: float) -> bool:
-        return now + self.margin < self.until
+        return now + self.margin < self.heard + self.window
 
 
 @dataclass(frozen=True)
