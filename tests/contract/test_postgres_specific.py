@@ -327,8 +327,11 @@ def lose_lease_connection_during(
         row = await real_fetch(conn, name, params)
         if name == "acquire":
             monkeypatch.setattr(coordinator, "_fetch", real_fetch)
-            coordinator._unwatch_idle()  # as a failing renewal on that connection does
-            await coordinator._drop(coordinator._lease)
+            from ostinato.coordinators.postgres import URGENT
+
+            async with coordinator._lease.turn(URGENT):  # not under a heartbeat in flight
+                coordinator._unwatch_idle()  # as a failing renewal on that connection does
+                await coordinator._drop(coordinator._lease)
             await until_lock_free(coordinator.schema, KEY)
             await then()
         return row
