@@ -44,6 +44,7 @@ FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 CLOCK_SHIM = Path(__file__).with_name("clockshim.c")
 #: Keepalives when serving simulated hosts: a silent peer is dropped after a few seconds.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 1, 1, 2
+KEEPALIVE_S = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
 
 
 class Unavailable(Exception):
@@ -404,10 +405,13 @@ class PostgresBackend(Backend):
         options = (f"-p {self.upstream[1]} -k {self.data} -c listen_addresses={listen}"
                    " -c max_connections=300")
         if self.serving:
-            # The server itself drops a session whose host went silent, within seconds.
+            # The server itself drops a session whose host went silent, within seconds:
+            # keepalives when it was idle, and tcp_user_timeout when an answer of its was
+            # still unacknowledged (the kernel sends no keepalive probe then).
             options += (f" -c tcp_keepalives_idle={KEEPALIVE_IDLE}"
                         f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
-                        f" -c tcp_keepalives_count={KEEPALIVE_COUNT}")
+                        f" -c tcp_keepalives_count={KEEPALIVE_COUNT}"
+                        f" -c tcp_user_timeout={KEEPALIVE_S * 1000}")
         clock = [f"{k}={v}" for k, v in self.clock.env().items()] if self.clock is not None else []
         subprocess.run(
             self._as_owner("env", *clock, self.pg_ctl, "-D", str(self.data), "-o", options, "-w",

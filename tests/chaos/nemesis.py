@@ -546,10 +546,13 @@ class CutTerminate(CutSession):
 
 
 class CutKeepalive(CutSession):
-    """Cut, and the server's own TCP keepalive drops the silent sessions (the suite's
-    servers probe an idle peer after 1 s: PostgreSQL every 1 s, 2 probes; Redis derives
-    its own, about 4 s in all); the link heals once that has surely happened. ``dropped_at``:
-    when the server was first seen with fewer sessions from that host."""
+    """Cut, and the server's own TCP keepalive drops the silent sessions; the link heals once
+    that has surely happened. The suite's servers probe an idle peer after 1 s: PostgreSQL
+    every 1 s, 2 probes, and its ``tcp_user_timeout`` (3 s) drops a session whose answer
+    was left unacknowledged (no probe goes out then); Redis derives its own probes, about
+    4 s in all, and has no such timeout. ``dropped_at``: when the server was first seen
+    with fewer sessions of each kind from that host (``connections``; for PostgreSQL
+    ``lock_holders`` too, the lease session), as seconds after the cut."""
 
     name = "cut_keepalive"
 
@@ -559,13 +562,15 @@ class CutKeepalive(CutSession):
 
     def end_session(self, stage: Stage, address: str, start: float) -> dict[str, object]:
         first = stage.backend.sessions(stage.tag, address)
+        dropped: dict[str, float] = {}
         until = start + self.hold(stage.ttl) - 0.3
-        while time.monotonic() < until:
+        while time.monotonic() < until and len(dropped) < len(first):
             now = stage.backend.sessions(stage.tag, address)
-            if any(now.get(k, 0) < v for k, v in first.items()):
-                return {"dropped_at": time.monotonic(), "sessions_dropped": now}
+            for kind, count in first.items():
+                if kind not in dropped and now.get(kind, 0) < count:
+                    dropped[kind] = round(time.monotonic() - start, 3)
             stage.sleep(0.1)
-        return {"dropped_at": None}
+        return {"dropped_at": dropped}
 
 
 class ClockStep(OnHosts):

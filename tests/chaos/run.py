@@ -11,8 +11,9 @@ faults (``--faults cross-host``, or ``--cross-host`` for only those; ``all``
 includes them) run 3 runners, each on a simulated host of its own
 (``netsim``: network namespaces and a userspace switch, root only), against
 Redis and PostgreSQL. The results of each coordinator go to
-``tests/chaos/results/<coordinator>.json``. The exit status is 1 when any cell
-broke a guarantee.
+``tests/chaos/results/<coordinator>.json`` (a part of the matrix to
+``<coordinator>-cross-host.json``, ``-local`` or ``-partial``). The exit status
+is 1 when any cell broke a guarantee.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def run_column(name: str, args: argparse.Namespace, workdir: Path, net: Net | No
                 cells.append(run_cell(name, fault, args, backend, workdir, net))
         finally:
             backend.close()
-    if not args.no_save:
+    if not args.no_save and any(cell.skipped != "n/a" for cell in cells):
         save(name, args, cells, time.monotonic() - began)
     return cells
 
@@ -216,7 +217,17 @@ def save(coordinator: str, args: argparse.Namespace, cells: list[Outcome], took:
                    + ("" if args.fault_list == list(FAULTS) else f" --faults {','.join(args.fault_list)}"),
         "cells": {cell.scenario.fault: cell.to_dict() for cell in cells},
     }
-    (RESULTS / f"{coordinator}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{coordinator}{results_suffix(args.fault_list)}.json").write_text(
+        json.dumps(data, indent=2) + "\n")
+
+
+def results_suffix(faults: list[str]) -> str:
+    """Where a run's results go: ``<coordinator>.json`` for every fault, so that a part of
+    the matrix never overwrites the whole; ``-cross-host``, ``-local`` or ``-partial`` otherwise."""
+    for group, members in GROUPS.items():
+        if faults == members:
+            return "" if group == "all" else f"-{group}"
+    return "-partial"
 
 
 if __name__ == "__main__":

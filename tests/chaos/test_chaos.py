@@ -1,9 +1,10 @@
 """The short fault matrix: real runners, one kind of fault each, checked from what they recorded.
 
 SQLite gets every fault that applies to it; Redis and PostgreSQL a blackhole
-and the faults that once broke them (the full matrix is ``make chaos``). Each
-cell must keep every guarantee the checker knows, and show the fault it was
-given actually happened.
+and the faults that once broke them (the full matrix is ``make chaos``); and a
+few cross-host cells, each runner on a simulated host of its own (root only).
+Each cell must keep every guarantee the checker knows, and show the fault it
+was given actually happened.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos import records
 from tests.chaos.backends import BACKENDS, Backend, Unavailable
 from tests.chaos.checker import Report
 from tests.chaos.harness import Outcome, Scenario, run_scenario
 from tests.chaos.nemesis import FAULTS
+from tests.chaos.netsim import Net, NetUnavailable
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -33,6 +36,11 @@ SERVER_CELLS = [
     ("postgres", "blackhole"), ("postgres", "conn_kill"), ("postgres", "server_restart"),
     ("postgres", "latency"),
 ]
+# Across simulated hosts: a holder cut off whose server session is then ended, by the
+# server's hand or by its TCP keepalive (the PostgreSQL holder once went on starting passes
+# as a standby took over), one killed on its host, and a partition.
+CROSS_HOST_CELLS = [("postgres", "cut_terminate"), ("postgres", "cut_keepalive"),
+                    ("postgres", "host_kill9"), ("redis", "partition")]
 
 
 def loud_skip(why: str, *, backend: bool = False) -> None:
@@ -62,17 +70,57 @@ def backend() -> Iterator[Callable[[str], Backend]]:
         made.close()
 
 
-def run_cell(get: Callable[[str], Backend], tmp_path: Path, coordinator: str, fault: str,
-             plant: str = "", work_ms: float = 10.0) -> Report:
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[Net]:
+    """Three simulated hosts for the module (root only)."""
+    net = Net(3)
+    try:
+        net.open()
+    except NetUnavailable as exc:
+        loud_skip(f"the cross-host chaos tests: {exc}")
+    yield net
+    net.close()
+
+
+@pytest.fixture(scope="module")
+def host_backend(hosts: Net) -> Iterator[Callable[[str], Backend]]:
+    """Servers of the suite's own that listen on the coordinator host's simulated address too."""
+    opened: dict[str, Backend] = {}
+
+    def get(name: str) -> Backend:
+        if name not in opened:
+            made = BACKENDS[name]()
+            made.serve_hosts(hosts.coordinator_address)
+            try:
+                made.open()
+            except Unavailable as exc:
+                loud_skip(f"cross-host chaos tests on {name}: {exc}", backend=True)
+            opened[name] = made
+        return opened[name]
+
+    yield get
+    for made in opened.values():
+        made.close()
+
+
+def run_outcome(get: Callable[[str], Backend], tmp_path: Path, coordinator: str, fault: str,
+                plant: str = "", work_ms: float = 10.0, net: Net | None = None) -> Outcome:
     scenario = Scenario(coordinator, fault, SEED, SECONDS, runners=3, loops=10, ttl=TTL, plant=plant,
                         work_ms=work_ms)
-    outcome: Outcome = run_scenario(scenario, get(coordinator), tmp_path)
+    outcome: Outcome = run_scenario(scenario, get(coordinator), tmp_path, net)
     if outcome.report is None:
         loud_skip(f"{fault} on {coordinator}: {outcome.skipped}")
     assert outcome.report is not None
     assert outcome.injections >= 1
     assert outcome.report.passes > 0
-    return outcome.report
+    return outcome
+
+
+def run_cell(get: Callable[[str], Backend], tmp_path: Path, coordinator: str, fault: str,
+             plant: str = "", work_ms: float = 10.0) -> Report:
+    report = run_outcome(get, tmp_path, coordinator, fault, plant, work_ms).report
+    assert report is not None
+    return report
 
 
 def holds_up(report: Report) -> str:
@@ -121,6 +169,42 @@ def test_server_backend_keeps_its_guarantees_under(
     report = run_cell(backend, tmp_path, coordinator, fault)
     assert report.ok, holds_up(report)
     shows_its_fault(fault, report)
+
+
+@pytest.mark.backend
+@pytest.mark.parametrize(("coordinator", "fault"), CROSS_HOST_CELLS)
+def test_server_backend_keeps_its_guarantees_across_hosts_under(
+    coordinator: str, fault: str, hosts: Net, host_backend: Callable[[str], Backend], tmp_path: Path,
+) -> None:
+    """Each runner on a simulated host of its own, one holder's link or process at fault: the
+    same guarantees, and every loop taken from it starts elsewhere only after it stopped."""
+    outcome = run_outcome(host_backend, tmp_path, coordinator, fault, net=hosts)
+    report = outcome.report
+    assert report is not None
+    assert report.ok, holds_up(report)
+    assert report.failover_s, "the fault took no loop from its holder"
+    assert report.handover_margins
+    assert report.stopped_first == len(report.handover_margins), report.handover_margins
+    # Failover within a lease of the fault, however the holder was lost (a cut holder's
+    # lease runs from its last renewal; PostgreSQL frees a killed one's at once).
+    assert max(report.failover_s) < 2 * TTL, report.failover_s
+    assert outcome.run is not None
+    faults = records.load(outcome.run).faults
+    runners = {life.pid: life for life in records.load(outcome.run).runners}
+    assert faults
+    for fault_seen in faults:
+        assert fault_seen.target is not None
+        assert fault_seen.detail["host"] is not None  # it was aimed at a simulated host
+        if fault == "cut_terminate":
+            assert fault_seen.detail["terminated"] > 0
+            assert fault_seen.detail["sessions_before_heal"]["connections"] == 0
+        if fault == "cut_keepalive":  # the server itself ended the lease session
+            assert "lock_holders" in fault_seen.detail["dropped_at"], fault_seen.detail
+        if fault == "host_kill9":
+            assert runners[fault_seen.target].code == -9
+    if fault == "partition":
+        assert report.detection_s
+        assert max(report.detection_s) < TTL  # the cut-off holder stops before its lease runs out
 
 
 @pytest.mark.parametrize("plant", ["skip_lease_check", "skip_lease_check,unfenced_store"])

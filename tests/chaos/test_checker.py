@@ -245,6 +245,40 @@ def test_failover_and_detection_are_measured_from_the_fault() -> None:
     assert cut_off.detection_s == [pytest.approx(0.75, abs=0.01)]
 
 
+def test_the_handover_margin_says_whether_the_old_holder_stopped_before_the_new_one_started() -> None:
+    """Margin: the new holder's first pass start less the old holder's last pass end under
+    the old fence. Cut off at 2.0, a holder that stopped at 2.35 leaves +0.65 s before the
+    new holder starts at 3.0; one that went on until 3.25 overlapped it by 0.25 s."""
+    stopped = check(history(run(1, 1, 0, 2.4) + run(2, 2, 3.0, 5),
+                            faults=[Fault("partition", 2.0, 5.0, target=1)]))
+    assert stopped.handover_margins == [pytest.approx(0.65)]
+    assert (stopped.stopped_first, stopped.overlaps) == (1, 0)
+    went_on = check(history(run(1, 1, 0, 3.3) + run(2, 2, 3.0, 5),
+                            faults=[Fault("cut_terminate", 2.0, 5.0, target=1)]))
+    assert went_on.handover_margins == [pytest.approx(-0.25)]
+    assert (went_on.stopped_first, went_on.ok) == (0, False)
+    assert went_on.overlaps >= 1
+    out = went_on.to_dict()
+    assert (out["moved"], out["stopped_first"]) == (1, 0)
+    assert out["margin_min"] == out["margin_p50"] == pytest.approx(-0.25)
+
+
+def test_a_killed_holders_last_pass_ends_at_its_death_and_a_regrant_to_it_is_no_move() -> None:
+    """A pass cut short by kill -9 ends when its process died; a loop granted again to the
+    same runner under a new fence (after a server restart) did not move, so has no margin."""
+    killed = check(history(
+        [*run(1, 1, 0, 2.0), PassRecord("a", 1, 99, 1, 2.0), *run(2, 2, 2.3, 4)],
+        faults=[Fault("host_kill9", 2.02, 2.02, target=1)],
+        runners=[RunnerLife(0, 1, 0.0, exited=2.02, code=-9, sent="KILL"), RunnerLife(1, 2, 0.0)],
+    ))
+    assert killed.handover_margins == [pytest.approx(0.28)]
+    assert killed.stopped_first == 1
+    regranted = check(history(run(1, 1, 0, 2.0) + run(1, 2, 2.1, 4),
+                              faults=[Fault("server_restart", 2.0, 2.05)]))
+    assert regranted.failover_s == [pytest.approx(0.1)]
+    assert (regranted.handover_margins, regranted.margin_min, regranted.margin(50)) == ([], None, None)
+
+
 def test_a_loop_nobody_resumes_after_its_holder_died_is_caught() -> None:
     """A kill -9 of the only holder, and no other runner ever takes the loop."""
     report = check(history(
