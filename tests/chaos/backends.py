@@ -184,6 +184,10 @@ class Backend(abc.ABC):
         """Kill -9 the server and start it again."""
         raise Unavailable(f"{self.name} has no server the suite may restart")
 
+    def server_time(self) -> float:
+        """The server's wall clock now (seconds since the epoch), as the server reads it."""
+        raise Unavailable(f"{self.name} has no server clock")
+
     def clock_unavailable(self) -> str | None:
         """Why ``server_clock`` cannot work here, or None."""
         return f"{self.name} has no server the suite may restart"
@@ -321,6 +325,14 @@ class RedisBackend(Backend):
         server = self._client()
         try:
             return {"connections": len(self._mine(server, tag, client))}
+        finally:
+            server.close()
+
+    def server_time(self) -> float:
+        server = self._client()
+        try:
+            seconds, micros = server.time()
+            return float(seconds) + micros / 1e6
         finally:
             server.close()
 
@@ -516,6 +528,14 @@ class PostgresBackend(Backend):
             ).fetchone()
         assert row is not None
         return {"connections": int(row[0]), "lock_holders": int(row[1])}
+
+    def server_time(self) -> float:
+        import psycopg
+
+        with psycopg.connect(self.direct, autocommit=True) as conn:
+            row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+        assert row is not None
+        return float(row[0])
 
     def cleanup(self, tag: str) -> None:
         if self.restartable:

@@ -575,7 +575,8 @@ class CutKeepalive(CutSession):
 
 class ClockStep(OnHosts):
     """The server's wall clock steps 30 s forward, and back 3 x the TTL later (the server
-    runs on a clock the harness steps: libfaketime, or the clock shim for Redis)."""
+    runs on a clock the harness steps: libfaketime, or the clock shim for Redis).
+    ``server_ahead``: the server's own reading, just after each step."""
 
     name = "clock_step"
     STEP = 30.0
@@ -595,11 +596,18 @@ class ClockStep(OnHosts):
     def inject(self, stage: Stage) -> None:
         start = time.monotonic()
         stage.backend.server_clock(self.STEP)
-        stage.sleep(3 * stage.ttl)
+        ahead = self.ahead(stage)
+        stage.sleep(start + 3 * stage.ttl - time.monotonic())
         end = time.monotonic()
         stage.backend.server_clock(0.0)
-        stage.events.fault(self.name, start, end, step=self.STEP)
+        stage.events.fault(self.name, start, end, step=self.STEP, server_ahead=ahead,
+                           server_ahead_after=self.ahead(stage))
         stage.sleep(2 * stage.ttl + 1.0)
+
+    @staticmethod
+    def ahead(stage: Stage) -> float:
+        """How far the server's wall clock reads ahead of the real one (to 0.01 s)."""
+        return round(stage.backend.server_time() - time.time(), 2)
 
 
 FAULTS: dict[str, Fault] = {

@@ -213,12 +213,19 @@ def save(coordinator: str, args: argparse.Namespace, cells: list[Outcome], took:
         "ttl": args.ttl,
         "took_s": round(took, 1),
         "command": f"python -m tests.chaos.run --coordinator {coordinator} --seed {args.seed} "
-                   f"--seconds {args.seconds:g}"
-                   + ("" if args.fault_list == list(FAULTS) else f" --faults {','.join(args.fault_list)}"),
+                   f"--seconds {args.seconds:g}" + faults_flag(args.fault_list),
         "cells": {cell.scenario.fault: cell.to_dict() for cell in cells},
     }
     (RESULTS / f"{coordinator}{results_suffix(args.fault_list)}.json").write_text(
         json.dumps(data, indent=2) + "\n")
+
+
+def faults_flag(faults: list[str]) -> str:
+    """``--faults`` as a command line would give it: a group's name, or the list."""
+    group = next((name for name, members in GROUPS.items() if faults == members), None)
+    if group == "all":
+        return ""
+    return f" --faults {group or ','.join(faults)}"
 
 
 def results_suffix(faults: list[str]) -> str:
