@@ -36,6 +36,8 @@ log = logging.getLogger("ostinato.loop")
 #: the loop's lease) before taking a free one, so that a runner with fewer loops
 #: gets it first while a dead holder's loop still resumes within its lease.
 YIELD_DELAY = 0.25
+#: How often a pass driver looks again while its lease's session is unheard from.
+SUSPENDED_POLL = 0.01
 #: How long a runner whose lease was revoked or taken waits before asking again.
 STEP_ASIDE = 0.5
 #: A loop handed over for balance that nobody else took is not handed over
@@ -115,6 +117,18 @@ class LoopKeeper:
                     extra=self._fields("lease_lost", lease.fence))
         if self._async_pass is not None:
             # An async pass can be stopped, so it is: a runner taking over must not overlap it.
+            self._cancelled_for_lease = True
+            self._async_pass.cancel()
+        self.nudge()
+
+    def suspend(self) -> None:
+        """The lease is kept, but the coordinator's session holding it went unheard: stop the
+        pass in flight if it can be stopped (a standby may take the lease if the session
+        ended). New passes wait by themselves (``LocalLease.suspended``)."""
+        lease = self.lease
+        if lease is None or lease.deadline == float("-inf"):
+            return
+        if self._async_pass is not None:
             self._cancelled_for_lease = True
             self._async_pass.cancel()
         self.nudge()
@@ -223,13 +237,6 @@ class LoopKeeper:
             else:
                 finished = await self._run_thread(lease, first)
         finally:
-            if (
-                lease.deadline != float("-inf") and not self.runner.stopping
-                and not self._handing_over and lease.unconfirmed()
-            ):
-                # Not a lease to give back: kept, but its session went quiet, so a standby
-                # may take it if the session is gone. Asked for again, as after a drop.
-                self.lose("no answer from the coordinator's session in time; asking for it again")
             self.lease = None
             if (
                 lease.deadline != float("-inf") and not self.runner.stopping
@@ -313,6 +320,10 @@ class LoopKeeper:
                 signal.clear()
                 continue
             if not lease.holds(now):
+                if lease.suspended(now):
+                    signal.wait(SUSPENDED_POLL)
+                    signal.clear()
+                    continue
                 return
             number += 1
             stats.started(now)
@@ -374,6 +385,10 @@ class LoopKeeper:
                         await asyncio.wait_for(signal.wait(), min(start_at - now, lease.ttl))
                     continue
                 if not lease.holds(now):
+                    if lease.suspended(now):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(signal.wait(), SUSPENDED_POLL)
+                        continue
                     return
                 number += 1
                 stats.started(now)

@@ -70,11 +70,18 @@ class LocalLease:
             now = time.monotonic()
         return now + self.margin < self.deadline and (self.bound is None or self.bound.holds(now))
 
-    def unconfirmed(self, now: float | None = None) -> bool:
-        """Whether the lease is held but its session has gone unconfirmed too long."""
+    def valid(self, now: float | None = None) -> bool:
+        """Whether the lease itself has time left, its session aside."""
+        return (time.monotonic() if now is None else now) + self.margin < self.deadline
+
+    def suspended(self, now: float | None = None) -> bool:
+        """Whether the lease has time left but its session went unheard too long: no pass
+        starts until it is heard from again (or the lease runs out)."""
         if self.bound is None:
             return False
-        return not self.bound.holds(time.monotonic() if now is None else now)
+        if now is None:
+            now = time.monotonic()
+        return self.valid(now) and not self.bound.holds(now)
 
     def effective_deadline(self) -> float:
         """The deadline that ``holds()`` keeps, the session bound included, on the scale of

@@ -150,6 +150,8 @@ class Runner:
             return
         if event.kind == "revoked" and keeper.lease is not None:
             keeper.lose("the lease was revoked", step_aside=True)  # the renewal confirms it
+        if event.kind == "unconfirmed":
+            keeper.suspend()
         if event.kind == "dropped" and keeper.lease is not None:
             keeper.lose("the connection to the coordinator dropped; asking for it again")
         if event.kind in ("paused", "revoked"):
@@ -247,7 +249,7 @@ class Runner:
     # -- spreading loops across runners -------------------------------------------------
 
     def held(self) -> list[LoopKeeper]:
-        return [k for k in self.keepers.values() if k.lease is not None and k.lease.holds()]
+        return [k for k in self.keepers.values() if k.lease is not None and k.lease.valid()]
 
     def fair_share(self) -> int:
         """ceil(loops / live runners): the most loops this runner takes while others are alive."""

@@ -475,7 +475,7 @@ async def test_holder_cut_off_before_its_session_ends_stops_before_a_standby_tak
     url: str, make: MakePostgres, delay: float
 ) -> None:
     """A holder cut off from the server whose session the server then ends hears nothing, yet
-    it stops starting passes (and is told ``dropped``) before a standby may take its lease;
+    it stops starting passes (and is told ``unconfirmed``) before a standby may take its lease;
     on a slow link (0.1 s each way) it asks standbys for a longer quiet and still runs."""
     from urllib.parse import urlsplit, urlunsplit
 
@@ -543,7 +543,7 @@ async def test_holder_cut_off_before_its_session_ends_stops_before_a_standby_tak
         window = window_for(quiet)
         assert stopped[0] - cut <= window + 0.05
         assert taken_at - stopped[0] >= quiet - window + BOUND_MARGIN
-        drops = [t for t, e in heard if e == Event("dropped", KEY)]
+        drops = [t for t, e in heard if e == Event("unconfirmed", KEY)]
         assert drops, heard
         assert drops[0] < taken_at
     finally:

@@ -28,17 +28,19 @@ def test_a_lease_holds_only_while_its_session_bound_does() -> None:
     bound = SessionBound(window=0.3, margin=0.1)
     lease = LocalLease(fence=3, ttl=10.0, sent_at=100.0, bound=bound)
     assert not lease.holds(100.0)
-    assert lease.unconfirmed(100.0)
+    assert lease.suspended(100.0)
     bound.confirm(100.0)
     assert lease.holds(100.1)
-    assert not lease.unconfirmed(100.1)
+    assert not lease.suspended(100.1)
     assert not lease.holds(100.25)
-    assert lease.unconfirmed(100.25)
+    assert lease.suspended(100.25)
+    assert lease.valid(100.25)
+    assert not lease.suspended(109.5)  # past the lease itself: not waiting, gone
     # A child process knows only the lease's own margin: its deadline says the same.
     assert lease.effective_deadline() == 100.3 - 0.1 + lease.margin
     unbound = LocalLease(fence=3, ttl=10.0, sent_at=100.0)
     assert unbound.holds(105.0)
-    assert not unbound.unconfirmed(105.0)
+    assert not unbound.suspended(105.0)
     assert unbound.effective_deadline() == unbound.deadline
 
 

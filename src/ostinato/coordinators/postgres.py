@@ -182,6 +182,7 @@ class PostgresCoordinator(Coordinator):
         self.bound = SessionBound(window_for(MIN_QUIET), BOUND_MARGIN)
         self._quiet = QuietBook()
         self._pulse_task: asyncio.Task[None] | None = None
+        self._unheard = False
         self._lapse: asyncio.TimerHandle | None = None
 
     # -- connections -----------------------------------------------------------------
@@ -508,6 +509,9 @@ class PostgresCoordinator(Coordinator):
     def _heard(self, sent: float) -> None:
         """The lease connection's session answered a statement sent at ``sent``."""
         self.bound.confirm(sent)
+        if self._unheard and self.bound.holds(time.monotonic()):
+            self._unheard = False
+            log.info("the session holding the advisory locks answers again: passes go on")
         if self._lapse is not None:
             self._lapse.cancel()
         due = self.bound.until - self.bound.margin - time.monotonic()
@@ -520,11 +524,12 @@ class PostgresCoordinator(Coordinator):
         if self.bound.holds(time.monotonic()) or not self._holders:
             return
         log.warning("no answer from the session holding the advisory locks of %d loop(s) within "
-                    "%.0f ms: their passes stop until it answers again (a standby may take them "
+                    "%.0f ms: their passes wait until it answers again (a standby may take them "
                     "if the server ended it)", len(self._holders),
                     1000 * (self.bound.window - BOUND_MARGIN))
+        self._unheard = True
         for key in list(self._holders):
-            self._events.deliver(Event("dropped", key))
+            self._events.deliver(Event("unconfirmed", key))
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]

@@ -114,11 +114,15 @@ class Renewal(enum.Enum):
 
 @dataclass(frozen=True)
 class Event:
-    """A notice between processes. ``kind`` is one of ``KINDS``, or ``dropped``.
+    """A notice between processes. ``kind`` is one of ``KINDS``, or a local one.
 
-    ``dropped`` never crosses processes: a coordinator tells its own runner that the
-    connection a lease depended on dropped, so the lease may be gone (the server
-    restarted) and its passes stop until it is granted again.
+    Two kinds never cross processes; a coordinator tells its own runner:
+
+    * ``dropped``: the connection a lease depended on dropped, so the lease may be gone
+      (the server restarted) and its passes stop until it is granted again;
+    * ``unconfirmed``: the session holding the lease went unheard too long (see
+      ``SessionBound``), so the pass in flight stops if it can; the lease is kept, and
+      passes start again once the session answers.
     """
 
     kind: str
