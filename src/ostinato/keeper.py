@@ -128,6 +128,8 @@ class LoopKeeper:
         lease = self.lease
         if lease is None or lease.deadline == float("-inf"):
             return
+        log.warning("%s: passes wait (fence %d): the coordinator's session holding the lease "
+                    "went unheard", self.key, lease.fence, extra=self._fields("lease_suspended", lease.fence))
         if self._async_pass is not None:
             self._cancelled_for_lease = True
             self._async_pass.cancel()

@@ -357,7 +357,8 @@ class PostgresCoordinator(Coordinator):
         async with self._session(priority=URGENT if key in self._holders else REQUEST) as conn:
             sent = time.monotonic()
             params["locked"] = key in self._holders
-            with self._promising(quiet):  # a locked row asked for again takes the new quiet
+            # A locked row asked for again takes the new quiet; other rows are not locked.
+            with self._promising(quiet) if params["locked"] else contextlib.nullcontext():
                 row = await self._fetch(conn, "acquire", params)
         if row is not None and row["granted"]:
             self._sightings.forget(key)
