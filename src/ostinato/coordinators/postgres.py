@@ -131,6 +131,10 @@ class Link:
         finally:
             self._pass_on()
 
+    @property
+    def idle(self) -> bool:
+        return not self._busy
+
     def _pass_on(self) -> None:
         while self._queue:
             waiter = heapq.heappop(self._queue)[2]
@@ -229,6 +233,7 @@ class PostgresCoordinator(Coordinator):
                     sent = time.monotonic()
                     yield link.conn
                 if link is self._lease:
+                    self._quiet.took(time.monotonic() - sent)  # beats, renewals, marks alike
                     self._heard(sent)
             except UNREACHABLE as exc:
                 await self._drop(link)
@@ -495,16 +500,17 @@ class PostgresCoordinator(Coordinator):
 
     async def _pulse(self) -> None:
         """While the lease connection holds advisory locks, hear from its session every BEAT,
-        and time the round trips (the quiet asked for in rows fits the slowest)."""
+        and time the round trips (the quiet asked for in rows fits the slowest). A beat is
+        sent only while the connection is idle: a renewal must never wait behind one on a
+        slow link, and any statement answered there counts as a beat anyway."""
         while not self._closed and self._holders and self._lease.conn is not None:
             started = time.monotonic()
-            try:
-                async with self._session(self._lease, priority=RENEWAL, tables=False) as conn:
-                    sent = time.monotonic()
-                    await conn.execute("SELECT 1")
-                    self._quiet.took(time.monotonic() - sent)
-            except CoordinatorUnavailable:
-                return  # dropped, and the runner told; the next lock held starts it again
+            if self._lease.idle and started - self.bound.heard >= BEAT:
+                try:
+                    async with self._session(self._lease, priority=RENEWAL, tables=False) as conn:
+                        await conn.execute("SELECT 1")
+                except CoordinatorUnavailable:
+                    return  # dropped, and the runner told; the next lock held starts it again
             await asyncio.sleep(max(0.0, started + BEAT - time.monotonic()))
 
     def _heard(self, sent: float) -> None:
