@@ -433,11 +433,13 @@ class RequestsLost(LinkFault):
 
 
 class Latency03(LinkFault):
-    """0.3 x the TTL each way: a renewal's round trip (0.6 TTL) still fits in its lease."""
+    """0.3 x the TTL each way. One renewal's round trip (0.6 TTL) fits in its lease, but a
+    runner renews one call at a time, a third of the TTL apart at best: the next answer
+    comes 1.2 TTL after the last one left, past the lease. So the holder stops, gives
+    the lease back, and the loop may move (never overlapping)."""
 
     name = "latency03"
     delay = 0.3
-    disruptive = False
 
 
 class Latency06(LinkFault):
