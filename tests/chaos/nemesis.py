@@ -557,15 +557,23 @@ class CutKeepalive(CutSession):
     ``lock_holders`` too, the lease session), as seconds after the cut."""
 
     name = "cut_keepalive"
+    #: How long the link stays cut at most, waiting for every session to be dropped: the
+    #: kernel checks ``tcp_user_timeout`` only when a retransmission timer fires, and those
+    #: back off (0.2, 0.4, 0.8, 1.6, 3.2 s), so a 3 s timeout may end the session at 6.2 s.
+    LONGEST = 15.0
 
     def hold(self, ttl: float) -> float:
         keepalive = KEEPALIVE_IDLE + max(KEEPALIVE_COUNT, 3) * KEEPALIVE_INTERVAL
         return max(3 * ttl, keepalive + 1.5)
 
+    def span(self, ttl: float) -> float:
+        return max(self.hold(ttl), self.LONGEST) + 2 * ttl + 2.0
+
     def end_session(self, stage: Stage, address: str, start: float) -> dict[str, object]:
         first = stage.backend.sessions(stage.tag, address)
         dropped: dict[str, float] = {}
-        until = start + self.hold(stage.ttl) - 0.3
+        # The link heals at ``hold`` or once every kind of session was dropped, if later.
+        until = start + self.LONGEST
         while time.monotonic() < until and len(dropped) < len(first):
             now = stage.backend.sessions(stage.tag, address)
             for kind, count in first.items():
