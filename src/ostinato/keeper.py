@@ -115,11 +115,7 @@ class LoopKeeper:
         self.losses += 1
         log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why,
                     extra=self._fields("lease_lost", lease.fence))
-        if self._async_pass is not None:
-            # An async pass can be stopped, so it is: a runner taking over must not overlap it.
-            self._cancelled_for_lease = True
-            self._async_pass.cancel()
-        self.nudge()
+        self._stop_async_pass()
 
     def suspend(self) -> None:
         """The lease is kept, but the coordinator's session holding it went unheard: stop the
@@ -130,6 +126,11 @@ class LoopKeeper:
             return
         log.warning("%s: passes wait (fence %d): the coordinator's session holding the lease "
                     "went unheard", self.key, lease.fence, extra=self._fields("lease_suspended", lease.fence))
+        self._stop_async_pass()
+
+    def _stop_async_pass(self) -> None:
+        """Cancel the async pass in flight, if any (a runner taking over must not overlap
+        it), and make the pass driver look at its lease again."""
         if self._async_pass is not None:
             self._cancelled_for_lease = True
             self._async_pass.cancel()

@@ -27,7 +27,7 @@ send time of the last statement answered (``SessionBound``), where the window
 is shorter than the quiet written in every row it holds (``quiet``). The session
 ended after that answer, so by the time a standby may take a lease a cut-off
 holder has stopped starting passes, and its async and isolated passes have been
-stopped (``dropped``). A standby that was refused waits for the holder's lock on
+stopped (``unconfirmed``). A standby that was refused waits for the holder's lock on
 a connection of its own and announces ``released`` when the lock has been free
 for ``MIN_QUIET``; it asks again after the rest of the row's quiet.
 
