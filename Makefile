@@ -6,7 +6,7 @@ LOCK := requirements/dev.txt
 # Refreshing the lock is done on purpose, with this pinned pip-tools (make lock).
 PIP_TOOLS := pip-tools==7.7.0
 COMPILE = --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links --strip-extras
-EXTRAS := dev,redis,postgres,metrics,dashboard,bench
+EXTRAS := dev,redis,postgres,metrics,dashboard,bench,sqlalchemy,django,sentry,otel
 
 .PHONY: install browser test lint typecheck docs demo bench chaos lock test-latest clean
 
@@ -72,13 +72,15 @@ chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.run --coordinator all $(CHAOS_ARGS)
 
 # Refresh the lock to the newest releases that pyproject.toml allows. Run it on purpose,
-# then make test, and commit requirements/ with what had to change.
+# then make test, and commit requirements/ with what had to change. `make lock UPGRADE=`
+# adds what pyproject.toml newly asks for and keeps every other pin as it is.
+UPGRADE ?= --upgrade
 lock:
 	rm -rf .venv-lock
 	$(PY) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --disable-pip-version-check $(PIP_TOOLS)
-	.venv-lock/bin/pip-compile $(COMPILE) --upgrade --extra $(EXTRAS) -o requirements/dev.txt pyproject.toml
-	.venv-lock/bin/pip-compile $(COMPILE) --upgrade -o requirements/runtime.txt pyproject.toml
+	.venv-lock/bin/pip-compile $(COMPILE) $(UPGRADE) --extra $(EXTRAS) -o requirements/dev.txt pyproject.toml
+	.venv-lock/bin/pip-compile $(COMPILE) $(UPGRADE) -o requirements/runtime.txt pyproject.toml
 	rm -rf .venv-lock
 
 # The suite against the newest releases, in a venv of its own: how an upgrade is tried
