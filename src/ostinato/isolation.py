@@ -148,7 +148,8 @@ def child_main(target: str, loop: str, ttl: float, conn: Connection, deadline: S
     try:
         from ostinato.cli import load_app
 
-        spec = load_app(target).loops[loop]
+        hosted = load_app(target)
+        spec = hosted.loops[loop]
     except BaseException as exc:
         conn.send(("broken", f"{type(exc).__name__}: {exc}"))
         return
@@ -162,7 +163,7 @@ def child_main(target: str, loop: str, ttl: float, conn: Connection, deadline: S
         if message[0] == "exit":
             return
         _, fence, number = message
-        ctx = Pass(loop, _SharedLease(fence, ttl, deadline), number, time.monotonic())
+        ctx = Pass(loop, _SharedLease(fence, ttl, deadline), number, time.monotonic(), app=hosted.name)
         try:
             if runner_loop is not None:
                 result = runner_loop.run_until_complete(spec.body(ctx))

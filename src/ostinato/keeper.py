@@ -331,7 +331,7 @@ class LoopKeeper:
             number += 1
             stats.started(now)
             try:
-                result = body(Pass(spec.name, lease, number, now))
+                result = body(Pass(spec.name, lease, number, now, app=runner.app_name))
             except BaseException as exc:
                 end = time.monotonic()
                 outcome = Outcome.FAILED
@@ -398,7 +398,7 @@ class LoopKeeper:
                 self._async_pass = asyncio.current_task()
                 try:
                     async with asyncio.timeout(spec.timeout):
-                        result = await body(Pass(spec.name, lease, number, now))
+                        result = await body(Pass(spec.name, lease, number, now, app=runner.app_name))
                 except asyncio.CancelledError:
                     if not self._cancelled_for_lease:
                         raise

@@ -92,21 +92,45 @@ class LocalLease:
 
 
 class Pass:
-    """What a loop's body receives on each pass."""
+    """What a loop's body receives on each pass.
 
-    __slots__ = ("_lease", "fence", "loop", "number", "started")
+    Built by the runner; a test of a loop body can build one by hand with
+    ``Pass("aggregate")`` (fence 1, a lease that holds for an hour) or with
+    ``app=`` and ``fence=`` given.
+    """
 
-    def __init__(self, loop: str, lease: LocalLease, number: int, started: float) -> None:
-        #: The loop's name.
+    __slots__ = ("_lease", "app", "fence", "loop", "number", "started")
+
+    def __init__(
+        self,
+        loop: str,
+        lease: LocalLease | None = None,
+        number: int = 1,
+        started: float | None = None,
+        *,
+        app: str = "",
+        fence: int | None = None,
+    ) -> None:
+        if lease is None:
+            lease = LocalLease(1 if fence is None else fence, 3600.0, time.monotonic())
+        #: The loop's name, as declared.
         self.loop = loop
+        #: The name of the app the loop belongs to.
+        self.app = app
         #: The lease's fence: greater than every earlier holder's. Pass it to
-        #: stores that can refuse writes from a stale holder.
+        #: stores that can refuse writes from a stale holder (``ostinato.fenced``).
         self.fence = lease.fence
         #: Passes this holder has started so far, this one included.
         self.number = number
         #: When this pass started, on the monotonic clock.
-        self.started = started
+        self.started = time.monotonic() if started is None else started
         self._lease = lease
+
+    @property
+    def lease_name(self) -> str:
+        """The name of the lease this pass runs under, ``app:loop``: what status shows and
+        what fences are recorded against."""
+        return f"{self.app}:{self.loop}" if self.app else self.loop
 
     def holds(self) -> bool:
         """Whether this runner still holds the loop's lease with a safety margin left.
@@ -116,7 +140,7 @@ class Pass:
         return self._lease.fence == self.fence and self._lease.holds()
 
     def __repr__(self) -> str:
-        return f"<Pass {self.loop} fence={self.fence} number={self.number}>"
+        return f"<Pass {self.lease_name} fence={self.fence} number={self.number}>"
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,16 @@ def test_pass_holds_follows_its_lease() -> None:
     assert not ctx.holds()
 
 
+def test_a_pass_can_be_built_by_hand() -> None:
+    """A test of a loop body builds its Pass without a runner: it holds, and names its lease."""
+    ctx = Pass("aggregate")
+    assert (ctx.fence, ctx.number, ctx.holds()) == (1, 1, True)
+    assert ctx.lease_name == "aggregate"
+    ctx = Pass("aggregate", app="metrics", fence=42, number=3)
+    assert (ctx.fence, ctx.number, ctx.lease_name) == (42, 3, "metrics:aggregate")
+    assert repr(ctx) == "<Pass metrics:aggregate fence=42 number=3>"
+
+
 def test_public_names() -> None:
     """The package exports exactly its documented public names."""
     assert set(ostinato.__all__) == {
