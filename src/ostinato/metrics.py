@@ -16,6 +16,9 @@ Served paths:
     stalled (no finished pass within ``stall_after``). Otherwise ``503``.
     A standby runner holding no lease is healthy. The body is JSON:
     ``{"ok": bool, "runner": "host:pid", "problems": [...], "held": [...]}``.
+
+Every other path is ``404``, so a mistyped scrape target fails loudly instead
+of scraping metrics from a path nobody meant.
 """
 
 from __future__ import annotations
@@ -181,15 +184,21 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        """The WSGI application: ``/healthz``, and the metrics on every other path."""
-        if environ.get("PATH_INFO") == "/healthz":
+        """The WSGI application: ``/metrics``, ``/healthz``, and ``404`` on every other path."""
+        path = environ.get("PATH_INFO")
+        if path == "/metrics":
+            return self._metrics(environ, start_response)
+        if path == "/healthz":
             answer = health(self.runner)
             body = json.dumps(answer).encode()
             status = "200 OK" if answer["ok"] else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json"),
                                     ("Content-Length", str(len(body)))])
             return [body]
-        return self._metrics(environ, start_response)
+        body = b"not found: metrics are on /metrics, health on /healthz\n"
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]
 
     def start(self) -> None:
         """Bind the port (a port in use is a ``ConfigurationError``) and serve from a thread."""

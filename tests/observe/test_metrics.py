@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -10,6 +11,9 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ostinato.coordinators.memory import MemoryCoordinator
+from ostinato.metrics import MetricsServer
+from ostinato.runner import Runner
 from ostinato.stats import BUCKETS
 from tests.observe.conftest import APP, Stack, free_port, get, wait_for
 
@@ -99,6 +103,29 @@ def test_healthz_turns_503_while_a_held_loop_is_stalled(stack: Stack) -> None:
     wait_for(lambda: health()[0] == 200, what="/healthz to recover")
     assert value(scrape(port), "ostinato_stalled", "blocker") == 0
     assert runner.stop() == 0
+
+
+async def test_only_metrics_and_healthz_are_served_and_other_paths_are_404() -> None:
+    """/metrics and /healthz answer 200; /, /nothing and /metrics/extra are 404 with no metrics."""
+    runner = Runner("obs", [], MemoryCoordinator())
+    server = MetricsServer(runner, "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        metrics = await asyncio.to_thread(get, f"{base}/metrics")
+        health = await asyncio.to_thread(get, f"{base}/healthz")
+        others = {path: await asyncio.to_thread(get, f"{base}{path}")
+                  for path in ("/", "/nothing", "/metrics/extra", "/healthz/")}
+    finally:
+        server.stop()
+    assert metrics[0] == 200
+    assert "process_cpu_seconds_total" in metrics[1]
+    assert health[0] == 200
+    assert json.loads(health[1])["ok"] is True
+    for path, (status, body) in others.items():
+        assert status == 404, path
+        assert "process_cpu_seconds_total" not in body
+        assert "/metrics" in body  # says where the metrics are
 
 
 def test_a_metrics_port_in_use_is_one_clear_line(stack: Stack) -> None:
