@@ -12,8 +12,11 @@ from ostinato.errors import (
     DeclarationError,
     MissingExtraError,
     OstinatoError,
+    StaleFence,
     UnknownLoopError,
 )
+from ostinato.fencing import fenced
+from ostinato.fencing_redis import redis_fenced
 from ostinato.loop import IDLE, Pass
 
 __all__ = [
@@ -26,8 +29,11 @@ __all__ = [
     "MissingExtraError",
     "OstinatoError",
     "Pass",
+    "StaleFence",
     "UnknownLoopError",
+    "fenced",
     "from_url",
+    "redis_fenced",
 ]
 
 try:

@@ -7,6 +7,7 @@
      │    └── DeclarationError     a loop declaration is wrong (names loop and field)
      ├── MissingExtraError         an optional dependency is not installed
      ├── CoordinatorUnavailable    the coordinator cannot be reached right now
+     ├── StaleFence                a newer holder's fence is recorded: the write was refused
      └── UnknownLoopError          no loop of that name is known to the coordinator
 
 Each message says what is wrong and what to do about it.
@@ -43,6 +44,27 @@ class MissingExtraError(OstinatoError):
 
 class CoordinatorUnavailable(OstinatoError):
     """The coordinator could not be reached; runners retry with backoff."""
+
+
+class StaleFence(OstinatoError):
+    """A fenced write was refused: a greater fence of the loop is already recorded.
+
+    Raised by ``ostinato.fenced`` and ``ostinato.redis_fenced`` before anything of
+    the refused transaction or batch is kept. A newer holder runs the loop now, so
+    the pass that gets this should simply end.
+    """
+
+    def __init__(self, loop: str, fence: int, newer: int) -> None:
+        self.loop = loop
+        self.fence = fence
+        self.newer = newer
+        super().__init__(
+            f"loop {loop!r}: fence {fence} is stale, a newer holder recorded fence {newer}; "
+            "the write was refused and nothing of it was kept (let this pass end)"
+        )
+
+    def __reduce__(self) -> tuple[type[StaleFence], tuple[str, int, int]]:
+        return StaleFence, (self.loop, self.fence, self.newer)
 
 
 class UnknownLoopError(OstinatoError):

@@ -126,8 +126,8 @@ def test_public_names() -> None:
     """The package exports exactly its documented public names."""
     assert set(ostinato.__all__) == {
         "IDLE", "App", "ConfigurationError", "Coordinator", "CoordinatorUnavailable",
-        "DeclarationError", "MissingExtraError", "OstinatoError", "Pass", "UnknownLoopError",
-        "from_url",
+        "DeclarationError", "MissingExtraError", "OstinatoError", "Pass", "StaleFence",
+        "UnknownLoopError", "fenced", "from_url", "redis_fenced",
     }
     for name in ostinato.__all__:
         assert hasattr(ostinato, name)
