@@ -3,7 +3,15 @@
 The dashboard process samples the coordinator's ``loops()`` every few seconds
 and keeps the last hour of samples per loop in memory (a ring), from which it
 derives passes per minute, the error rate and the one-hour charts; the
-coordinator is not changed for it. The page (``dashboard_static/``, no build
+coordinator is not changed for it.
+
+Passes per minute are counted over the last minute the dashboard watched and
+divided by the time actually watched. Until it has watched a full minute, a
+rate is given only once ``MIN_PASSES`` passes were counted: one pass of a
+once-a-minute cron loop seen in the first 20 seconds says nothing about its
+rate, so the page shows ``—`` rather than 3 a minute. Each point of the rate
+chart is the same measure taken at that moment, so the chart's latest point is
+the number in the table. The page (``dashboard_static/``, no build
 step, no CDN) polls ``api/loops`` and redraws in place.
 
 Pause, resume, wake and release are POSTs to ``api/loops/{key}/{action}``
@@ -21,6 +29,7 @@ import math
 import signal
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +58,8 @@ SLOT = 20.0
 RATE_WINDOW = 60.0
 #: Rates over less history than this are not shown (runners report about once a second).
 MIN_SPAN = 5.0
+#: Passes per minute over less than a full window are shown only once this many were counted.
+MIN_PASSES = 10
 
 #: The page's buttons; ``release`` (``control.release``) is the fourth.
 ACTIONS: dict[str, Callable[[Coordinator, str], Awaitable[str]]] = {
@@ -83,7 +94,8 @@ class History:
     def __init__(self, every: float = SAMPLE_EVERY) -> None:
         self.every = every
         self.rings: dict[str, deque[Sample]] = {}
-        self._size = math.ceil(HISTORY / every) + 2
+        # Each chart point needs the minute before it too, for its passes per minute.
+        self._size = math.ceil((HISTORY + RATE_WINDOW) / every) + 2
 
     def add(self, at: float, records: list[LoopRecord]) -> None:
         for record in records:
@@ -93,50 +105,59 @@ class History:
     def rates(self, key: str, window: float = RATE_WINDOW) -> tuple[float | None, float | None]:
         """Passes per minute and errors per pass over the last ``window`` seconds (``None``: unknown)."""
         ring = self.rings.get(key)
-        if not ring or len(ring) < 2:
+        if not ring:
             return None, None
-        last = ring[-1]
-        first = next((s for s in ring if s.at >= last.at - window - self.every / 2), ring[0])
-        if first is last:
-            first = ring[-2]
+        samples = list(ring)
+        return self._rates(samples, [s.at for s in samples], len(samples) - 1, window)
+
+    def _rates(self, samples: list[Sample], times: list[float], end: int,
+               window: float) -> tuple[float | None, float | None]:
+        """``rates`` as they stood at ``samples[end]``."""
+        if end < 1:
+            return None, None
+        last = samples[end]
+        start = min(bisect_left(times, last.at - window - self.every / 2, 0, end), end - 1)
+        first = samples[start]
         elapsed = last.at - first.at
         if elapsed < max(MIN_SPAN, 2 * self.every):
             return None, None  # runners report about once a second: too short to say
         passes = max(0, last.passes - first.passes)
         errors = max(0, last.errors - first.errors)
-        return passes / elapsed * 60, (min(1.0, errors / passes) if passes else None)
+        error_rate = min(1.0, errors / passes) if passes else None
+        if elapsed < window - self.every and passes < MIN_PASSES:
+            return None, error_rate  # too few passes seen to tell a rate from a coincidence
+        return passes / elapsed * 60, error_rate
 
     def series(self, key: str, now: float) -> list[dict[str, float | None]]:
-        """Chart points over the last hour: seconds ``ago``, passes per minute, mean duration."""
+        """Chart points over the last hour: seconds ``ago``, passes per minute (as ``rates``
+        gives them at that point), and the mean pass duration within the point's slot."""
         ring = self.rings.get(key)
         if not ring:
             return []
+        samples = list(ring)
+        times = [s.at for s in samples]
         # Finer slots while there is little history, so a fresh dashboard draws lines, not a dot.
-        span = min(HISTORY, now - ring[0].at)
+        span = min(HISTORY, now - samples[0].at)
         width = max(self.every, min(SLOT, span / 90))
-        slots: dict[int, list[float]] = {}  # slot -> [passes, seconds, duration sum, n, last at]
-        previous: Sample | None = None
-        for sample in ring:
+        durations: dict[int, list[float]] = {}  # slot -> the durations sampled in it
+        ends: dict[int, int] = {}  # slot -> index of its last sample
+        for index, sample in enumerate(samples):
             if sample.at < now - HISTORY:
-                previous = sample
                 continue
-            slot = slots.setdefault(int(sample.at // width), [0.0, 0.0, 0.0, 0.0, sample.at])
-            if previous is not None:
-                slot[0] += max(0, sample.passes - previous.passes)
-                slot[1] += sample.at - previous.at
+            slot = int(sample.at // width)
+            durations.setdefault(slot, [])
             if sample.last_duration is not None:
-                slot[2] += sample.last_duration
-                slot[3] += 1
-            slot[4] = sample.at
-            previous = sample
-        return [
-            {
-                "ago": round(now - at, 3),
-                "per_minute": passes / seconds * 60 if seconds > 0 else None,
-                "duration": total / count if count else None,
-            }
-            for passes, seconds, total, count, at in slots.values()
-        ]
+                durations[slot].append(sample.last_duration)
+            ends[slot] = index
+        points: list[dict[str, float | None]] = []
+        for slot, end in ends.items():
+            sampled = durations[slot]
+            points.append({
+                "ago": round(now - samples[end].at, 3),
+                "per_minute": self._rates(samples, times, end, RATE_WINDOW)[0],
+                "duration": sum(sampled) / len(sampled) if sampled else None,
+            })
+        return points
 
 
 class Board:

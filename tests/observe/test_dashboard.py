@@ -42,8 +42,41 @@ def test_history_survives_counters_that_restart() -> None:
     history = History(every=1.0)
     history.add(0.0, [record(passes=100)])
     history.add(10.0, [record(passes=3, duration=None)])
+    history.add(70.0, [record(passes=3, duration=None)])
     assert history.rates("a:b") == (0.0, None)
-    assert all((p["per_minute"] or 0) >= 0 for p in history.series("a:b", 10.0))
+    assert all((p["per_minute"] or 0) >= 0 for p in history.series("a:b", 70.0))
+
+
+def test_a_once_a_minute_loop_has_no_rate_until_a_minute_was_watched() -> None:
+    """One cron pass seen 22 s into watching is not 2.7 a minute: no rate until a full minute
+    was watched, then about one a minute; a fast loop's rate shows within seconds."""
+    history = History(every=2.0)
+    for t in range(0, 58, 2):  # the cron loop ran once, 10 s after the dashboard started
+        history.add(float(t), [record(passes=1 if t >= 10 else 0)])
+        assert history.rates("a:b")[0] is None, t
+    for t in range(58, 300, 2):  # and once a minute since
+        history.add(float(t), [record(passes=1 + (t - 10) // 60)])
+        assert history.rates("a:b")[0] == pytest.approx(1.0, abs=0.05), t
+
+    fast = History(every=2.0)
+    for t in range(0, 8, 2):
+        fast.add(float(t), [record(passes=20 * t)])
+    assert fast.rates("a:b")[0] == pytest.approx(1200.0)
+
+
+@pytest.mark.parametrize("passes_at", [
+    lambda t: 20 * t,  # a fast loop
+    lambda t: 1 + (t - 10) // 60 if t >= 10 else 0,  # a cron loop
+    lambda t: int(t**1.5) % 97 + t,  # an irregular one
+])
+def test_the_rate_chart_ends_on_the_rate_in_the_table(passes_at: Any) -> None:
+    """At every moment, the rate chart's latest point is the passes per minute of the table."""
+    history = History(every=2.0)
+    for t in range(0, 400, 2):
+        history.add(float(t), [record(passes=passes_at(t))])
+        series = history.series("a:b", float(t))
+        assert series[-1]["ago"] == 0
+        assert series[-1]["per_minute"] == history.rates("a:b")[0], t
 
 
 @pytest.mark.slow
