@@ -58,21 +58,27 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return result[0]
 
 
-async def open_patiently(coordinator: Coordinator) -> None:
-    """Open ``coordinator``, retrying with backoff while it is unreachable (and saying so).
+#: How long ``running(wait=True)`` waits for the coordinator.
+WAIT_DEFAULT = 30.0
+#: How long leaving ``running()`` waits for the coordinator's connections to close.
+CLOSE_WITHIN = 0.3
 
-    A wrong setting (``ConfigurationError``) is raised at once: waiting cannot fix it.
-    """
-    delay = 0.1
-    while True:
-        try:
-            await coordinator.open()
-            return
-        except CoordinatorUnavailable as exc:
-            log.error("coordinator %s unreachable, retrying in %.1fs: %s",
-                      coordinator.display_url, delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+async def _connected(runner: Runner, task: asyncio.Task[None], limit: float) -> None:
+    """Wait until ``runner`` has connected; raise its error, or ``CoordinatorUnavailable``
+    once ``limit`` seconds have passed."""
+    connected = asyncio.ensure_future(runner.connected.wait())
+    try:
+        await asyncio.wait({connected, task}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        connected.cancel()
+    if runner.error is not None:
+        raise runner.error
+    if not runner.connected.is_set():
+        raise CoordinatorUnavailable(
+            f"the coordinator {runner.coordinator.display_url} could not be reached within "
+            f"{limit:g}s (running(wait=True)); is it up, and is the URL right?"
+        )
 
 
 class App:
@@ -105,6 +111,7 @@ class App:
         self._module = sys._getframe(1).f_globals.get("__name__", "")
         self.target: str | None = None
         self._runner: Runner | None = None
+        self._started = False
         self.stall_hooks: list[StallHook] = []
 
     def __repr__(self) -> str:
@@ -128,19 +135,69 @@ class App:
         lease: Duration = "10s",
         timeout: Duration | None = None,
         stall_after: Duration | None = None,
+        fail_after: int = 3,
         isolation: str | None = None,
         max_passes: int | None = None,
         max_memory: str | int | None = None,
     ) -> Callable[[F], F]: ...
 
-    def loop(self, body: Any = None, /, **options: Any) -> Any:
+    def loop(
+        self,
+        body: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        every: Duration | None = None,
+        pause: Duration | None = None,
+        cron: str | None = None,
+        idle: tuple[Duration, Duration] = ("100ms", "5s"),
+        error_backoff: tuple[Duration, Duration] = ("1s", "1m"),
+        lease: Duration = "10s",
+        timeout: Duration | None = None,
+        stall_after: Duration | None = None,
+        fail_after: int = 3,
+        isolation: str | None = None,
+        max_passes: int | None = None,
+        max_memory: str | int | None = None,
+        **unknown: Any,
+    ) -> Any:
         """Declare a loop: ``@app.loop`` or ``@app.loop(every="2s", ...)``.
 
-        A bad declaration raises ``DeclarationError`` here, naming the loop and the field.
+        Durations are ``"250ms"``, ``"2s"``, ``"1m30s"``, numbers of seconds or timedeltas.
+
+        - ``name``: the loop's name (default: the function's name).
+        - ``every``: start to start, like ``"2s"``; a start missed by a long pass is skipped.
+        - ``pause``: from the end of a pass to the start of the next.
+        - ``cron``: a calendar schedule, like ``"*/5 * * * *"``.
+          (At most one of ``every``, ``pause`` and ``cron``; none means back to back.)
+        - ``idle``: ``(min, max)`` backoff after a pass returns ``ostinato.IDLE``; a wake-up ends it.
+        - ``error_backoff``: ``(min, max)`` jittered backoff after a pass raises.
+        - ``lease``: the lease's time to live (default ``"10s"``): a dead runner's loop
+          resumes elsewhere within it.
+        - ``timeout``: a pass over it is reported (an ``async def`` or isolated pass is ended).
+        - ``stall_after``: no pass finished for this long shows the loop as ``stalled``.
+        - ``fail_after``: this many failed passes in a row show it as ``failing`` (default 3).
+        - ``isolation``: ``"process"`` runs each pass in a child process of its own.
+        - ``max_passes``, ``max_memory``: recycle that child process after so many passes
+          or past so much memory (``"512MB"``).
+
+        A bad declaration raises ``DeclarationError`` here, naming the loop and the field;
+        a misspelt option names the option it was probably meant to be.
         """
+        options: dict[str, Any] = {
+            "name": name, "every": every, "pause": pause, "cron": cron, "idle": idle,
+            "error_backoff": error_backoff, "lease": lease, "timeout": timeout,
+            "stall_after": stall_after, "fail_after": fail_after, "isolation": isolation,
+            "max_passes": max_passes, "max_memory": max_memory, **unknown,
+        }
 
         def register(fn: F) -> F:
             spec = declare(fn, **options)
+            if self._started:
+                raise ConfigurationError(
+                    f"app {self.name!r} is already running, so loop {spec.name!r} would never "
+                    "run: declare every loop before app.run() or app.running() starts"
+                )
             if spec.name in self.loops:
                 raise ConfigurationError(
                     f"app {self.name!r} already has a loop named {spec.name!r}; "
@@ -234,39 +291,53 @@ class App:
     @contextlib.asynccontextmanager
     async def running(
         self, *, only: Collection[str] | None = None, coordinator: str | None = None,
-        observe: Observe | None = None,
+        observe: Observe | None = None, wait: bool | Duration = False,
     ) -> AsyncIterator[Runner]:
         """Host the loops inside the running event loop until the block exits.
+
+        The block is entered at once: the loops are hosted in the background, which
+        connects to the coordinator when it can (retrying while it cannot be reached,
+        and saying so), so a slow or dead coordinator never holds up the program's
+        start or its shutdown. ``wait=True`` (or a duration, ``wait="5s"``) enters the
+        block only once connected, and raises ``CoordinatorUnavailable`` if that takes
+        longer than the duration (``True``: 30 s).
 
         ``observe`` adds a metrics server and a stall webhook (``ostinato run
         --metrics-port --alert-webhook``).
         """
         specs = self.specs(only)
+        limit = None
+        if wait is not False:
+            try:
+                limit = WAIT_DEFAULT if wait is True else parse_duration(wait, what="wait")
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
         hooks = [*self.stall_hooks, *(observe.hooks() if observe else ())]
         store = self.connect(coordinator)
-        await open_patiently(store)
         target = self.locate() if any(spec.isolated for spec in specs) else None
         runner = Runner(self.name, specs, store, grace=self.grace, stall_hooks=hooks,
                         app_target=target)
-        try:
-            exporter = observe.start(runner) if observe else None  # a port in use fails here
-        except BaseException:
-            if store is not self._coordinator:
-                await store.close()
-            raise
+        exporter = observe.start(runner) if observe else None  # a port in use fails here
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")
         self._runner = runner
+        self._started = True
         try:
+            if limit is not None:
+                await _connected(runner, task, limit)
             yield runner
         finally:
             self._runner = None
             stop.set()
-            await task
+            await asyncio.gather(task, return_exceptions=True)
             if exporter is not None:
                 exporter.stop()
             if store is not self._coordinator:
-                await store.close()
+                try:
+                    await asyncio.wait_for(store.close(), CLOSE_WITHIN)
+                except (TimeoutError, CoordinatorUnavailable):
+                    log.warning("the coordinator %s did not close in time; leaving it",
+                                store.display_url)
 
     def run(
         self, *, only: Collection[str] | None = None, coordinator: str | None = None,
@@ -288,8 +359,16 @@ class App:
                 loop.add_signal_handler(sig, stop.set)
                 handled.append(sig)
         try:
-            async with self.running(only=only, coordinator=coordinator, observe=observe):
-                await stop.wait()
+            async with self.running(only=only, coordinator=coordinator, observe=observe) as runner:
+                ended = asyncio.ensure_future(runner.ended.wait())
+                stopped = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ended.cancel()
+                    stopped.cancel()
+                if runner.error is not None:
+                    raise runner.error
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)

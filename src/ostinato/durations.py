@@ -1,4 +1,4 @@
-"""One converter for every duration a user writes: ``"250ms"``, ``"2s"``, ``5``, ``timedelta``."""
+"""One converter for every duration a user writes: ``"250ms"``, ``"1m30s"``, ``5``, ``timedelta``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from datetime import timedelta
 Duration = str | int | float | timedelta
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$")
+_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
+_NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*$")
 
 
 def parse_duration(value: Duration, *, what: str = "duration") -> float:
@@ -25,18 +26,7 @@ def parse_duration(value: Duration, *, what: str = "duration") -> float:
     elif isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        match = _PATTERN.match(value.lower())
-        if match is None:
-            raise ValueError(
-                f"{what} {value!r} is not a duration; write it like '250ms', '2s', '5m' or '1h'"
-            )
-        number, unit = match.groups()
-        if unit not in _UNITS:
-            raise ValueError(
-                f"{what} {value!r} has an unknown unit {unit or '(none)'!r}; "
-                f"use one of {', '.join(_UNITS)}"
-            )
-        seconds = float(number) * _UNITS[unit]
+        seconds = _parse_text(value, what)
     else:
         raise ValueError(
             f"{what} must be a string like '2s', a number of seconds or a timedelta, "
@@ -46,6 +36,41 @@ def parse_duration(value: Duration, *, what: str = "duration") -> float:
         raise ValueError(f"{what} {value!r} must be a finite number of seconds")
     if seconds < 0:
         raise ValueError(f"{what} {value!r} is negative; durations must be zero or more")
+    return seconds
+
+
+def _parse_text(value: str, what: str) -> float:
+    """Seconds in ``"250ms"``, ``"2s"`` or a compound such as ``"1h15m"``, largest unit first."""
+    text = value.lower()
+    if _NUMBER.match(text):
+        number = text.strip()
+        raise ValueError(
+            f"{what} {value!r} has no unit; write {number + 's'!r} for seconds "
+            f"(or {number + 'ms'!r}, {number + 'm'!r}, {number + 'h'!r}), or pass the number itself"
+        )
+    seconds, at, previous = 0.0, 0, float("inf")
+    while at < len(text):
+        match = _PART.match(text, at)
+        if match is None or match.end() == at:
+            raise ValueError(
+                f"{what} {value!r} is not a duration; write it like '250ms', '2s', '1m30s' or '1h'"
+            )
+        number, unit = match.groups()
+        if unit not in _UNITS:
+            raise ValueError(
+                f"{what} {value!r} has an unknown unit {unit or '(none)'!r}; "
+                f"use one of {', '.join(_UNITS)}"
+            )
+        if _UNITS[unit] >= previous:
+            raise ValueError(
+                f"{what} {value!r} repeats a unit or puts a smaller one first; "
+                "write the largest unit first, once each, like '1h15m' or '1m30s'"
+            )
+        previous = _UNITS[unit]
+        seconds += float(number) * _UNITS[unit]
+        at = match.end()
+    if at == 0:
+        raise ValueError(f"{what} {value!r} is empty; write it like '250ms', '2s' or '1h'")
     return seconds
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 import time
@@ -36,6 +37,11 @@ IDLE: Final = _Idle()
 
 Body = Callable[["Pass"], Any] | Callable[["Pass"], Awaitable[Any]]
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: Every keyword ``App.loop`` takes, for the hint when one is misspelt.
+OPTIONS: Final = (
+    "name", "every", "pause", "cron", "idle", "error_backoff", "lease", "timeout", "stall_after",
+    "fail_after", "isolation", "max_passes", "max_memory",
+)
 
 
 class LocalLease:
@@ -157,6 +163,7 @@ class LoopSpec:
     isolation: str | None = None
     max_passes: int | None = None
     max_memory: int | None = None
+    fail_after: int = 3
 
     @property
     def isolated(self) -> bool:
@@ -220,6 +227,8 @@ def declare(
     isolation: str | None = None,
     max_passes: int | None = None,
     max_memory: str | int | None = None,
+    fail_after: int = 3,
+    **unknown: Any,
 ) -> LoopSpec:
     """Check a declaration and build its ``LoopSpec``; raise ``DeclarationError`` if wrong."""
     loop = name if name is not None else getattr(body, "__name__", "")
@@ -227,6 +236,10 @@ def declare(
         raise DeclarationError(
             str(loop), "name", "a loop name is letters, digits, '_', '.' or '-'"
         )
+    for option in unknown:
+        close = difflib.get_close_matches(option, OPTIONS, n=1)
+        hint = f"did you mean {close[0]}=?" if close else f"the options are {', '.join(OPTIONS)}"
+        raise DeclarationError(loop, option, f"no such option; {hint}")
     if not callable(body):
         raise DeclarationError(loop, "body", f"{body!r} is not callable")
     given = [f for f, v in (("every", every), ("pause", pause), ("cron", cron)) if v is not None]
@@ -258,6 +271,8 @@ def declare(
         isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1
     ):
         raise DeclarationError(loop, "max_passes", f"{max_passes!r} must be a whole number >= 1")
+    if isinstance(fail_after, bool) or not isinstance(fail_after, int) or fail_after < 1:
+        raise DeclarationError(loop, "fail_after", f"{fail_after!r} must be a whole number >= 1")
     memory_bytes = None
     if max_memory is not None:
         try:
@@ -282,4 +297,5 @@ def declare(
         isolation=isolation,
         max_passes=max_passes,
         max_memory=memory_bytes,
+        fail_after=fail_after,
     )

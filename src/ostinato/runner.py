@@ -14,11 +14,12 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ostinato.coordinators.protocol import Coordinator, Event, Renewal, RunnerInfo
-from ostinato.errors import CoordinatorUnavailable
+from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
@@ -26,6 +27,10 @@ from ostinato.stats import wall_offset
 
 log = logging.getLogger("ostinato.runner")
 
+#: While stopping, how long a release or the last report may wait for the coordinator:
+#: a lease not released in time expires by itself, so a dead or hung coordinator
+#: cannot hold up the exit.
+FAREWELL = 0.4
 #: How often statistics and the heartbeat are sent.
 REPORT_EVERY = 1.0
 #: A runner whose heartbeat is older than this counts as gone (for balancing only:
@@ -78,17 +83,44 @@ class Runner:
         self.stall_hooks = list(stall_hooks)
         self._hook_tasks: set[asyncio.Future[object]] = set()
         self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
+        #: Set once the coordinator answered and the loops started.
+        self.connected = asyncio.Event()
+        #: Why the runner gave up before its loops started (a wrong setting), if it did.
+        self.error: BaseException | None = None
+        #: Set once ``run`` has returned, for whatever reason.
+        self.ended = asyncio.Event()
 
     # -- life cycle ----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run every loop until ``stop`` is set, then stop gracefully."""
+        """Run every loop until ``stop`` is set, then stop gracefully.
+
+        The coordinator is opened here, retried with backoff while it cannot be reached;
+        ``stop`` ends the wait at once. A wrong setting (``ConfigurationError``) ends the
+        runner: it is logged and kept in ``error``.
+        """
+        try:
+            await self._run(stop)
+        finally:
+            self.ended.set()
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        try:
+            if not await self._until(stop, self._connect()):
+                return
+        except ConfigurationError as exc:
+            self.error = exc
+            log.error("cannot host the loops of %r: %s", self.app_name, exc,
+                      extra=fields("runner_failed", runner=self.info.label))
+            return
+        self.connected.set()
         log.info(
             "runner %s started: %d loop(s) of %r on %s",
             self.info.label, len(self.keepers), self.app_name, self.coordinator.display_url,
             extra=fields("runner_started", runner=self.info.label),
         )
-        await self._subscribe()
+        if not await self._until(stop, self._subscribe()):
+            return
         keepers = [asyncio.create_task(k.keep(), name=k.key) for k in self.keepers.values()]
         sides = [
             asyncio.create_task(self._supervise(name, job), name=name)
@@ -100,6 +132,35 @@ class Runner:
         ]
         await stop.wait()
         await self._stop(keepers, sides)
+
+    async def _until(self, stop: asyncio.Event, step: Coroutine[Any, Any, None]) -> bool:
+        """Run ``step``; if ``stop`` is set first, cancel it and return False."""
+        task = asyncio.ensure_future(step)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
+        task.result()
+        return True
+
+    async def _connect(self) -> None:
+        """Open the coordinator, retrying with backoff while it cannot be reached."""
+        delay = 0.1
+        while True:
+            try:
+                await self.coordinator.open()
+                return
+            except CoordinatorUnavailable as exc:
+                log.error("coordinator %s unreachable, retrying in %.1fs: %s",
+                          self.coordinator.display_url, delay, exc,
+                          extra=fields("coordinator_unreachable", runner=self.info.label))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _subscribe(self) -> None:
         delay = 0.1
@@ -128,21 +189,25 @@ class Runner:
         for task in sides:
             task.cancel()
         await asyncio.gather(*sides, return_exceptions=True)
-        with contextlib.suppress(CoordinatorUnavailable):
-            await self._report()
+        with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+            await asyncio.wait_for(self._report(), FAREWELL / 2)
         log.info("runner %s stopped", self.info.label,
                  extra=fields("runner_stopped", runner=self.info.label))
 
     async def give_back(self, key: str, lease: LocalLease) -> None:
         """Release a lease this runner no longer needs and tell standbys at once."""
         try:
-            if await self.coordinator.release(key, self.info, lease.fence):
-                await self.coordinator.publish(Event("released", key))
+            async with asyncio.timeout(FAREWELL if self.stopping else None):
+                released = await self.coordinator.release(key, self.info, lease.fence)
+                if released:
+                    await self.coordinator.publish(Event("released", key))
+            if released:
                 log.info("%s: lease released (fence %d)", key, lease.fence,
                          extra=fields("lease_released", loop=key, fence=lease.fence,
                                       runner=self.info.label))
-        except CoordinatorUnavailable as exc:
-            log.warning("%s: could not release the lease, it will expire: %s", key, exc)
+        except (CoordinatorUnavailable, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {FAREWELL}s"
+            log.warning("%s: could not release the lease, it will expire: %s", key, why)
 
     def _on_event(self, event: Event) -> None:
         keeper = self.keepers.get(event.key)

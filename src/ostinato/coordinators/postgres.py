@@ -84,6 +84,8 @@ SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
 # Errors that mean "the server is not there right now" (QueryCanceled, from the
 # statement timeout, is an OperationalError too).
 UNREACHABLE = (psycopg.OperationalError, OSError)
+#: What a server says at connect time when the URL, not the network, is wrong.
+_REFUSALS = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
 # Schema creation is serialized on this two-int advisory key, a key space apart
 # from the single-bigint keys of the lease locks.
 SCHEMA_LOCK = (0x6F737469, 0x6E61746F)
@@ -329,8 +331,14 @@ class PostgresCoordinator(Coordinator):
         return await (await self._run(conn, name, params)).fetchone()
 
     async def open(self) -> None:
-        async with self._session():
-            pass
+        try:
+            async with self._session():
+                pass
+        except CoordinatorUnavailable as exc:
+            # The server answered, and refused for a reason that waiting cannot fix.
+            if any(words in str(exc) for words in _REFUSALS):
+                raise ConfigurationError(f"{exc} (check the URL)") from None
+            raise
 
     async def close(self) -> None:
         if self._closed:

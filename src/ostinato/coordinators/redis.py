@@ -73,8 +73,15 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    InvalidResponse,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
@@ -297,8 +304,19 @@ class RedisCoordinator(Coordinator):
         return unavailable("Redis", self.display_url, self._password, exc)
 
     async def open(self) -> None:
-        with self._reaching():
-            await self._client.ping()
+        try:
+            with self._reaching():
+                await self._client.ping()
+        except CoordinatorUnavailable as exc:
+            if isinstance(exc.__cause__, AuthenticationError):
+                raise ConfigurationError(f"{exc}; check the user and password in the URL") from None
+            raise
+        except ResponseError as exc:  # SELECT of a database the server does not have, say
+            text = str(exc).replace(self._password, "***") if self._password else str(exc)
+            raise ConfigurationError(
+                f"Redis at {self.display_url} refused the connection: {text}; check the URL "
+                "(redis://host:port/DB, where DB is below the server's 'databases' setting)"
+            ) from None
 
     async def close(self) -> None:
         if self._closed:
