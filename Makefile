@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/coordinators.py
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/peers.py
+	$(BIN)/python bench/fencing.py
 
 # The full fault matrix (a few minutes per coordinator); results in tests/chaos/results/.
 # The wall-clock fault needs libfaketime: installed here when missing, as root only.
