@@ -10,9 +10,10 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from typing import Any, TypeVar, overload
 
+from ostinato import control
 from ostinato.coordinators import Coordinator, Event, from_url
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
@@ -256,9 +257,7 @@ class App:
 
     async def wake_async(self, name: str) -> None:
         """``wake`` for async code."""
-        if name not in self.loops:
-            raise UnknownLoopError(f"app {self.name!r} has no loop named {name!r}")
-        key = f"{self.name}:{name}"
+        key = self._key(name)
         runner = self._runner
         if runner is not None and runner.loop is asyncio.get_running_loop():
             # Hosted here: wake it directly, and tell the others over the open connection.
@@ -267,13 +266,71 @@ class App:
                 keeper.wake()
             await runner.coordinator.publish(Event("wake", key))
             return
-        coordinator = self.connect()
-        owned = not isinstance(self._coordinator, Coordinator)
+        await self._control(lambda store: store.publish(Event("wake", key)))
+
+    def pause(self, name: str) -> None:
+        """Pause loop ``name``: its holder finishes the current pass and no runner takes it."""
+        run_sync(self.pause_async(name))
+
+    async def pause_async(self, name: str) -> None:
+        """``pause`` for async code."""
+        key = self._key(name)
+        await self._control(lambda store: control.pause(store, key, resolved=True))
+
+    def resume(self, name: str) -> None:
+        """Resume loop ``name`` after ``pause``."""
+        run_sync(self.resume_async(name))
+
+    async def resume_async(self, name: str) -> None:
+        """``resume`` for async code."""
+        key = self._key(name)
+        await self._control(lambda store: control.resume(store, key, resolved=True))
+
+    def release(self, name: str) -> int | None:
+        """Revoke loop ``name``'s lease so another runner takes it at once, with a new fence;
+        return the revoked fence (``None``: nobody held it)."""
+        return run_sync(self.release_async(name))
+
+    async def release_async(self, name: str) -> int | None:
+        """``release`` for async code."""
+        key = self._key(name)
+        _, fence = await self._control(lambda store: control.release(store, key, resolved=True))
+        return fence
+
+    def status(self) -> list[dict[str, Any]]:
+        """This app's loops as the coordinator knows them: one dict per loop, as
+        ``ostinato status --json`` prints them (``state``, ``holder``, ``fence``, ...)."""
+        return run_sync(self.status_async())
+
+    async def status_async(self) -> list[dict[str, Any]]:
+        """``status`` for async code."""
+        rows = await self._control(control.status)
+        return [row for row in rows if row["app"] == self.name]
+
+    def _key(self, name: str) -> str:
+        """``app:loop`` for a loop of this app, named bare or in full."""
+        bare = name.removeprefix(f"{self.name}:")
+        if bare not in self.loops:
+            raise UnknownLoopError(
+                f"app {self.name!r} has no loop named {name!r}; its loops are "
+                f"{', '.join(f'{self.name}:{loop}' for loop in self.loops) or '(none)'}"
+            )
+        return f"{self.name}:{bare}"
+
+    async def _control(self, job: Callable[[Coordinator], Awaitable[T]]) -> T:
+        """Run ``job`` on the coordinator: the hosted runner's open one when this event
+        loop hosts the app, else a connection made for the call."""
+        runner = self._runner
+        if runner is not None and runner.loop is asyncio.get_running_loop() and runner.connected.is_set():
+            return await job(runner.coordinator)
+        store = self.connect()
+        owned = store is not self._coordinator
         try:
-            await coordinator.publish(Event("wake", key))
+            await store.open()
+            return await job(store)
         finally:
             if owned:
-                await coordinator.close()
+                await store.close()
 
     # -- running --------------------------------------------------------------------------
 
@@ -284,7 +341,7 @@ class App:
         if unknown:
             raise UnknownLoopError(
                 f"app {self.name!r} has no loop named {', '.join(map(repr, unknown))}; "
-                f"its loops are {', '.join(self.loops) or '(none)'}"
+                f"its loops are {', '.join(f'{self.name}:{loop}' for loop in self.loops) or '(none)'}"
             )
         return [spec for name, spec in self.loops.items() if name in only]
 

@@ -66,8 +66,10 @@ def load_app(target: str) -> App:
         raise ConfigurationError(f"bad APP {target!r}: {where!r} has no attribute {attr!r}")
     app = getattr(module, attr)
     if not isinstance(app, App):
+        kind = type(app).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
         raise ConfigurationError(
-            f"bad APP {target!r}: {attr!r} is a {type(app).__name__}, not an ostinato.App"
+            f"bad APP {target!r}: {attr!r} is {article} {kind} ({app!r:.60}), not an ostinato.App"
         )
     return app
 

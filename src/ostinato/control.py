@@ -20,30 +20,33 @@ async def resolve(coordinator: Coordinator, name: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        known = ", ".join(r.name for r in records) or "(none yet: start a runner first)"
+        known = ", ".join(keys) or "(none yet: start a runner first)"
         raise UnknownLoopError(f"no loop named {name!r} in {coordinator.display_url}; known: {known}")
     raise UnknownLoopError(
         f"{name!r} names loops of several apps ({', '.join(matches)}); write APP:LOOP"
     )
 
 
-async def pause(coordinator: Coordinator, name: str) -> str:
-    key = await resolve(coordinator, name)
+async def pause(coordinator: Coordinator, name: str, *, resolved: bool = False) -> str:
+    """Pause loop ``name`` (``resolved``: ``name`` is already its ``app:loop`` key)."""
+    key = name if resolved else await resolve(coordinator, name)
     await coordinator.set_paused(key, True)
     await coordinator.publish(Event("paused", key))
     return key
 
 
-async def resume(coordinator: Coordinator, name: str) -> str:
-    key = await resolve(coordinator, name)
+async def resume(coordinator: Coordinator, name: str, *, resolved: bool = False) -> str:
+    key = name if resolved else await resolve(coordinator, name)
     await coordinator.set_paused(key, False)
     await coordinator.publish(Event("resumed", key))
     return key
 
 
-async def release(coordinator: Coordinator, name: str) -> tuple[str, int | None]:
+async def release(
+    coordinator: Coordinator, name: str, *, resolved: bool = False
+) -> tuple[str, int | None]:
     """Revoke the lease of ``name`` so another runner takes it at once, with a new fence."""
-    key = await resolve(coordinator, name)
+    key = name if resolved else await resolve(coordinator, name)
     fence = await coordinator.revoke(key)
     await coordinator.publish(Event("revoked", key))
     return key, fence

@@ -390,7 +390,7 @@ async def test_only_runs_the_named_loops() -> None:
     async with app.running(only=["b"]):
         await until(lambda: "b" in ran)
     assert ran == {"b"}
-    with pytest.raises(ostinato.UnknownLoopError, match="its loops are a, b"):
+    with pytest.raises(ostinato.UnknownLoopError, match="its loops are only:a, only:b"):
         async with app.running(only=["c"]):
             pass
 
