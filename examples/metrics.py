@@ -1,8 +1,9 @@
 """The metrics pipeline: POSTs land in an inbox fast, and one copy of ``aggregate`` drains it.
 
 ``receive`` stands in for the web tier (thousands of small writes a second);
-``aggregate`` folds the inbox into per-app totals every second, with a fenced
-write so a stale holder can never overwrite a newer one; ``publish`` talks to a
+``aggregate`` folds the inbox into per-app totals every second in one fenced
+transaction (``ostinato.fenced``), so a stale holder can neither delete inbox
+rows nor touch the totals once a newer holder has written; ``publish`` talks to a
 flaky upstream and fails now and then, which backs off and retries, never
 stopping the loop.
 
@@ -15,6 +16,7 @@ import os
 import random
 import sqlite3
 import time
+from contextlib import closing
 
 import ostinato
 
@@ -30,8 +32,7 @@ def connect() -> sqlite3.Connection:
         """
         PRAGMA journal_mode=WAL;
         CREATE TABLE IF NOT EXISTS inbox (id INTEGER PRIMARY KEY, app TEXT, queue_ms REAL);
-        CREATE TABLE IF NOT EXISTS totals (
-            app TEXT PRIMARY KEY, points INTEGER, sum_ms REAL, fence INTEGER);
+        CREATE TABLE IF NOT EXISTS totals (app TEXT PRIMARY KEY, points INTEGER, sum_ms REAL);
         """
     )
     return conn
@@ -49,24 +50,21 @@ def receive(ctx: ostinato.Pass) -> None:
 
 @app.loop(every="1s", idle=("250ms", "2s"), stall_after="30s")
 def aggregate(ctx: ostinato.Pass) -> object:
-    """Drain the inbox into per-app totals; a stale holder's write is refused by its fence."""
-    conn = connect()
-    conn.execute("BEGIN IMMEDIATE")
-    rows = conn.execute("SELECT id, app, queue_ms FROM inbox ORDER BY id LIMIT 50000").fetchall()
-    if not rows:
-        conn.execute("ROLLBACK")
-        return ostinato.IDLE
-    conn.execute("DELETE FROM inbox WHERE id <= ?", (rows[-1][0],))
-    for name in APPS:
-        mine = [ms for _, a, ms in rows if a == name]
-        conn.execute(
-            "INSERT INTO totals (app, points, sum_ms, fence) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (app) DO UPDATE SET points = points + excluded.points,"
-            " sum_ms = sum_ms + excluded.sum_ms, fence = excluded.fence"
-            " WHERE excluded.fence >= totals.fence",
-            (name, len(mine), sum(mine), ctx.fence),
-        )
-    conn.execute("COMMIT")
+    """Drain the inbox into per-app totals; a stale holder's whole transaction is refused."""
+    with closing(connect()) as conn, ostinato.fenced(conn, ctx):
+        # The fence is checked before the first statement: the DELETE is fenced too.
+        rows = conn.execute("SELECT id, app, queue_ms FROM inbox ORDER BY id LIMIT 50000").fetchall()
+        if not rows:
+            return ostinato.IDLE
+        conn.execute("DELETE FROM inbox WHERE id <= ?", (rows[-1][0],))
+        for name in APPS:
+            mine = [ms for _, a, ms in rows if a == name]
+            conn.execute(
+                "INSERT INTO totals (app, points, sum_ms) VALUES (?, ?, ?)"
+                " ON CONFLICT (app) DO UPDATE SET points = points + excluded.points,"
+                " sum_ms = sum_ms + excluded.sum_ms",
+                (name, len(mine), sum(mine)),
+            )
     print(f"[pid {os.getpid()} fence {ctx.fence}] aggregate pass {ctx.number}: "
           f"{len(rows)} points", flush=True)
     return None
