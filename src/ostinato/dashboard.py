@@ -163,8 +163,10 @@ class History:
 class Board:
     """The dashboard's state: the coordinator, the latest records and their history."""
 
-    def __init__(self, url: str, *, token: str | None = None, every: float = SAMPLE_EVERY) -> None:
-        self.coordinator = from_url(url)
+    def __init__(self, url: str, *, token: str | None = None, every: float = SAMPLE_EVERY,
+                 coordinator: Coordinator | None = None) -> None:
+        """Watch the coordinator at ``url``, or ``coordinator`` itself when given."""
+        self.coordinator = coordinator if coordinator is not None else from_url(url)
         self.token = token or None
         self.every = every
         self.history = History(every)
@@ -216,6 +218,8 @@ class Board:
             "sampled_at": self.sampled_at,
             "every": self.every,
             "history": HISTORY,
+            "rate_window": RATE_WINDOW,
+            "min_passes": MIN_PASSES,
             "error": self.error,
             "loops": loops,
         }

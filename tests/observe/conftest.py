@@ -13,7 +13,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from ostinato.coordinators import LoopRecord
+from ostinato.coordinators.memory import MemoryCoordinator
+from ostinato.dashboard import Board, bind, create_app
 from tests.servers import _unavailable
 
 T = TypeVar("T")
@@ -216,3 +221,33 @@ def browser() -> Iterator[Any]:
         chromium = playwright.chromium.launch(executable_path=path, args=BROWSER_ARGS)
         yield chromium
         chromium.close()
+
+
+class Scripted(MemoryCoordinator):
+    """A coordinator whose loop table is whatever ``script(wall_now)`` says, for the page's tests."""
+
+    def __init__(self, script: Callable[[float], list[LoopRecord]]) -> None:
+        super().__init__(uuid.uuid4().hex)
+        self.script = script
+
+    async def loops(self) -> list[LoopRecord]:
+        return self.script(time.time())
+
+
+@contextmanager
+def served(board: Board) -> Iterator[str]:
+    """``board``'s dashboard served by uvicorn from a thread of this process; yields its base URL."""
+    import uvicorn
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(board), log_level="warning", access_log=False,
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, what="the dashboard to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ostinato.coordinators import LoopRecord
-from ostinato.dashboard import History
-from tests.observe.conftest import Stack, get, wait_for
+from ostinato.dashboard import Board, History
+from tests.observe.conftest import Scripted, Stack, get, served, wait_for
 
 LOOPS = ("obs:tick", "obs:flaky", "obs:blocker")
 TOKEN = "s3cret-token"  # noqa: S105 - a token made up for the test
@@ -149,11 +151,11 @@ def test_the_page_shows_live_loops_and_charts_and_pauses_a_loop(stack: Stack, br
             assert points is not None
             assert len(points.split()) >= 2
         # Rates show once the dashboard has watched for a few seconds.
-        expect(tick.locator("td.per_minute")).not_to_have_text("-", timeout=15_000)
+        expect(tick.locator("td.per_minute")).not_to_have_text("\u2014", timeout=15_000)
         per_minute = float(tick.locator("td.per_minute").inner_text())
         assert 300 < per_minute < 1500  # every="50ms": about 1200 a minute
-        assert tick.locator("td.p50").inner_text().endswith("ms")
-        expect(flaky.locator("td.error_rate")).not_to_have_text("-")
+        assert tick.locator("td.latency .p50").inner_text().endswith("ms")
+        expect(flaky.locator("td.error_rate")).not_to_have_text("\u2014")
         rate = flaky.locator("td.error_rate").inner_text()
         assert rate.endswith("%")
         assert 10 < float(rate.rstrip("%")) < 60  # a third of flaky's passes fail
@@ -197,3 +199,112 @@ def test_a_page_without_a_token_is_read_only(stack: Stack, browser: Any) -> None
         expect(page.locator("td.actions").first).to_be_hidden()
     finally:
         page.close()
+
+
+class Resting(LoopRecord):
+    """A loop in a state this page has never heard of."""
+
+    def state(self, wall_now: float) -> str:
+        return "resting"
+
+
+def long_fenced_loops(started: float) -> list[LoopRecord]:
+    """Loops as a Redis coordinator of a busy fleet shows them: fences of 16 digits, long
+    holder names, a long error, a fast loop, a once-a-minute cron loop, a state unknown here."""
+    fence = 1733512345678901
+    return [
+        LoopRecord("billing:reconcile_invoices", fence=fence, paused=False,
+                   holder="worker-7f9c6d8b5-x2x4q:4194301", held_since=started, passes=123456789,
+                   errors=4321, last_duration=1.25, last_outcome="failed",
+                   last_error="TimeoutError: the ledger service did not answer within 30 seconds"
+                              " while reconciling invoice batch 2024-12-06/0042\nTraceback ...",
+                   last_error_at=started - 5, p50=0.0123, p99=12.5),
+        LoopRecord("shop:tick", fence=fence + 1, paused=False, holder="web-2:31337",
+                   held_since=started, passes=int((time.time() - started) * 20), errors=0,
+                   last_duration=0.002, last_outcome="worked", p50=0.002, p99=0.004),
+        LoopRecord("shop:nightly_report", fence=fence + 2, paused=False, holder="web-2:31337",
+                   held_since=started, passes=1 if time.time() - started > 1 else 0,
+                   last_duration=4.0, last_outcome="worked", p50=4.0, p99=4.0),
+        LoopRecord("shop:archive", fence=fence + 3, paused=True, holder=None, held_since=None,
+                   passes=99999, errors=12),
+        Resting("shop:resting", fence=fence + 4, paused=False, holder="web-3:2718",
+                held_since=started, passes=5),
+    ]
+
+
+@pytest.mark.browser
+def test_the_page_fits_1400_px_with_long_fences_and_tells_rates_honestly(
+    browser: Any, tmp_path: Path,
+) -> None:
+    """At 1,400 px with 16-digit fences and the buttons shown: no horizontal scroll; an empty
+    last error is not red; a cron loop reads no rate yet; the rate column and chart agree; an
+    unknown state is drawn plainly. A screenshot is saved as dashboard-1400.png."""
+    from playwright.sync_api import expect
+
+    started = time.time()
+    board = Board("memory://scripted", token=TOKEN, every=0.25,
+                  coordinator=Scripted(lambda now: long_fenced_loops(started)))
+    with served(board) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            page.goto(f"{base}/")
+            page.fill("#token", TOKEN)
+            page.click("#auth button[type=submit]")
+            expect(page.locator("#mode")).to_have_text("controls on")
+            row = 'tr[data-key="{}"]'.format
+            tick, cron = page.locator(row("shop:tick")), page.locator(row("shop:nightly_report"))
+            # The fast loop's rate shows once the dashboard has watched a few seconds.
+            expect(tick.locator("td.per_minute")).not_to_have_text("—", timeout=20_000)
+            page.screenshot(path=str(tmp_path / "dashboard-1400.png"), full_page=True)
+
+            widths = page.evaluate("""() => ({
+                page: document.documentElement.scrollWidth, window: window.innerWidth,
+                main: document.querySelector("main").scrollWidth,
+                mainBox: document.querySelector("main").clientWidth,
+                table: document.querySelector("table").getBoundingClientRect().right,
+            })""")
+            assert widths["page"] <= widths["window"] == 1400, widths
+            assert widths["main"] <= widths["mainBox"], widths
+            assert widths["table"] <= widths["window"], widths
+            for key in ("billing:reconcile_invoices", "shop:tick"):
+                fence = page.locator(row(key)).locator("td.fence")
+                assert fence.inner_text().strip() in {"1733512345678901", "1733512345678902"}
+                assert fence.evaluate("td => td.scrollWidth <= td.clientWidth")  # not clipped
+            buttons = page.locator("td.actions button")
+            assert buttons.count() == 15
+            for index in range(buttons.count()):
+                box = buttons.nth(index).bounding_box()
+                assert box is not None
+                assert box["x"] + box["width"] <= 1400
+
+            def color(locator: Any) -> str:
+                """The colour the element's text is drawn in (that of its first innermost child)."""
+                return str(locator.evaluate("""el => {
+                    while (el.firstElementChild) el = el.firstElementChild;
+                    return getComputedStyle(el).color;
+                }"""))
+
+            red = color(page.locator(row("billing:reconcile_invoices")).locator("td.error"))
+            assert red == "rgb(192, 57, 43)"
+            empty = tick.locator("td.error")
+            assert empty.inner_text().strip() in {"-", "—"}
+            assert color(empty) != red
+            assert color(empty) == color(page.locator("#coordinator"))  # muted, like other asides
+
+            # One pass of a once-a-minute loop, seen in the first seconds, is no rate yet.
+            assert cron.locator("td.per_minute").inner_text() == "—"
+            assert cron.locator("svg.chart-rate + .chart-label").inner_text() == "—"
+            api = {loop["key"]: loop for loop in json.loads(get(f"{base}/api/loops")[1])["loops"]}
+            assert api["shop:nightly_report"]["per_minute"] is None
+            # The column and the number beside its chart are one measure.
+            assert tick.locator("td.per_minute").inner_text() == \
+                tick.locator("svg.chart-rate + .chart-label").inner_text()
+
+            resting = page.locator(row("shop:resting"))
+            expect(resting.locator("td.state")).to_have_text("resting")
+            assert color(resting.locator("td.state")) == color(page.locator("body"))
+        finally:
+            page.close()
+    assert errors == []

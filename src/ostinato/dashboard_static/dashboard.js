@@ -6,6 +6,7 @@
   const POLL_MS = 2000;
   const SVG = "http://www.w3.org/2000/svg";
   const TOKEN_KEY = "ostinato-dashboard-token";
+  const NONE = "\u2014"; // an em dash: nothing to show, or not known yet
   const $ = (selector) => document.querySelector(selector);
   const rows = new Map();
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -13,7 +14,7 @@
   let timer = null;
 
   function fmtDuration(s) {
-    if (s === null || s === undefined) return "-";
+    if (s === null || s === undefined) return NONE;
     if (s < 0.001) return `${(s * 1e6).toPrecision(3)}µs`;
     if (s < 1) return `${(s * 1e3).toPrecision(3)}ms`;
     if (s < 60) return `${s.toPrecision(3)}s`;
@@ -26,12 +27,12 @@
   }
 
   function fmtRate(perMinute) {
-    if (perMinute === null || perMinute === undefined) return "-";
+    if (perMinute === null || perMinute === undefined) return NONE;
     return perMinute >= 100 ? Math.round(perMinute).toString() : perMinute.toPrecision(3);
   }
 
   function fmtPercent(fraction) {
-    return fraction === null || fraction === undefined ? "-" : `${(fraction * 100).toFixed(1)}%`;
+    return fraction === null || fraction === undefined ? NONE : `${(fraction * 100).toFixed(1)}%`;
   }
 
   function banner(text) {
@@ -40,8 +41,14 @@
     el.hidden = !text;
   }
 
+  // A state as a CSS class name; a state with no rule in the stylesheet is drawn plainly.
+  function stateClass(state) {
+    return `state-${String(state).toLowerCase().replace(/[^a-z0-9]+/g, "-")}`;
+  }
+
   // A sparkline of `field` in an SVG of its own. Its time axis spans the samples there are
   // (at least a minute), up to `history` seconds, so a fresh dashboard's charts are not a dot.
+  // The label beside it is the latest point, or a dash while that point is not known.
   function drawChart(svg, label, series, field, history, format) {
     const width = 120, height = 28, pad = 3;
     const points = series.filter((p) => p[field] !== null && p.ago <= history);
@@ -68,7 +75,8 @@
     const line = document.createElementNS(SVG, "polyline");
     line.setAttribute("points", xy.map((p) => p.join(",")).join(" "));
     svg.appendChild(line);
-    label.textContent = points.length ? format(points[points.length - 1][field]) : "-";
+    const latest = series.reduce((a, p) => (a === null || p.ago < a.ago ? p : a), null);
+    label.textContent = latest && latest[field] !== null ? format(latest[field]) : NONE;
   }
 
   function chartCell(kind) {
@@ -99,19 +107,27 @@
     const tr = document.createElement("tr");
     tr.dataset.key = key;
     const cells = {};
-    for (const name of ["loop", "state", "holder", "fence", "passes", "per_minute", "error_rate",
-                        "error", "p50", "p99"]) {
+    const numbers = ["fence", "passes", "per_minute", "error_rate", "latency"];
+    for (const name of ["loop", "state", "holder", "fence", "passes", "per_minute", "rate",
+                        "error_rate", "error", "latency", "duration"]) {
+      if (name === "rate" || name === "duration") {
+        cells[name] = chartCell(name);
+        tr.appendChild(cells[name].td);
+        continue;
+      }
       const td = document.createElement("td");
       td.className = name;
-      if (["fence", "passes", "per_minute", "error_rate", "p50", "p99"].includes(name)) {
-        td.classList.add("num");
-      }
+      if (numbers.includes(name)) td.classList.add("num");
       cells[name] = td;
       tr.appendChild(td);
     }
-    cells.duration = chartCell("duration");
-    cells.rate = chartCell("rate");
-    tr.append(cells.duration.td, cells.rate.td);
+    // p50 over p99, in one cell: two numbers, one column's width.
+    for (const name of ["p50", "p99"]) {
+      const line = document.createElement("span");
+      line.className = name;
+      cells[name] = line;
+      cells.latency.appendChild(line);
+    }
     const actions = document.createElement("td");
     actions.className = "actions";
     cells.toggle = button("pause", key);
@@ -130,10 +146,12 @@
     const c = row.cells;
     const state = loop.state;
     c.loop.textContent = loop.key;
+    c.loop.title = loop.key;
     c.state.textContent = state;
-    c.state.className = `state state-${state.replace(/ /g, "-")}`;
+    c.state.className = `state ${stateClass(state)}`;
     row.tr.dataset.state = state;
-    c.holder.textContent = loop.holder || "-";
+    c.holder.textContent = loop.holder || NONE;
+    c.holder.title = loop.holder || "";
     c.fence.textContent = String(loop.fence);
     c.passes.textContent = String(loop.passes);
     c.per_minute.textContent = fmtRate(loop.per_minute);
@@ -141,6 +159,7 @@
     c.error.replaceChildren();
     if (loop.last_error) {
       const text = document.createElement("span");
+      text.className = "message";
       text.textContent = loop.last_error.split("\n")[0];
       const when = document.createElement("span");
       when.className = "when";
@@ -148,11 +167,16 @@
       c.error.append(text, when);
       c.error.title = loop.last_error;
     } else {
-      c.error.textContent = "-";
+      const none = document.createElement("span");
+      none.className = "none";
+      none.textContent = NONE;
+      c.error.append(none);
       c.error.removeAttribute("title");
     }
     c.p50.textContent = fmtDuration(loop.p50);
     c.p99.textContent = fmtDuration(loop.p99);
+    c.latency.title = `p50 ${c.p50.textContent}, p99 ${c.p99.textContent} `
+      + "(of the pass durations the holder last reported)";
     drawChart(c.duration.svg, c.duration.label, loop.series, "duration", data.history, fmtDuration);
     drawChart(c.rate.svg, c.rate.label, loop.series, "per_minute", data.history, fmtRate);
     c.toggle.dataset.action = c.toggle.textContent = state === "paused" ? "resume" : "pause";
@@ -164,8 +188,21 @@
     return row.tr;
   }
 
+  // How the rates are measured, in the page's help and the rate columns' tooltips.
+  function rateHelp(data) {
+    const window = `${data.rate_window} seconds`;
+    const text = `Passes per minute are the passes counted over the last ${window} the dashboard `
+      + `watched, divided by the time actually watched; the error rate is the share of those `
+      + `passes that failed. Until the dashboard has watched a full `
+      + `${window}, a rate is shown only once ${data.min_passes} passes were counted, and ${NONE} `
+      + `before: one pass of a once-a-minute loop seen in the first seconds says nothing of its rate.`;
+    $("#rate-help").textContent = text;
+    for (const th of document.querySelectorAll("th.rate-help")) th.title = text;
+  }
+
   function render(data) {
     control = data.control;
+    rateHelp(data);
     $("#coordinator").textContent = data.coordinator;
     $("#updated").textContent = data.sampled_at
       ? `sampled ${fmtAgo(data.sampled_at, data.now)}, every ${fmtDuration(data.every)}` : "";
