@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
+from datetime import datetime
 from typing import Any, TypeVar, overload
 
 from ostinato import control
@@ -19,7 +20,9 @@ from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
 from ostinato.loop import Body, LoopSpec, declare
 from ostinato.observe import Observe
+from ostinato.pacing import upcoming
 from ostinato.runner import Runner, StallHook
+from ostinato.schedule import zone_named
 
 log = logging.getLogger("ostinato")
 
@@ -131,6 +134,9 @@ class App:
         every: Duration | None = None,
         pause: Duration | None = None,
         cron: str | None = None,
+        timezone: str | None = None,
+        catchup: Duration | None = None,
+        jitter: Duration | None = None,
         idle: tuple[Duration, Duration] = ("100ms", "5s"),
         error_backoff: tuple[Duration, Duration] = ("1s", "1m"),
         lease: Duration = "10s",
@@ -151,6 +157,9 @@ class App:
         every: Duration | None = None,
         pause: Duration | None = None,
         cron: str | None = None,
+        timezone: str | None = None,
+        catchup: Duration | None = None,
+        jitter: Duration | None = None,
         idle: tuple[Duration, Duration] = ("100ms", "5s"),
         error_backoff: tuple[Duration, Duration] = ("1s", "1m"),
         lease: Duration = "10s",
@@ -169,8 +178,11 @@ class App:
         - ``name``: the loop's name (default: the function's name).
         - ``every``: start to start, like ``"2s"``; a start missed by a long pass is skipped.
         - ``pause``: from the end of a pass to the start of the next.
-        - ``cron``: a calendar schedule, like ``"*/5 * * * *"``.
+        - ``cron``: a calendar schedule, like ``"*/5 * * * *"`` (a sixth field: seconds).
           (At most one of ``every``, ``pause`` and ``cron``; none means back to back.)
+        - ``timezone``: the IANA zone ``cron`` is read in, like ``"Europe/Berlin"`` (default UTC).
+        - ``catchup``: starts missed within this window (``"6h"``) run once, as one catch-up pass.
+        - ``jitter``: delay each ``cron`` start by up to this much, the same delay on every runner.
         - ``idle``: ``(min, max)`` backoff after a pass returns ``ostinato.IDLE``; a wake-up ends it.
         - ``error_backoff``: ``(min, max)`` jittered backoff after a pass raises.
         - ``lease``: the lease's time to live (default ``"10s"``): a dead runner's loop
@@ -186,7 +198,8 @@ class App:
         a misspelt option names the option it was probably meant to be.
         """
         options: dict[str, Any] = {
-            "name": name, "every": every, "pause": pause, "cron": cron, "idle": idle,
+            "name": name, "every": every, "pause": pause, "cron": cron, "timezone": timezone,
+            "catchup": catchup, "jitter": jitter, "idle": idle,
             "error_backoff": error_backoff, "lease": lease, "timeout": timeout,
             "stall_after": stall_after, "fail_after": fail_after, "isolation": isolation,
             "max_passes": max_passes, "max_memory": max_memory, **unknown,
@@ -306,6 +319,28 @@ class App:
         """``status`` for async code."""
         rows = await self._control(control.status)
         return [row for row in rows if row["app"] == self.name]
+
+    def next_starts(self, name: str, count: int = 5, after: datetime | None = None) -> list[datetime]:
+        """The next ``count`` scheduled starts of loop ``name``, strictly after ``after`` (default:
+        now), as aware datetimes in the loop's zone: the ``cron=`` slots (each start is then
+        delayed by its jitter, if any), or ``after`` plus multiples of ``every=``.
+
+        A naive ``after`` is read in the loop's zone (UTC for ``every=``); a loop without
+        a schedule (``pause=`` or back to back) is a ``ConfigurationError``.
+        """
+        key = self._key(name)
+        spec = self.loops[key.partition(":")[2]]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError(f"count must be a whole number >= 1, not {count!r}")
+        zone = zone_named(spec.pacing.timezone)
+        if after is None:
+            after = datetime.now(zone)
+        elif after.tzinfo is None:
+            after = after.replace(tzinfo=zone)
+        try:
+            return upcoming(spec.pacing, after, count)
+        except ValueError as exc:
+            raise ConfigurationError(f"loop {key!r} {exc}") from None
 
     def _key(self, name: str) -> str:
         """``app:loop`` for a loop of this app, named bare or in full."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ostinato.coordinators.protocol import Denied, Event, Grant
@@ -24,7 +26,7 @@ from ostinato.errors import CoordinatorUnavailable
 from ostinato.isolation import IsolatedBody, PassError
 from ostinato.logs import fields
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
-from ostinato.pacing import Outcome, Plan, plan_next
+from ostinato.pacing import Outcome, Plan, Slot, plan_next
 from ostinato.stats import StatsBook
 
 if TYPE_CHECKING:
@@ -76,6 +78,8 @@ class LoopKeeper:
         self._async_pass: asyncio.Task[Any] | None = None
         self._cancelled_for_lease: bool = False
         self._step_aside = False
+        # The calendar slot the next pass stands for (cron= loops).
+        self._due: Slot | None = None
         # Set when the runner gives up waiting for a pass: an isolated one is killed.
         self._abort = [False]
         self._handed_over_fence: int | None = None
@@ -230,9 +234,11 @@ class LoopKeeper:
         if self._handed_over_fence is not None and grant.fence == self._handed_over_fence + 1:
             self.balance_cooldown_until = self.held_at + BALANCE_COOLDOWN
         self._handed_over_fence = None
-        first = self.spec.pacing.first_start(
-            now=time.monotonic(), wall_now=time.time(), last_start_wall=grant.last_start
+        now, wall_now = time.monotonic(), time.time()
+        first, self._due = self.spec.pacing.first(
+            now=now, wall_now=wall_now, last_start_wall=grant.last_start, seed=self.key
         )
+        self._show_next(first - now + wall_now)
         finished = True
         try:
             if self.spec.is_async and not self.spec.isolated:
@@ -250,6 +256,7 @@ class LoopKeeper:
                 log.warning("%s: lease lost (fence %d): it ran out before a renewal answered",
                             self.key, lease.fence, extra=self._fields("lease_lost", lease.fence))
             if finished and lease.deadline != float("-inf"):
+                await self._record_start()
                 await self.runner.give_back(self.key, lease)
             if self._handing_over:
                 self._handing_over = False
@@ -331,7 +338,7 @@ class LoopKeeper:
             number += 1
             stats.started(now)
             try:
-                result = body(Pass(spec.name, lease, number, now, app=runner.app_name))
+                result = body(self._context(lease, number, now))
             except BaseException as exc:
                 end = time.monotonic()
                 outcome = Outcome.FAILED
@@ -354,7 +361,7 @@ class LoopKeeper:
     def _plan(
         self, slot: float, end: float, outcome: Outcome, idle_streak: int, error_streak: int
     ) -> Plan:
-        return plan_next(
+        plan = plan_next(
             self.spec.pacing,
             slot=slot,
             end=end,
@@ -362,7 +369,44 @@ class LoopKeeper:
             outcome=outcome,
             idle_streak=idle_streak,
             error_streak=error_streak,
+            due=self._due,
+            seed=self.key,
         )
+        self._due = plan.due
+        self._show_next(plan.start_at() + self.runner.wall_offset)
+        return plan
+
+    def _context(self, lease: LocalLease, number: int, now: float) -> Pass:
+        """The ``Pass`` of a pass starting now, with the calendar slot it stands for."""
+        due, schedule = self._due, self.spec.pacing.schedule
+        return Pass(
+            self.spec.name, lease, number, now, app=self.runner.app_name,
+            scheduled_for=None if due is None or schedule is None
+            else datetime.fromtimestamp(due.at, schedule.zone),
+            missed=0 if due is None else due.missed,
+        )
+
+    def _show_next(self, wall: float) -> None:
+        """Tell status when the next pass is planned (``every=`` and ``cron=`` loops only)."""
+        pacing = self.spec.pacing
+        schedule = pacing.schedule
+        self.stats.zone = None if schedule is None else schedule.zone_name
+        self.stats.next_start = wall if schedule is not None or pacing.every is not None else None
+
+    async def _record_start(self) -> None:
+        """Before a ``catchup=`` loop's lease is given back, record its last start at once:
+        the next holder reads it to tell which slots were missed, so it must not miss a
+        pass that started since the last report."""
+        from ostinato.runner import FAREWELL, RUNNER_TTL  # the runner imports this module
+
+        stats = self.stats.pending(self.runner.wall_offset)
+        if self.spec.pacing.catchup is None or stats is None:
+            return
+        # Counts are left to the reporter, which sends them once; only the times go now.
+        times = dataclasses.replace(stats, passes=0, errors=0)
+        with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+            async with asyncio.timeout(FAREWELL if self.runner.stopping else None):
+                await self.runner.coordinator.report(self.runner.info, RUNNER_TTL, [times])
 
     # -- async bodies: on the event loop ---------------------------------------
 
@@ -398,7 +442,7 @@ class LoopKeeper:
                 self._async_pass = asyncio.current_task()
                 try:
                     async with asyncio.timeout(spec.timeout):
-                        result = await body(Pass(spec.name, lease, number, now, app=runner.app_name))
+                        result = await body(self._context(lease, number, now))
                 except asyncio.CancelledError:
                     if not self._cancelled_for_lease:
                         raise

@@ -8,12 +8,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 from ostinato.coordinators.protocol import SessionBound, drift_margin
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import DeclarationError
 from ostinato.pacing import Pacing, check_cron
+from ostinato.schedule import zone_named
 
 
 class _Idle:
@@ -39,8 +41,8 @@ Body = Callable[["Pass"], Any] | Callable[["Pass"], Awaitable[Any]]
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 #: Every keyword ``App.loop`` takes, for the hint when one is misspelt.
 OPTIONS: Final = (
-    "name", "every", "pause", "cron", "idle", "error_backoff", "lease", "timeout", "stall_after",
-    "fail_after", "isolation", "max_passes", "max_memory",
+    "name", "every", "pause", "cron", "timezone", "catchup", "jitter", "idle", "error_backoff",
+    "lease", "timeout", "stall_after", "fail_after", "isolation", "max_passes", "max_memory",
 )
 
 
@@ -105,7 +107,7 @@ class Pass:
     ``app=`` and ``fence=`` given.
     """
 
-    __slots__ = ("_lease", "app", "fence", "loop", "number", "started")
+    __slots__ = ("_lease", "app", "fence", "loop", "missed", "number", "scheduled_for", "started")
 
     def __init__(
         self,
@@ -116,6 +118,8 @@ class Pass:
         *,
         app: str = "",
         fence: int | None = None,
+        scheduled_for: datetime | None = None,
+        missed: int = 0,
     ) -> None:
         if lease is None:
             lease = LocalLease(1 if fence is None else fence, 3600.0, time.monotonic())
@@ -130,6 +134,11 @@ class Pass:
         self.number = number
         #: When this pass started, on the monotonic clock.
         self.started = time.monotonic() if started is None else started
+        #: On a ``cron=`` loop, the slot this pass stands for: an aware datetime in the
+        #: loop's zone (for a catch-up pass, the latest slot it covers); else ``None``.
+        self.scheduled_for = scheduled_for
+        #: How many missed slots this catch-up pass covers (``catchup=``); 0 on time.
+        self.missed = missed
         self._lease = lease
 
     @property
@@ -219,6 +228,9 @@ def declare(
     every: Duration | None = None,
     pause: Duration | None = None,
     cron: str | None = None,
+    timezone: str | None = None,
+    catchup: Duration | None = None,
+    jitter: Duration | None = None,
     idle: tuple[Duration, Duration] = ("100ms", "5s"),
     error_backoff: tuple[Duration, Duration] = ("1s", "1m"),
     lease: Duration = "10s",
@@ -251,6 +263,18 @@ def declare(
     pause_s = _duration(loop, "pause", pause) if pause is not None else None
     if cron is not None and (problem := check_cron(cron)) is not None:
         raise DeclarationError(loop, "cron", problem)
+    for field, value in (("timezone", timezone), ("catchup", catchup), ("jitter", jitter)):
+        if value is not None and cron is None:
+            raise DeclarationError(
+                loop, field, f"applies to calendar schedules only: give cron= too, or leave {field}= out"
+            )
+    if timezone is not None:
+        try:
+            zone_named(timezone)
+        except ValueError as exc:
+            raise DeclarationError(loop, "timezone", str(exc)) from None
+    catchup_s = _duration(loop, "catchup", catchup, positive=True) if catchup is not None else None
+    jitter_s = _duration(loop, "jitter", jitter) if jitter is not None else 0.0
     lease_s = _duration(loop, "lease", lease)
     if lease_s < 0.2:
         raise DeclarationError(loop, "lease", f"{lease!r} is too short; use at least '200ms'")
@@ -283,6 +307,9 @@ def declare(
         every=every_s,
         pause=pause_s,
         cron=cron,
+        timezone=timezone,
+        catchup=catchup_s,
+        jitter=jitter_s,
         idle=_bounds(loop, "idle", idle),
         error_backoff=_bounds(loop, "error_backoff", error_backoff),
     )
