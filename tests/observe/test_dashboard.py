@@ -296,6 +296,9 @@ def test_the_page_fits_1400_px_with_long_fences_and_tells_rates_honestly(
             # One pass of a once-a-minute loop, seen in the first seconds, is no rate yet.
             assert cron.locator("td.per_minute").inner_text() == "—"
             assert cron.locator("svg.chart-rate + .chart-label").inner_text() == "—"
+            help_text = page.locator("th.rate-help").first.get_attribute("title") or ""
+            assert "10 passes" in help_text
+            assert help_text == page.locator("#rate-help").inner_text()
             api = {loop["key"]: loop for loop in json.loads(get(f"{base}/api/loops")[1])["loops"]}
             assert api["shop:nightly_report"]["per_minute"] is None
             # The column and the number beside its chart are one measure.

@@ -190,11 +190,11 @@
 
   // How the rates are measured, in the page's help and the rate columns' tooltips.
   function rateHelp(data) {
-    const window = `${data.rate_window} seconds`;
-    const text = `Passes per minute are the passes counted over the last ${window} the dashboard `
+    const span = `${data.rate_window} seconds`;
+    const text = `Passes per minute are the passes counted over the last ${span} the dashboard `
       + `watched, divided by the time actually watched; the error rate is the share of those `
       + `passes that failed. Until the dashboard has watched a full `
-      + `${window}, a rate is shown only once ${data.min_passes} passes were counted, and ${NONE} `
+      + `${span}, a rate is shown only once ${data.min_passes} passes were counted, and ${NONE} `
       + `before: one pass of a once-a-minute loop seen in the first seconds says nothing of its rate.`;
     $("#rate-help").textContent = text;
     for (const th of document.querySelectorAll("th.rate-help")) th.title = text;
