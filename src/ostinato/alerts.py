@@ -1,12 +1,14 @@
-"""Stall alerts sent to a webhook: ``ostinato run --alert-webhook URL``.
+"""Stall and failing alerts sent to a webhook: ``ostinato run --alert-webhook URL``.
 
 A ``WebhookAlert`` is a stall hook (``app.on_stall``): the runner calls it in a
-worker thread once when a loop stalls and once when it recovers. It POSTs one
-JSON object::
+worker thread once when a loop stalls or starts failing, and once when it
+recovers. It POSTs one JSON object::
 
-    {"status": "stalled" | "recovered", "loop": "app:loop", "holder": "host:pid",
-     "fence": 7, "last_pass": 1718000000.0 | null, "last_pass_iso": "2024-...Z" | null,
-     "stalled_for": 61.2, "text": "ostinato: app:loop stalled: ..."}
+    {"status": "stalled" | "failing" | "recovered", "reason": "stalled" | "failing",
+     "loop": "app:loop", "holder": "host:pid", "fence": 7,
+     "last_pass": 1718000000.0 | null, "last_pass_iso": "2024-...Z" | null,
+     "stalled_for": 61.2, "failed_passes": 3, "last_error": "ValueError: ..." | null,
+     "text": "ostinato: app:loop stalled: ..."}
 
 ``text`` makes the body readable as-is by chat webhooks (Slack, Mattermost).
 A failed POST is retried twice, then logged; it never raises into the runner.
@@ -42,9 +44,17 @@ def _iso(wall: float | None) -> str | None:
 
 def payload(stall: Stall) -> dict[str, Any]:
     """The JSON body sent for ``stall``."""
-    status = "recovered" if stall.recovered else "stalled"
+    status = "recovered" if stall.recovered else stall.reason
     last = _iso(stall.last_pass_end) or "never"
-    if stall.recovered:
+    if stall.reason == "failing":
+        if stall.recovered:
+            text = (f"ostinato: {stall.loop} recovered: a pass succeeded after "
+                    f"{stall.stalled_for:.1f}s of failing (holder {stall.holder}, fence {stall.fence})")
+        else:
+            text = (f"ostinato: {stall.loop} failing: the last {stall.failed_passes} passes all "
+                    f"failed (holder {stall.holder}, fence {stall.fence}); last error: "
+                    f"{stall.last_error}")
+    elif stall.recovered:
         text = (f"ostinato: {stall.loop} recovered after a stall of {stall.stalled_for:.1f}s "
                 f"(holder {stall.holder}, fence {stall.fence})")
     else:
@@ -52,12 +62,15 @@ def payload(stall: Stall) -> dict[str, Any]:
                 f"(holder {stall.holder}, fence {stall.fence}, last pass ended {last})")
     return {
         "status": status,
+        "reason": stall.reason,
         "loop": stall.loop,
         "holder": stall.holder,
         "fence": stall.fence,
         "last_pass": stall.last_pass_end,
         "last_pass_iso": _iso(stall.last_pass_end),
         "stalled_for": round(stall.stalled_for, 3),
+        "failed_passes": stall.failed_passes,
+        "last_error": stall.last_error,
         "text": text,
     }
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coro
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
-from ostinato import control
+from ostinato import control, logs
 from ostinato.coordinators import Coordinator, Event, from_url
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
@@ -398,6 +398,7 @@ class App:
         --metrics-port --alert-webhook``).
         """
         specs = self.specs(only)
+        logs.make_visible()
         limit = None
         if wait is not False:
             try:

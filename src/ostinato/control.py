@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from datetime import UTC, datetime, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ostinato.coordinators import Coordinator, Event, LoopRecord
 from ostinato.durations import format_duration
@@ -76,7 +79,23 @@ def describe(record: LoopRecord, wall_now: float) -> dict[str, Any]:
         "p50": record.p50,
         "p99": record.p99,
         "stall_after": record.stall_after,
+        "fail_streak": record.fail_streak,
+        "fail_after": record.fail_after,
+        "next_start": record.next_start,
+        "next_start_iso": _local_iso(record.next_start, record.zone),
+        "zone": record.zone,
     }
+
+
+def _local_iso(wall: float | None, zone: str | None) -> str | None:
+    """``wall`` as ISO 8601 in ``zone`` (UTC when none, or when the zone is unknown here)."""
+    if wall is None:
+        return None
+    tz: tzinfo = UTC
+    if zone:
+        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
+            tz = ZoneInfo(zone)
+    return datetime.fromtimestamp(wall, tz).isoformat(timespec="seconds")
 
 
 async def status(coordinator: Coordinator) -> list[dict[str, Any]]:
@@ -92,20 +111,34 @@ def _secs(value: float | None) -> str:
     return "-" if value is None else format_duration(value)
 
 
+def _next(row: dict[str, Any], now: float) -> str:
+    """When the next pass is planned: ``in 4.2s``, and past a minute the local time too."""
+    wall = row.get("next_start")
+    if wall is None or row["state"] in ("paused", "no runner"):
+        return "-"
+    wait = wall - now
+    if wait <= 0:
+        return "due"
+    if wait < 60 or not row.get("next_start_iso"):
+        return f"in {format_duration(wait)}"
+    local = datetime.fromisoformat(row["next_start_iso"])
+    return f"in {format_duration(wait)} ({local.strftime('%a %H:%M %Z')})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Status as a table for people."""
     if not rows:
         return "no loops yet: start a runner with  ostinato run APP"
     now = time.time()
     head = ("LOOP", "STATE", "HOLDER", "FENCE", "PASSES", "ERRORS", "LAST START", "LAST END",
-            "LAST", "P50", "P99")
+            "LAST", "P50", "P99", "NEXT")
     lines = [head]
     for r in rows:
         lines.append((
             f"{r['app']}:{r['loop']}", r["state"], r["holder"] or "-", str(r["fence"]),
             str(r["passes"]), str(r["errors"]), _ago(r["last_start"], now),
             _ago(r["last_end"], now), _secs(r["last_duration"]), _secs(r["p50"]),
-            _secs(r["p99"]),
+            _secs(r["p99"]), _next(r, now),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join(

@@ -60,12 +60,14 @@ class LoopKeeper:
         self.runner = runner
         self.spec = spec
         self.key = f"{runner.app_name}:{spec.name}"
-        self.stats = StatsBook(self.key, spec.stall_after)
+        self.stats = StatsBook(self.key, spec.stall_after, spec.fail_after)
         self.lease: LocalLease | None = None
         self.held_at = 0.0
         self.paused = False
         self.stalled = False
         self.stall_began = 0.0
+        self.failing = False
+        self.failing_since = 0.0
         self.overrun_logged_at: float | None = None
         # Set by an event that makes another try at the lease worthwhile.
         self._chance = asyncio.Event()
@@ -293,7 +295,8 @@ class LoopKeeper:
             # lease is left to expire rather than handed to a standby mid-pass.
             return not thread.is_alive()
         except Exception:
-            log.exception("%s: the pass driver failed; starting it again", self.key)
+            log.exception("%s: the pass driver failed; starting it again", self.key,
+                          extra=self._fields("driver_failed", lease.fence))
         return True
 
     def _passes_in_thread(self, lease: LocalLease, first: float) -> None:
@@ -463,6 +466,7 @@ class LoopKeeper:
                         log.error(
                             "%s: pass %d cancelled after its timeout of %ss",
                             self.key, number, spec.timeout,
+                            extra=self._fields("pass_timed_out", lease.fence),
                         )
                         stats.failed(end, f"TimeoutError: pass ran over its timeout of {spec.timeout}s")
                     else:

@@ -12,8 +12,9 @@ Served paths:
 ``/healthz``
     ``200`` while the runner is running and, for every loop whose lease it
     holds, the lease is still valid on the local monotonic clock (the renewer
-    keeps extending it; a failed renewal ends it at once) and the loop is not
-    stalled (no finished pass within ``stall_after``). Otherwise ``503``.
+    keeps extending it; a failed renewal ends it at once) and the loop is neither
+    stalled (no finished pass within ``stall_after``) nor failing (its last
+    ``fail_after`` passes all failed). Otherwise ``503``.
     A standby runner holding no lease is healthy. The body is JSON:
     ``{"ok": bool, "runner": "host:pid", "problems": [...], "held": [...]}``.
 
@@ -106,6 +107,10 @@ class RunnerCollector:
             "ostinato_stalled", "1 while the loop, held here, has finished no pass within stall_after.",
             labels=labels,
         )
+        failing = GaugeMetricFamily(
+            "ostinato_failing", "1 while the loop, held here, has failed its last fail_after passes.",
+            labels=labels,
+        )
         for keeper in self.runner.keepers.values():
             values = _labels(keeper)
             stats = keeper.stats
@@ -127,7 +132,8 @@ class RunnerCollector:
             last_end = stats.last_end
             since.add_metric(values, max(0.0, now - (self.started if last_end is None else last_end)))
             stalled.add_metric(values, 1.0 if keeper.stalled and lease is not None else 0.0)
-        yield from (passes, duration, held, acquired, lost, fence, since, stalled)
+            failing.add_metric(values, 1.0 if keeper.failing and lease is not None else 0.0)
+        yield from (passes, duration, held, acquired, lost, fence, since, stalled, failing)
 
 
 def _bound(value: float) -> str:
@@ -146,11 +152,15 @@ def health(runner: Runner, now: float | None = None) -> dict[str, Any]:
         lease = keeper.lease
         if lease is None:
             continue
-        held.append({"loop": key, "fence": lease.fence, "stalled": keeper.stalled})
+        held.append({"loop": key, "fence": lease.fence, "stalled": keeper.stalled,
+                     "failing": keeper.failing})
         if lease.deadline <= now:
             problems.append(f"{key}: lease lost or not renewed in time (fence {lease.fence})")
         if keeper.stalled:
             problems.append(f"{key}: stalled, no pass finished within {keeper.spec.stall_after}s")
+        if keeper.failing:
+            problems.append(f"{key}: failing, the last {keeper.stats.fail_streak} passes all failed "
+                            f"(last error: {keeper.stats.last_error})")
     return {"ok": not problems, "runner": runner.info.label, "problems": problems, "held": held}
 
 

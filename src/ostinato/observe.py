@@ -47,13 +47,13 @@ class Observe:
 
 
 #: Loop states that fail ``ostinato status --check``; ``paused`` is an operator's choice, not a fault.
-UNHEALTHY = {"stalled": "is stalled", "no runner": "has no runner"}
+UNHEALTHY = {"stalled": "is stalled", "failing": "is failing", "no runner": "has no runner"}
 
 
 def unhealthy(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Why ``status --check`` fails for these status rows (``control.status``); empty: healthy.
 
-    A loop that is stalled or has no runner fails it, and so does a coordinator
+    A loop that is stalled, failing or has no runner fails it, and so does a coordinator
     that knows no loop at all (no runner has ever started).
     """
     if not rows:

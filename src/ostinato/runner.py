@@ -40,7 +40,12 @@ RUNNER_TTL = 5.0
 
 @dataclass(frozen=True)
 class Stall:
-    """A loop whose holder has finished no pass for ``stalled_for`` seconds, or has recovered."""
+    """A loop in trouble, or out of it (``recovered``).
+
+    ``reason`` is ``"stalled"`` (its holder has finished no pass for ``stalled_for``
+    seconds) or ``"failing"`` (its last ``failed_passes`` passes all failed, for
+    ``stalled_for`` seconds since the first of them ended).
+    """
 
     loop: str
     holder: str
@@ -48,6 +53,9 @@ class Stall:
     last_pass_end: float | None
     stalled_for: float
     recovered: bool = False
+    reason: str = "stalled"
+    failed_passes: int = 0
+    last_error: str | None = None
 
 
 StallHook = Callable[[Stall], object]
@@ -69,7 +77,7 @@ class Runner:
         self.app_name = app_name
         self.coordinator = coordinator
         self.grace = grace
-        self.info = RunnerInfo.here()
+        self.info = RunnerInfo.here(hosts=tuple(f"{app_name}:{spec.name}" for spec in specs))
         self.stopping = False
         self.stopped = asyncio.Event()
         self.loop = asyncio.get_running_loop()
@@ -78,11 +86,15 @@ class Runner:
         self._renew_now = asyncio.Event()
         self._granted = asyncio.Event()
         self.live_runners = 1
+        #: Live runners (this one included) that can run each loop, from the last count.
+        self._candidates: dict[str, int] = {}
         #: How child processes import the app (``isolation="process"``).
         self.app_target = app_target
         self.stall_hooks = list(stall_hooks)
         self._hook_tasks: set[asyncio.Future[object]] = set()
         self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
+        for keeper in self.keepers.values():
+            keeper.stats.on_failing = self._failing_changed(keeper)
         #: Set once the coordinator answered and the loops started.
         self.connected = asyncio.Event()
         #: Why the runner gave up before its loops started (a wrong setting), if it did.
@@ -169,19 +181,22 @@ class Runner:
                 await self.coordinator.subscribe(self.info, self._on_event)
                 return
             except CoordinatorUnavailable as exc:
-                log.error("cannot subscribe to events yet, retrying in %.1fs: %s", delay, exc)
+                log.error("cannot subscribe to events yet, retrying in %.1fs: %s", delay, exc,
+                          extra=fields("coordinator_unreachable", runner=self.info.label))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _stop(self, keepers: list[asyncio.Task[None]], sides: list[asyncio.Task[None]]) -> None:
-        log.info("runner %s stopping: finishing current passes (grace %ss)", self.info.label, self.grace)
+        log.info("runner %s stopping: finishing current passes (grace %ss)", self.info.label, self.grace,
+                 extra=fields("runner_stopping", runner=self.info.label))
         self.stopping = True
         self.stopped.set()
         for keeper in self.keepers.values():
             keeper.nudge()
         _, late = await asyncio.wait(keepers, timeout=self.grace) if keepers else (set(), set())
         for task in late:
-            log.error("%s: pass still running after the grace period; cancelling it", task.get_name())
+            log.error("%s: pass still running after the grace period; cancelling it", task.get_name(),
+                      extra=fields("grace_exceeded", loop=task.get_name(), runner=self.info.label))
             self.keepers[task.get_name()].abort()
             task.cancel()
         if late:
@@ -207,7 +222,9 @@ class Runner:
                                       runner=self.info.label))
         except (CoordinatorUnavailable, TimeoutError) as exc:
             why = str(exc) or f"no answer within {FAREWELL}s"
-            log.warning("%s: could not release the lease, it will expire: %s", key, why)
+            log.warning("%s: could not release the lease, it will expire: %s", key, why,
+                        extra=fields("release_failed", loop=key, fence=lease.fence,
+                                     runner=self.info.label))
 
     def _on_event(self, event: Event) -> None:
         keeper = self.keepers.get(event.key)
@@ -230,7 +247,8 @@ class Runner:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("runner task %s failed; starting it again", name)
+                log.exception("runner task %s failed; starting it again", name,
+                              extra=fields("runner_task_failed", runner=self.info.label))
                 await asyncio.sleep(1.0)
 
     async def _sleep(self, seconds: float, *early: asyncio.Event) -> None:
@@ -317,20 +335,37 @@ class Runner:
         return [k for k in self.keepers.values() if k.lease is not None and k.lease.valid()]
 
     def fair_share(self) -> int:
-        """ceil(loops / live runners): the most loops this runner takes while others are alive."""
-        return -(-len(self.keepers) // max(1, self.live_runners))
+        """The most loops this runner takes while others are alive: its share of each loop,
+        split evenly among the live runners that can run it, summed and rounded up."""
+        share = sum(1 / self._candidates.get(key, 1) for key in self.keepers)
+        return max(1, -(-round(share * 1000) // 1000))
 
     def at_fair_share(self) -> bool:
         return self.live_runners > 1 and len(self.held()) >= self.fair_share()
 
     async def balance(self) -> None:
-        """Count the live runners and hand over loops held beyond the fair share, one at a time."""
-        self.live_runners = max(1, len(await self.coordinator.runners()))
+        """Count the live runners that can run each loop, and hand over loops held beyond the
+        fair share, one at a time. Runners of other apps, or that do not host a loop
+        (``--only``), do not count for it."""
+        runners = await self.coordinator.runners()
+        candidates = dict.fromkeys(self.keepers, 0)
+        others = 0
+        for record in runners:
+            if record.id == self.info.id:
+                continue
+            shares = [key for key in self.keepers if record.can_run(key)]
+            others += bool(shares)
+            for key in shares:
+                candidates[key] += 1
+        self._candidates = {key: count + 1 for key, count in candidates.items()}
+        self.live_runners = 1 + others
         held = self.held()
         if self.live_runners <= 1 or len(held) <= self.fair_share():
             return
         now = time.monotonic()
-        movable = [k for k in held if k.balance_cooldown_until <= now]
+        movable = [
+            k for k in held if k.balance_cooldown_until <= now and self._candidates[k.key] > 1
+        ]
         if movable:
             # The one that most recently finished a pass is least likely to be mid-pass.
             movable.sort(key=lambda k: (k.stats.running_since is not None, -(k.stats.last_end or 0)))
@@ -345,11 +380,13 @@ class Runner:
                 await self._report()
             except CoordinatorUnavailable as exc:
                 if not failing:
-                    log.error("cannot report to the coordinator, will retry: %s", exc)
+                    log.error("cannot report to the coordinator, will retry: %s", exc,
+                              extra=fields("report_failed", runner=self.info.label))
                 failing = True
             else:
                 if failing:
-                    log.warning("reporting to the coordinator again")
+                    log.warning("reporting to the coordinator again",
+                                extra=fields("report_resumed", runner=self.info.label))
                 failing = False
             await self._sleep(REPORT_EVERY)
 
@@ -394,32 +431,91 @@ class Runner:
                         "%s: pass has run for %.1fs, over its timeout of %ss; a sync pass cannot "
                         "be interrupted, so the lease is kept until it returns",
                         keeper.key, now - running, spec.timeout,
+                        extra=fields("pass_overran", loop=keeper.key,
+                                     fence=None if keeper.lease is None else keeper.lease.fence,
+                                     runner=self.info.label),
                     )
-            if spec.stall_after is None or keeper.lease is None:
+            if keeper.lease is None:
                 continue
-            since = max(stats.last_end or 0.0, keeper.held_at)
-            stalled = now - since > spec.stall_after
-            if stalled == keeper.stalled:
-                continue
-            keeper.stalled = stalled
-            notice = Stall(
-                loop=keeper.key,
-                holder=self.info.label,
-                fence=keeper.lease.fence,
-                last_pass_end=None if stats.last_end is None else stats.last_end + self.wall_offset,
-                stalled_for=now - (keeper.stall_began if not stalled else since),
-                recovered=not stalled,
-            )
-            extra = fields("recovered" if notice.recovered else "stalled", loop=keeper.key,
-                           fence=notice.fence, runner=self.info.label)
-            if stalled:
-                keeper.stall_began = since
-                log.error("%s: stalled: no pass finished for %.1fs", keeper.key, now - since,
-                          extra=extra)
-            else:
-                log.warning("%s: recovered from a stall of %.1fs", keeper.key, notice.stalled_for,
-                            extra=extra)
-            self._call_hooks(notice)
+            self._check_failing(keeper, now)
+            if spec.stall_after is not None:
+                self._check_stall(keeper, now, spec.stall_after)
+
+    def _check_stall(self, keeper: LoopKeeper, now: float, stall_after: float) -> None:
+        """A stall begins when no pass has finished for ``stall_after``, and ends only when a
+        pass finishes without failing: a pass that fails at its timeout ends no stall, so
+        such a loop does not flap between stalled and recovered (it reads as failing)."""
+        stats, lease = keeper.stats, keeper.lease
+        assert lease is not None
+        since = max(stats.last_end or 0.0, keeper.held_at)
+        if keeper.stalled:
+            stalled = not (stats.last_ok_end is not None and stats.last_ok_end > keeper.stall_began
+                           and now - stats.last_ok_end <= stall_after)
+        else:
+            stalled = now - since > stall_after
+        if stalled == keeper.stalled:
+            return
+        keeper.stalled = stalled
+        notice = Stall(
+            loop=keeper.key,
+            holder=self.info.label,
+            fence=lease.fence,
+            last_pass_end=None if stats.last_end is None else stats.last_end + self.wall_offset,
+            stalled_for=now - (keeper.stall_began if not stalled else since),
+            recovered=not stalled,
+        )
+        extra = fields("recovered" if notice.recovered else "stalled", loop=keeper.key,
+                       fence=notice.fence, runner=self.info.label)
+        if stalled:
+            keeper.stall_began = since
+            log.error("%s: stalled: no pass finished for %.1fs", keeper.key, now - since,
+                      extra=extra)
+        else:
+            log.warning("%s: recovered from a stall of %.1fs", keeper.key, notice.stalled_for,
+                        extra=extra)
+        self._call_hooks(notice)
+
+    def _failing_changed(self, keeper: LoopKeeper) -> Callable[[], object]:
+        """What a loop's statistics call when failing may have started or ended: a look at
+        it on the event loop at once, not at the watchdog's next round."""
+
+        def look() -> None:
+            if keeper.lease is not None and not self.stopping:
+                self._check_failing(keeper, time.monotonic())
+
+        return lambda: self.loop.call_soon_threadsafe(look)
+
+    def _check_failing(self, keeper: LoopKeeper, now: float) -> None:
+        """``failing`` begins when the last ``fail_after`` passes all failed, and ends when a
+        pass does not fail."""
+        stats, lease, spec = keeper.stats, keeper.lease, keeper.spec
+        assert lease is not None
+        failing = stats.fail_streak >= spec.fail_after
+        if failing == keeper.failing:
+            return
+        keeper.failing = failing
+        if failing:
+            keeper.failing_since = now
+        notice = Stall(
+            loop=keeper.key,
+            holder=self.info.label,
+            fence=lease.fence,
+            last_pass_end=None if stats.last_end is None else stats.last_end + self.wall_offset,
+            stalled_for=now - keeper.failing_since,
+            recovered=not failing,
+            reason="failing",
+            failed_passes=stats.fail_streak,
+            last_error=stats.last_error,
+        )
+        extra = fields("recovered" if notice.recovered else "failing", loop=keeper.key,
+                       fence=notice.fence, runner=self.info.label)
+        if failing:
+            log.error("%s: failing: the last %d passes all failed; the last error: %s", keeper.key,
+                      stats.fail_streak, stats.last_error, extra=extra)
+        else:
+            log.warning("%s: recovered: a pass succeeded after %.1fs of failing", keeper.key,
+                        notice.stalled_for, extra=extra)
+        self._call_hooks(notice)
 
     def _call_hooks(self, notice: Stall) -> None:
         """Run each stall hook off the event loop (a slow webhook must not delay leases)."""
@@ -436,4 +532,5 @@ class Runner:
     def _hook_done(self, future: asyncio.Future[object]) -> None:
         self._hook_tasks.discard(future)
         if not future.cancelled() and (exc := future.exception()) is not None:
-            log.error("a stall hook failed", exc_info=exc)
+            log.error("a stall hook failed", exc_info=exc,
+                      extra=fields("hook_failed", runner=self.info.label))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from collections.abc import Callable
 
 from ostinato.coordinators.protocol import LoopStats
 
@@ -23,13 +24,24 @@ class StatsBook:
     last one that reached the coordinator, so a failed report loses nothing.
     """
 
-    def __init__(self, key: str, stall_after: float | None) -> None:
+    def __init__(self, key: str, stall_after: float | None, fail_after: int | None = None) -> None:
         self.key = key
         self.stall_after = stall_after
+        self.fail_after = fail_after
+        #: Failed passes in a row, up to the last one.
+        self.fail_streak = 0
+        #: When the next pass is planned to start (wall seconds), and the schedule's zone.
+        self.next_start: float | None = None
+        self.zone: str | None = None
+        #: Called (from whichever thread ran the pass) when the fail streak reaches
+        #: ``fail_after`` and when a pass ends one that had: failing starts or ends now.
+        self.on_failing: Callable[[], object] | None = None
         self.passes = 0
         self.errors = 0
         self.last_start: float | None = None
         self.last_end: float | None = None
+        #: When the last pass that did not fail ended.
+        self.last_ok_end: float | None = None
         self.last_duration: float | None = None
         self.last_outcome: str | None = None
         self.last_error: str | None = None
@@ -44,6 +56,7 @@ class StatsBook:
         self._sent_passes = 0
         self._sent_errors = 0
         self._sent_end: float | None = None
+        self._sent_next: float | None = None
 
     def started(self, start: float) -> None:
         self.last_start = self.running_since = start
@@ -58,6 +71,17 @@ class StatsBook:
         self.outcomes[outcome] += 1
         self.buckets[bisect.bisect_left(BUCKETS, took)] += 1
         self.duration_sum += took
+        was = self.fail_streak
+        if outcome == "failed":
+            self.fail_streak += 1
+        else:
+            self.fail_streak = 0
+            self.last_ok_end = end
+        limit = self.fail_after
+        if limit and self.on_failing is not None and (
+            self.fail_streak == limit or (was >= limit and self.fail_streak == 0)
+        ):
+            self.on_failing()
         self.passes += 1
 
     def failed(self, at: float, error: str) -> None:
@@ -72,6 +96,7 @@ class StatsBook:
             passes == self._sent_passes
             and errors == self._sent_errors
             and self.last_end == self._sent_end
+            and self.next_start == self._sent_next
             and self.running_since is None
         ):
             return None
@@ -98,12 +123,17 @@ class StatsBook:
             p99=p99,
             running_since=wall(self.running_since),
             stall_after=self.stall_after,
+            fail_streak=self.fail_streak,
+            fail_after=self.fail_after,
+            next_start=self.next_start,
+            zone=self.zone,
         )
 
     def sent(self, stats: LoopStats) -> None:
         self._sent_passes += stats.passes
         self._sent_errors += stats.errors
         self._sent_end = None if stats.last_end is None else self.last_end
+        self._sent_next = stats.next_start
 
 
 def wall_offset() -> float:

@@ -65,8 +65,9 @@ def test_the_webhook_body_says_loop_holder_last_pass_and_how_long() -> None:
     """The JSON body of a stall notice carries the loop, holder, fence, last pass and duration."""
     body = payload(STALL)
     assert body == {
-        "status": "stalled", "loop": "obs:blocker", "holder": "vm:42", "fence": 7,
-        "last_pass": 1_700_000_000.0, "last_pass_iso": "2023-11-14T22:13:20Z", "stalled_for": 61.25,
+        "status": "stalled", "reason": "stalled", "loop": "obs:blocker", "holder": "vm:42",
+        "fence": 7, "last_pass": 1_700_000_000.0, "last_pass_iso": "2023-11-14T22:13:20Z",
+        "stalled_for": 61.25, "failed_passes": 0, "last_error": None,
         "text": "ostinato: obs:blocker stalled: no pass finished for 61.2s "
                 "(holder vm:42, fence 7, last pass ended 2023-11-14T22:13:20Z)",
     }

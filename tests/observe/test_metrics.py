@@ -157,3 +157,41 @@ def test_a_missing_extra_names_the_pip_install(stack: Stack, module: str, args: 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(f"pip install 'ostinato[{extra}]'")
     assert "Traceback" not in result.stderr
+
+
+async def test_a_failing_loop_shows_in_metrics_and_fails_healthz() -> None:
+    """``ostinato_failing`` is 1 and /healthz is 503 naming the loop while its passes all fail;
+    both clear once a pass works."""
+    import ostinato
+    from ostinato.loop import Pass
+    from tests.runner.test_runner import until
+
+    app = ostinato.App("obs", coordinator=MemoryCoordinator(), grace="1s")
+    broken = [True]
+
+    @app.loop(pause="5ms", error_backoff=("1ms", "2ms"))
+    def shaky(ctx: Pass) -> None:
+        if broken[0]:
+            raise RuntimeError("no upstream")
+
+    async with app.running() as runner:
+        server = MetricsServer(runner, "127.0.0.1", 0)
+        server.start()
+        base = f"http://127.0.0.1:{server.port}"
+        try:
+            await until(lambda: runner.keepers["obs:shaky"].failing)
+            samples = await asyncio.to_thread(scrape, server.port)
+            status, body = await asyncio.to_thread(get, f"{base}/healthz")
+            assert value(samples, "ostinato_failing", "shaky") == 1
+            assert status == 503
+            (problem,) = json.loads(body)["problems"]
+            assert problem.startswith("obs:shaky: failing, the last ")
+            assert problem.endswith("passes all failed (last error: RuntimeError: no upstream)")
+            broken[0] = False
+            await until(lambda: not runner.keepers["obs:shaky"].failing)
+            samples = await asyncio.to_thread(scrape, server.port)
+            status, _ = await asyncio.to_thread(get, f"{base}/healthz")
+            assert value(samples, "ostinato_failing", "shaky") == 0
+            assert status == 200
+        finally:
+            server.stop()

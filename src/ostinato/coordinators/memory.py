@@ -45,7 +45,7 @@ class MemoryStore:
     wall: Callable[[], float] = time.time
     lock: threading.Lock = field(default_factory=threading.Lock)
     leases: dict[str, _Lease] = field(default_factory=dict)
-    runners: dict[str, tuple[str, float]] = field(default_factory=dict)
+    runners: dict[str, tuple[str, float, frozenset[str]]] = field(default_factory=dict)
     subscribers: list[tuple[asyncio.AbstractEventLoop, Callable[[Event], None]]] = field(
         default_factory=list
     )
@@ -138,7 +138,7 @@ class MemoryCoordinator(Coordinator):
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         now = self.store.clock()
         with self.store.lock:
-            self.store.runners[runner.id] = (runner.label, now + ttl)
+            self.store.runners[runner.id] = (runner.label, now + ttl, frozenset(runner.hosts))
             for item in stats:
                 lease = self._lease(item.key)
                 base = lease.record or LoopRecord(item.key, 0, False, None, None)
@@ -153,8 +153,8 @@ class MemoryCoordinator(Coordinator):
         now = self.store.clock()
         with self.store.lock:
             return [
-                RunnerRecord(id=rid, label=label, seen=until)
-                for rid, (label, until) in self.store.runners.items()
+                RunnerRecord(id=rid, label=label, seen=until, hosts=hosts)
+                for rid, (label, until, hosts) in self.store.runners.items()
                 if until > now
             ]
 

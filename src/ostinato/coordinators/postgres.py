@@ -73,6 +73,8 @@ from ostinato.coordinators.protocol import (
     RunnerRecord,
     SessionBound,
     Sightings,
+    hosts_from,
+    hosts_text,
 )
 from ostinato.coordinators.quiet import BEAT, BOUND_MARGIN, MIN_QUIET, QuietBook, window_for
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
@@ -606,7 +608,8 @@ class PostgresCoordinator(Coordinator):
     # -- reports and status ----------------------------------------------------------------
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
-        params: dict[str, Any] = {"id": runner.id, "label": runner.label, "ttl": ttl}
+        params: dict[str, Any] = {"id": runner.id, "label": runner.label, "ttl": ttl,
+                                  "hosts": hosts_text(runner)}
         for column in ("key", "passes", "errors", *STAT_COLUMNS):
             params[column] = [getattr(item, column) for item in stats]
         async with self._session() as conn:
@@ -615,7 +618,8 @@ class PostgresCoordinator(Coordinator):
     async def runners(self) -> list[RunnerRecord]:
         async with self._session() as conn:
             rows = await (await self._run(conn, "runners")).fetchall()
-        return [RunnerRecord(id=r["id"], label=r["label"], seen=r["seen"]) for r in rows]
+        return [RunnerRecord(id=r["id"], label=r["label"], seen=r["seen"], hosts=hosts_from(r["hosts"]))
+                for r in rows]
 
     async def set_paused(self, key: str, paused: bool) -> None:
         async with self._session() as conn:

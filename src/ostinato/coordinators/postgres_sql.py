@@ -12,10 +12,9 @@ status shows as held.
 
 from __future__ import annotations
 
-STAT_COLUMNS = (
-    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
-    "last_error_at", "p50", "p99", "running_since", "stall_after",
-)
+from ostinato.coordinators.protocol import STAT_FIELDS
+
+STAT_COLUMNS = STAT_FIELDS
 
 SQL = {
     "ddl": """
@@ -27,11 +26,17 @@ CREATE TABLE IF NOT EXISTS {s}.loops (
     passes bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0,
     last_start float8, last_end float8, last_duration float8, last_outcome text,
     last_error text, last_error_at float8, p50 float8, p99 float8,
-    running_since float8, stall_after float8, ttl float8, quiet float8);
+    running_since float8, stall_after float8, ttl float8, quiet float8,
+    fail_streak bigint, fail_after bigint, next_start float8, zone text);
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS ttl float8;
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS quiet float8;
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS fail_streak bigint;
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS fail_after bigint;
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS next_start float8;
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS zone text;
 CREATE TABLE IF NOT EXISTS {s}.runners (
-    id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL);
+    id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL, hosts text);
+ALTER TABLE {s}.runners ADD COLUMN IF NOT EXISTS hosts text;
 """,
     # Granted when unclaimed, seen unchanged for its ttl by the caller (%(seen_fence)s,
     # %(seen_expires)s), asked again by its owner, or taken from a dead holder (%(dead)s,
@@ -68,7 +73,9 @@ FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
-              " AND attname = 'quiet' AND NOT attisdropped) AS ok",
+              " AND attname = 'zone' AND NOT attisdropped)"
+              " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(runners)s)"
+              " AND attname = 'hosts' AND NOT attisdropped) AS ok",
     "schema_lock": "SELECT pg_advisory_xact_lock(%(a)s, %(b)s)",
     "try_lock": "SELECT pg_try_advisory_lock(%(lock)s) AS ok",
     "mark": """
@@ -118,16 +125,19 @@ WHERE key = %(key)s AND owner IS NOT NULL AND expires > clock_timestamp() RETURN
     # which every report replaces.
     "report": """
 WITH beat AS (
-    INSERT INTO {s}.runners (id, label, expires)
-    VALUES (%(id)s, %(label)s, clock_timestamp() + make_interval(secs => %(ttl)s))
-    ON CONFLICT (id) DO UPDATE SET label = excluded.label, expires = excluded.expires)
+    INSERT INTO {s}.runners (id, label, expires, hosts)
+    VALUES (%(id)s, %(label)s, clock_timestamp() + make_interval(secs => %(ttl)s), %(hosts)s)
+    ON CONFLICT (id) DO UPDATE SET label = excluded.label, expires = excluded.expires,
+        hosts = excluded.hosts)
 INSERT INTO {s}.loops AS l (key, passes, errors, last_start, last_end, last_duration,
-    last_outcome, last_error, last_error_at, p50, p99, running_since, stall_after)
+    last_outcome, last_error, last_error_at, p50, p99, running_since, stall_after,
+    fail_streak, fail_after, next_start, zone)
 SELECT * FROM unnest(%(key)s::text[], %(passes)s::bigint[], %(errors)s::bigint[],
     %(last_start)s::float8[], %(last_end)s::float8[], %(last_duration)s::float8[],
     %(last_outcome)s::text[], %(last_error)s::text[], %(last_error_at)s::float8[],
     %(p50)s::float8[], %(p99)s::float8[], %(running_since)s::float8[],
-    %(stall_after)s::float8[])
+    %(stall_after)s::float8[], %(fail_streak)s::bigint[], %(fail_after)s::bigint[],
+    %(next_start)s::float8[], %(zone)s::text[])
 ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes,
     errors = l.errors + excluded.errors, running_since = excluded.running_since,
     last_start = coalesce(excluded.last_start, l.last_start),
@@ -137,9 +147,13 @@ ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes,
     last_error = coalesce(excluded.last_error, l.last_error),
     last_error_at = coalesce(excluded.last_error_at, l.last_error_at),
     p50 = coalesce(excluded.p50, l.p50), p99 = coalesce(excluded.p99, l.p99),
-    stall_after = coalesce(excluded.stall_after, l.stall_after)
+    stall_after = coalesce(excluded.stall_after, l.stall_after),
+    fail_streak = coalesce(excluded.fail_streak, l.fail_streak),
+    fail_after = coalesce(excluded.fail_after, l.fail_after),
+    next_start = coalesce(excluded.next_start, l.next_start),
+    zone = coalesce(excluded.zone, l.zone)
 """,
-    "runners": "SELECT id, label, extract(epoch FROM expires)::float8 AS seen FROM {s}.runners"
+    "runners": "SELECT id, label, extract(epoch FROM expires)::float8 AS seen, hosts FROM {s}.runners"
                " WHERE expires > clock_timestamp() ORDER BY id",
     "pause": "INSERT INTO {s}.loops (key, paused) VALUES (%(key)s, %(paused)s)"
              " ON CONFLICT (key) DO UPDATE SET paused = excluded.paused",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import json
 import os
 import socket
 import uuid
@@ -30,10 +31,13 @@ class RunnerInfo:
     id: str
     host: str
     pid: int
+    #: The loops (``app:loop``) this runner can run: balancing counts a runner only for
+    #: the loops it hosts.
+    hosts: tuple[str, ...] = ()
 
     @classmethod
-    def here(cls) -> RunnerInfo:
-        return cls(id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+    def here(cls, hosts: tuple[str, ...] = ()) -> RunnerInfo:
+        return cls(id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(), hosts=hosts)
 
     @property
     def label(self) -> str:
@@ -148,6 +152,13 @@ class LoopStats:
     p99: float | None = None
     running_since: float | None = None
     stall_after: float | None = None
+    #: Failed passes in a row, up to the last one (absolute, not a delta).
+    fail_streak: int | None = None
+    fail_after: int | None = None
+    #: When the next pass is planned to start (wall seconds), and the zone its schedule
+    #: is written in (``None``: UTC).
+    next_start: float | None = None
+    zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,10 @@ class LoopRecord:
     p99: float | None = None
     running_since: float | None = None
     stall_after: float | None = None
+    fail_streak: int | None = None
+    fail_after: int | None = None
+    next_start: float | None = None
+    zone: str | None = None
     extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -181,12 +196,23 @@ class LoopRecord:
     def name(self) -> str:
         return self.key.partition(":")[2]
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last ``fail_after`` passes all failed."""
+        return bool(self.fail_after and (self.fail_streak or 0) >= self.fail_after)
+
     def state(self, wall_now: float) -> str:
-        """``paused``, ``no runner``, ``stalled``, ``idle`` or ``running``."""
+        """``paused``, ``no runner``, ``failing``, ``stalled``, ``idle`` or ``running``.
+
+        ``failing`` comes before ``stalled``: a pass that fails at its timeout ends a
+        stall only to start the next one, and reads as failing throughout.
+        """
         if self.paused:
             return "paused"
         if self.holder is None:
             return "no runner"
+        if self.failing:
+            return "failing"
         if self.stall_after is not None:
             since = max(t for t in (self.last_end, self.held_since, 0.0) if t is not None)
             if wall_now - since > self.stall_after:
@@ -203,6 +229,30 @@ class RunnerRecord:
     id: str
     label: str
     seen: float
+    #: The loops it can run (``None``: not said, by a runner of an older version: any).
+    hosts: frozenset[str] | None = None
+
+    def can_run(self, key: str) -> bool:
+        return self.hosts is None or key in self.hosts
+
+
+#: The stored fields of a loop's statistics, besides the counts, in every coordinator.
+STAT_FIELDS = (
+    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
+    "last_error_at", "p50", "p99", "running_since", "stall_after", "fail_streak",
+    "fail_after", "next_start", "zone",
+)
+
+
+def hosts_text(runner: RunnerInfo) -> str:
+    """``runner.hosts`` as stored: one JSON list."""
+    return json.dumps(list(runner.hosts))
+
+
+def hosts_from(text: str | None) -> frozenset[str] | None:
+    if not text:
+        return None
+    return frozenset(json.loads(text))
 
 
 def stats_fields(stats: LoopStats) -> dict[str, object]:
@@ -210,7 +260,8 @@ def stats_fields(stats: LoopStats) -> dict[str, object]:
     out: dict[str, object] = {}
     for name in (
         "last_start", "last_end", "last_duration", "last_outcome", "last_error",
-        "last_error_at", "p50", "p99", "stall_after",
+        "last_error_at", "p50", "p99", "stall_after", "fail_streak", "fail_after", "next_start",
+        "zone",
     ):
         value = getattr(stats, name)
         if value is not None:

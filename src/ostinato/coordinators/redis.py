@@ -46,7 +46,7 @@ ones found dead). A refused standby waits on such a holder's pidfd and hears
 Keys, all under ``<prefix>:``: ``lease:<key>`` (hash: owner, holder, fence,
 since; expires), ``fence:<key>`` (counter), ``loop:<key>`` (hash: paused flag,
 counts and latest stats), ``loops`` (set of every key seen), ``runners``
-(sorted set of runner ids by expiry) and ``runner-labels`` (hash).
+(sorted set of runner ids by expiry), ``runner-labels`` and ``runner-hosts`` (hashes).
 
 Needs Redis 5 or later: a script that reads ``TIME`` and then writes relies on
 effects replication, the default since then. Not for Redis Cluster: one script
@@ -89,6 +89,7 @@ from ostinato.coordinators import redact
 from ostinato.coordinators.liveness import RunnerLocks, host_folder
 from ostinato.coordinators.network import RECONNECT_MIN, EventFeed, take_options, unavailable
 from ostinato.coordinators.protocol import (
+    STAT_FIELDS,
     Coordinator,
     Denied,
     Event,
@@ -99,6 +100,8 @@ from ostinato.coordinators.protocol import (
     RunnerInfo,
     RunnerRecord,
     Sightings,
+    hosts_from,
+    hosts_text,
     stats_fields,
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
@@ -205,13 +208,15 @@ local t = redis.call('TIME')
 local now = string.format('%.6f', t[1] + t[2] / 1e6)
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   redis.call('HDEL', KEYS[2], gone)
+  redis.call('HDEL', KEYS[3], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], string.format('%.6f', t[1] + t[2] / 1e6 + tonumber(ARGV[3])), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 """
 
-# KEYS: runner zset, labels hash. Returns id, expiry, label triples.
+# KEYS: runner zset, labels hash, hosts hash. Returns id, expiry, label, hosts fours.
 LIVE_RUNNERS = """
 local t = redis.call('TIME')
 local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.6f', t[1] + t[2] / 1e6),
@@ -221,15 +226,10 @@ for i = 1, #rows, 2 do
   out[#out + 1] = rows[i]
   out[#out + 1] = rows[i + 1]
   out[#out + 1] = redis.call('HGET', KEYS[2], rows[i]) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[3], rows[i]) or ''
 end
 return out
 """
-
-STAT_FIELDS = (
-    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
-    "last_error_at", "p50", "p99", "running_since", "stall_after",
-)
-
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
@@ -484,8 +484,8 @@ class RedisCoordinator(Coordinator):
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         with self._reaching():
             await self._heartbeat(
-                [self._key("runners"), self._key("runner-labels")],
-                [runner.id, runner.label, repr(float(ttl))],
+                [self._key("runners"), self._key("runner-labels"), self._key("runner-hosts")],
+                [runner.id, runner.label, repr(float(ttl)), hosts_text(runner)],
             )
             if not stats:
                 return
@@ -508,10 +508,13 @@ class RedisCoordinator(Coordinator):
 
     async def runners(self) -> list[RunnerRecord]:
         with self._reaching():
-            rows = await self._live_runners([self._key("runners"), self._key("runner-labels")])
+            rows = await self._live_runners(
+                [self._key("runners"), self._key("runner-labels"), self._key("runner-hosts")]
+            )
         return [
-            RunnerRecord(id=rows[i], label=rows[i + 2], seen=float(rows[i + 1]))
-            for i in range(0, len(rows), 3)
+            RunnerRecord(id=rows[i], label=rows[i + 2], seen=float(rows[i + 1]),
+                         hosts=hosts_from(rows[i + 3]))
+            for i in range(0, len(rows), 4)
         ]
 
     async def set_paused(self, key: str, paused: bool) -> None:

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 from ostinato.coordinators.liveness import RunnerLocks, boot_id
 from ostinato.coordinators.protocol import (
+    STAT_FIELDS,
     Coordinator,
     Denied,
     Event,
@@ -51,6 +52,8 @@ from ostinato.coordinators.protocol import (
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    hosts_from,
+    hosts_text,
     stats_fields,
 )
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
@@ -73,7 +76,8 @@ CREATE TABLE IF NOT EXISTS ostinato_loops (
     errors INTEGER NOT NULL DEFAULT 0,
     last_start REAL, last_end REAL, last_duration REAL, last_outcome TEXT,
     last_error TEXT, last_error_at REAL, p50 REAL, p99 REAL,
-    running_since REAL, stall_after REAL
+    running_since REAL, stall_after REAL,
+    fail_streak INTEGER, fail_after INTEGER, next_start REAL, zone TEXT
 );
 CREATE TABLE IF NOT EXISTS ostinato_runners (
     id TEXT PRIMARY KEY,
@@ -81,14 +85,31 @@ CREATE TABLE IF NOT EXISTS ostinato_runners (
     pid INTEGER NOT NULL,
     boot TEXT NOT NULL,
     expires REAL NOT NULL,
-    port INTEGER
+    port INTEGER,
+    hosts TEXT
 );
 """
-
-STAT_COLUMNS = (
-    "last_start", "last_end", "last_duration", "last_outcome", "last_error",
-    "last_error_at", "p50", "p99", "running_since", "stall_after",
+#: Columns added since the first release: (table, column, type), added where missing.
+ADDED_COLUMNS = (
+    ("ostinato_loops", "fail_streak", "INTEGER"), ("ostinato_loops", "fail_after", "INTEGER"),
+    ("ostinato_loops", "next_start", "REAL"), ("ostinato_loops", "zone", "TEXT"),
+    ("ostinato_runners", "hosts", "TEXT"),
 )
+
+STAT_COLUMNS = STAT_FIELDS
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to date (idempotent, race-safe)."""
+    for table, column, kind in ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column in present:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another runner added it first
+                raise
+
 
 def sqlite_path(url: str) -> Path:
     """The database path of a ``sqlite:///`` URL; its folder must exist."""
@@ -194,6 +215,7 @@ class SQLiteCoordinator(Coordinator):
                     time.sleep(0.01)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
+            _add_columns(conn)
             self._conn = conn
         return self._conn
 
@@ -358,9 +380,11 @@ class SQLiteCoordinator(Coordinator):
             self.locks.hold(runner.id)
             with self._write(conn):
                 conn.execute(
-                    "INSERT INTO ostinato_runners (id, label, pid, boot, expires) VALUES"
-                    " (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET expires = excluded.expires",
-                    (runner.id, runner.label, runner.pid, self._boot, time.monotonic() + ttl),
+                    "INSERT INTO ostinato_runners (id, label, pid, boot, expires, hosts) VALUES"
+                    " (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET expires = excluded.expires,"
+                    " hosts = excluded.hosts",
+                    (runner.id, runner.label, runner.pid, self._boot, time.monotonic() + ttl,
+                     hosts_text(runner)),
                 )
                 for item in stats:
                     fields = stats_fields(item)
@@ -377,12 +401,12 @@ class SQLiteCoordinator(Coordinator):
     async def runners(self) -> list[RunnerRecord]:
         def read(conn: sqlite3.Connection) -> list[RunnerRecord]:
             rows = conn.execute(
-                "SELECT id, label, expires FROM ostinato_runners WHERE boot = ? AND expires > ?",
+                "SELECT id, label, expires, hosts FROM ostinato_runners WHERE boot = ? AND expires > ?",
                 (self._boot, time.monotonic()),
             ).fetchall()
             # A runner whose liveness lock is free has died, heartbeat or not.
             return [
-                RunnerRecord(r["id"], r["label"], r["expires"])
+                RunnerRecord(r["id"], r["label"], r["expires"], hosts_from(r["hosts"]))
                 for r in rows
                 if not self.locks.dead(r["id"])
             ]
