@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -229,6 +230,44 @@ def release(loop: str, coordinator: str | None, debug: bool) -> None:
         click.echo(f"{key} had no live lease; any runner may take it now")
     else:
         click.echo(f"released {key} (fence {fence}); the next holder gets a greater fence")
+
+
+@main.command(name="next")
+@click.argument("app")
+@click.option("--loop", "loop", required=True, metavar="NAME", help="The loop whose starts to show.")
+@click.option("--count", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many starts to show.")
+@click.option("--after", metavar="ISO-8601", default=None,
+              help="Show the starts after this time [default: now]; without an offset it is "
+                   "read in the loop's zone.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@debug_option
+def next_starts(app: str, loop: str, count: int, after: str | None, as_json: bool,
+                debug: bool) -> None:
+    """Print the next start times of a loop of APP, one per line, ISO 8601 with the loop's
+    offset (DST changes included), to see what a schedule does before deploying it."""
+    the_app = guarded(debug, lambda: load_app(app))
+    moment = None
+    if after is not None:
+        try:
+            moment = datetime.fromisoformat(after)
+        except ValueError:
+            fail(f"--after {after!r} is not an ISO 8601 time; write it like 2025-03-30T01:00 "
+                 "or 2025-03-30T01:00+01:00")
+    starts = guarded(debug, lambda: the_app.next_starts(loop, count=count, after=moment))
+    if not as_json:
+        click.echo("\n".join(start.isoformat() for start in starts))
+        return
+    spec = the_app.loops[loop.removeprefix(f"{the_app.name}:")]
+    schedule = spec.pacing.schedule
+    click.echo(json.dumps({
+        "loop": f"{the_app.name}:{spec.name}",
+        "cron": spec.pacing.cron,
+        "every": spec.pacing.every,
+        "zone": None if schedule is None else schedule.zone_name,
+        "jitter": spec.pacing.jitter,
+        "starts": [start.isoformat() for start in starts],
+    }, indent=2))
 
 
 @main.command()
