@@ -248,3 +248,34 @@ async def test_a_hand_over_neither_repeats_a_slot_nor_rerolls_its_jitter() -> No
         if not run.missed:
             late = run.started - (slot + jitter_delay("sched:tick", slot, 0.7))
             assert 0 <= late < 0.25, run
+
+
+async def test_the_runner_reports_the_next_planned_start_and_its_zone() -> None:
+    """Status learns each cron= and every= loop's next start (wall seconds) and its zone; an
+    async cron= body gets its slot too."""
+    app = ostinato.App("plans", coordinator=memory_url())
+    seen: list[tuple[datetime | None, int]] = []
+
+    @app.loop(cron="0 * * * *", timezone="Europe/Berlin")
+    def hourly(ctx: Pass) -> None: ...
+
+    @app.loop(every="1h")
+    def rollup(ctx: Pass) -> None: ...
+
+    @app.loop(cron="* * * * * *")
+    async def ticking(ctx: Pass) -> None:
+        seen.append((ctx.scheduled_for, ctx.missed))
+
+    async with app.running() as runner:
+        books = {name: runner.keepers[f"plans:{name}"].stats for name in ("hourly", "rollup")}
+        await until(lambda: books["hourly"].next_start is not None and books["rollup"].passes == 1
+                    and books["rollup"].next_start is not None and len(seen) >= 2)
+        now = time.time()
+        following = app.next_starts("hourly", count=1)[0].timestamp()
+        assert books["hourly"].next_start == following
+        assert books["hourly"].zone == "Europe/Berlin"
+        assert books["rollup"].next_start == pytest.approx(now + 3600, abs=5)
+        assert books["rollup"].zone is None
+    slots = [slot for slot, _ in seen]
+    assert all(slot is not None and slot.tzinfo is UTC for slot in slots)
+    assert [missed for _, missed in seen] == [0] * len(seen)

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ostinato
+from ostinato.errors import ConfigurationError, DeclarationError, UnknownLoopError
 from ostinato.schedule import Schedule
 
 BERLIN, NEW_YORK, LORD_HOWE = "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"
@@ -309,3 +311,58 @@ def test_random_lines_start_in_order_after_the_instant_and_miss_nothing(
     for extra in set(found) - expected:
         before, at = (extra - timedelta(seconds=1)).astimezone(tz), extra.astimezone(tz)
         assert at.utcoffset() > before.utcoffset(), f"{extra} is neither a match nor a skip's end"  # type: ignore[operator]
+
+
+# -- declarations and app.next_starts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"cron": "30 2 * * *", "timezone": "Europe/Berlín"},
+     r"loop 'nightly', timezone=: 'Europe/Berlín' is not a known time zone; write an IANA name"),
+    ({"timezone": "Europe/Berlin"}, r"loop 'nightly', timezone=: .*give cron= too"),
+    ({"every": "1h", "catchup": "6h"}, r"loop 'nightly', catchup=: .*give cron= too"),
+    ({"pause": "1s", "jitter": "30s"}, r"loop 'nightly', jitter=: .*give cron= too"),
+    ({"cron": "30 2 * * *", "catchup": "0s"}, r"loop 'nightly', catchup=: .*more than zero"),
+    ({"cron": "30 2 * * *", "jitter": "soon"}, r"loop 'nightly', jitter=: "),
+    ({"cron": "0 0 1 1 * 0 2030"}, r"loop 'nightly', cron=: .*has 7 fields"),
+])
+def test_bad_schedule_options_fail_at_declaration(options: dict[str, object], message: str) -> None:
+    """A bad zone, or a calendar option without cron=, is one error naming the loop and option."""
+    app = ostinato.App("reports")
+    with pytest.raises(DeclarationError, match=message):
+        app.loop(name="nightly", **options)(lambda ctx: None)  # type: ignore[call-overload]
+
+
+def next_app() -> ostinato.App:
+    app = ostinato.App("reports", coordinator="memory://reports")
+    app.loop(name="nightly", cron="30 2 * * *", timezone=BERLIN)(lambda ctx: None)
+    app.loop(name="rollup", every="90m")(lambda ctx: None)
+    app.loop(name="drain", pause="1s")(lambda ctx: None)
+    return app
+
+
+def test_next_starts_from_python() -> None:
+    """``app.next_starts`` gives aware datetimes in the loop's zone; a naive ``after`` is read
+    there too; ``every=`` counts from ``after``."""
+    app = next_app()
+    after = datetime(2025, 3, 29, 12, tzinfo=ZoneInfo(BERLIN))
+    assert [d.isoformat() for d in app.next_starts("nightly", count=2, after=after)] == [
+        "2025-03-30T03:00:00+02:00", "2025-03-31T02:30:00+02:00",
+    ]
+    assert app.next_starts("reports:nightly", 2, datetime(2025, 3, 29, 12)) == app.next_starts(
+        "nightly", 2, after)
+    assert app.next_starts("rollup", 2, datetime(2025, 3, 30, tzinfo=UTC)) == [
+        datetime(2025, 3, 30, 1, 30, tzinfo=UTC), datetime(2025, 3, 30, 3, tzinfo=UTC),
+    ]
+    assert len(app.next_starts("nightly")) == 5
+
+
+def test_next_starts_refuses_what_has_no_answer() -> None:
+    """A loop without a schedule, an unknown loop and a bad count are each one clear error."""
+    app = next_app()
+    with pytest.raises(ConfigurationError, match="loop 'reports:drain' has no schedule"):
+        app.next_starts("drain")
+    with pytest.raises(UnknownLoopError, match="no loop named 'nighty'"):
+        app.next_starts("nighty")
+    with pytest.raises(ConfigurationError, match="count must be a whole number"):
+        app.next_starts("nightly", count=0)
