@@ -17,9 +17,10 @@ import click
 from ostinato import control, logs
 from ostinato.app import App, resolve_url
 from ostinato.coordinators import Coordinator, from_url, redact
+from ostinato.coordinators.sqlite import sqlite_path
 from ostinato.durations import parse_duration
 from ostinato.errors import ConfigurationError, OstinatoError
-from ostinato.observe import Observe, unhealthy
+from ostinato.observe import Observe, retired, unhealthy
 from ostinato.supervisor import Supervisor, runner_command
 
 T = TypeVar("T")
@@ -102,6 +103,46 @@ async def _with(url: str, job: Callable[[Coordinator], Awaitable[T]]) -> T:
 coordinator_option = click.option(
     "--coordinator", envvar="OSTINATO_COORDINATOR", show_envvar=True, help=COORDINATOR_HELP
 )
+#: The control commands: the coordinator is given, or that of -A APP, or the default.
+control_options = [
+    click.option(
+        "--coordinator", envvar="OSTINATO_COORDINATOR", show_envvar=True,
+        help="Coordinator URL: sqlite:///path.db, redis://..., postgresql://... "
+             "[default: -A APP's, else sqlite:///ostinato.db in the current folder]",
+    ),
+    click.option("-A", "--app", "app_target", metavar="APP", default=None, envvar="OSTINATO_APP",
+                 show_envvar=True,
+                 help="Use the coordinator of this app (module:attr or path/to/file.py:attr)."),
+]
+
+
+def control_command(fn: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(control_options):
+        fn = option(fn)
+    return fn
+
+
+def control_url(coordinator: str | None, app_target: str | None, debug: bool) -> str:
+    """The coordinator a control command reads: ``--coordinator``, else ``-A APP``'s, else the
+    default. A SQLite file that does not exist is an error: a control command never makes
+    one (it would be a coordinator no runner uses)."""
+    if coordinator is None and app_target is not None:
+        coordinator = guarded(debug, lambda: load_app(app_target)).coordinator_url()
+    url = resolve_url(coordinator)
+    guarded(debug, lambda: _must_exist(url))
+    return url
+
+
+def _must_exist(url: str) -> None:
+    if not url.startswith("sqlite://"):
+        from_url(url)  # a bad URL is reported here
+        return
+    path = sqlite_path(url)
+    if not path.exists():
+        raise ConfigurationError(
+            f"no coordinator found: {url} names {path.resolve()}, which does not exist; run this "
+            "where the runners run, or say which with --coordinator URL or -A APP"
+        )
 debug_option = click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 
 
@@ -168,21 +209,29 @@ def run(app: str, coordinator: str | None, only: tuple[str, ...], log_level: str
 
 
 @main.command()
-@coordinator_option
+@control_command
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @click.option("--check", is_flag=True,
-              help="Exit 1 when any loop is stalled or has no runner (or no loop is known).")
+              help="Exit 1 when any loop is stalled, failing or has no runner (or no loop is known).")
+@click.option("--retired-after", default="1h", show_default=True, metavar="DURATION",
+              help="With --check: a loop that no live runner declares, gone this long, is not counted.")
 @debug_option
-def status(coordinator: str | None, as_json: bool, check: bool, debug: bool) -> None:
+def status(coordinator: str | None, app_target: str | None, as_json: bool, check: bool,
+           retired_after: str, debug: bool) -> None:
     """Show every loop: holder, state, fence, passes, errors, timings."""
-    url = resolve_url(coordinator)
+    url = control_url(coordinator, app_target, debug)
+    after = guarded(debug, lambda: _duration(retired_after, "--retired-after"))
     rows = guarded(debug, lambda: asyncio.run(_with(url, control.status)))
     if as_json:
         click.echo(json.dumps({"coordinator": redact(url), "loops": rows}, indent=2))
     else:
         click.echo(control.table(rows))
     if check:
-        problems = unhealthy(rows)
+        for row in retired(rows, after=after):
+            click.echo(f"ostinato: check: not counting {row['app']}:{row['loop']}: no live runner "
+                       f"declares it and it has been gone over {retired_after} "
+                       f"(ostinato forget {row['app']}:{row['loop']} removes it)", err=True)
+        problems = unhealthy(rows, retired_after=after)
         if problems:
             click.echo(f"ostinato: check failed: {'; '.join(problems)}", err=True)
             sys.exit(1)
@@ -192,10 +241,10 @@ def _control_command(name: str, action: Callable[[Coordinator, str], Awaitable[s
                      verb: str, help_text: str) -> None:
     @main.command(name=name, help=help_text)
     @click.argument("loop")
-    @coordinator_option
+    @control_command
     @debug_option
-    def command(loop: str, coordinator: str | None, debug: bool) -> None:
-        url = resolve_url(coordinator)
+    def command(loop: str, coordinator: str | None, app_target: str | None, debug: bool) -> None:
+        url = control_url(coordinator, app_target, debug)
 
         async def job(store: Coordinator) -> str:
             return await action(store, loop)
@@ -212,15 +261,15 @@ _control_command("wake", control.wake, "woke", "End LOOP's idle wait now.")
 
 @main.command()
 @click.argument("loop")
-@coordinator_option
+@control_command
 @debug_option
-def release(loop: str, coordinator: str | None, debug: bool) -> None:
+def release(loop: str, coordinator: str | None, app_target: str | None, debug: bool) -> None:
     """Revoke LOOP's lease: another runner takes it at once, with a new fence.
 
     The old holder starts no new pass once its next renewal fails (at once on
     the coordinators that deliver events).
     """
-    url = resolve_url(coordinator)
+    url = control_url(coordinator, app_target, debug)
 
     async def job(store: Coordinator) -> tuple[str, int | None]:
         return await control.release(store, loop)
@@ -230,6 +279,23 @@ def release(loop: str, coordinator: str | None, debug: bool) -> None:
         click.echo(f"{key} had no live lease; any runner may take it now")
     else:
         click.echo(f"released {key} (fence {fence}); the next holder gets a greater fence")
+
+
+@main.command()
+@click.argument("loop")
+@control_command
+@debug_option
+def forget(loop: str, coordinator: str | None, app_target: str | None, debug: bool) -> None:
+    """Drop LOOP (name, app:name, or app:* for every loop of an app) from status: for loops
+    no runner declares any more. Refused while a runner holds it; its fence is kept, so a
+    loop declared again later still gets greater fences."""
+    url = control_url(coordinator, app_target, debug)
+
+    async def job(store: Coordinator) -> list[str]:
+        return await control.forget(store, loop)
+
+    for key in guarded(debug, lambda: asyncio.run(_with(url, job))):
+        click.echo(f"forgot {key}")
 
 
 @main.command(name="next")

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ostinato.coordinators import Coordinator, Event, LoopRecord
+from ostinato.coordinators import Coordinator, Event, LoopRecord, RunnerRecord
 from ostinato.durations import format_duration
-from ostinato.errors import UnknownLoopError
+from ostinato.errors import ConfigurationError, UnknownLoopError
 
 
 async def resolve(coordinator: Coordinator, name: str) -> str:
@@ -99,8 +99,56 @@ def _local_iso(wall: float | None, zone: str | None) -> str | None:
 
 
 async def status(coordinator: Coordinator) -> list[dict[str, Any]]:
+    """Every loop's status row; ``declared``: whether a live runner hosts it (``None``:
+    a runner too old to say is alive), ``last_seen``: the last time it was held or ran."""
     now = time.time()
-    return [describe(r, now) for r in await coordinator.loops()]
+    records = await coordinator.loops()
+    runners = await coordinator.runners()
+    rows = []
+    for record in records:
+        row = describe(record, now)
+        row["declared"] = _declared(record.key, runners)
+        seen = [t for t in (record.last_end, record.last_start, record.running_since) if t]
+        row["last_seen"] = now if record.holder is not None else max(seen, default=None)
+        rows.append(row)
+    return rows
+
+
+def _declared(key: str, runners: list[RunnerRecord]) -> bool | None:
+    """Whether a live runner hosts ``key``; ``None`` when one that does not say might."""
+    if any(r.hosts is not None and key in r.hosts for r in runners):
+        return True
+    if any(r.hosts is None for r in runners):
+        return None
+    return False
+
+
+async def forget(coordinator: Coordinator, name: str) -> list[str]:
+    """Forget loop ``name``, or every loop of an app with ``app:*``; return their keys.
+
+    Refused, with nothing forgotten, while any of them is held: stop its runners (or
+    drop the loop from their app) first.
+    """
+    if name.endswith(":*"):
+        app = name[:-2]
+        keys = [r.key for r in await coordinator.loops() if r.app == app]
+        if not keys:
+            raise UnknownLoopError(f"no loops of app {app!r} in {coordinator.display_url}")
+    else:
+        keys = [await resolve(coordinator, name)]
+    held = {r.key: r.holder for r in await coordinator.loops() if r.key in keys and r.holder}
+    if held:
+        raise ConfigurationError(
+            "cannot forget a loop a runner holds: "
+            + ", ".join(f"{key} (held by {holder})" for key, holder in sorted(held.items()))
+            + "; stop its runners, or remove the loop from their app and redeploy, then forget it"
+        )
+    refused = [key for key in keys if not await coordinator.forget(key)]
+    if refused:
+        raise ConfigurationError(
+            f"{', '.join(refused)} was taken by a runner meanwhile; stop its runners first"
+        )
+    return keys
 
 
 def _ago(wall: float | None, now: float) -> str:

@@ -3,6 +3,7 @@ and what ``ostinato status --check`` counts as unhealthy."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,13 +51,39 @@ class Observe:
 UNHEALTHY = {"stalled": "is stalled", "failing": "is failing", "no runner": "has no runner"}
 
 
-def unhealthy(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+#: How long a loop that no live runner declares must have been gone before
+#: ``status --check`` stops counting it (``--retired-after``).
+RETIRED_AFTER = 3600.0
+
+
+def retired(
+    rows: Sequence[Mapping[str, Any]], *, after: float = RETIRED_AFTER, now: float | None = None
+) -> list[Mapping[str, Any]]:
+    """The rows of loops that no live runner declares and that have been gone (no holder,
+    nothing heard of them) for longer than ``after`` seconds: left behind by a deploy that
+    removed them, not failing. ``ostinato forget`` removes them from status."""
+    if now is None:
+        now = time.time()
+    return [
+        row for row in rows
+        if row["state"] == "no runner" and row.get("declared") is False
+        and now - (row.get("last_seen") or 0.0) > after
+    ]
+
+
+def unhealthy(
+    rows: Sequence[Mapping[str, Any]], *, retired_after: float = RETIRED_AFTER,
+    now: float | None = None,
+) -> list[str]:
     """Why ``status --check`` fails for these status rows (``control.status``); empty: healthy.
 
     A loop that is stalled, failing or has no runner fails it, and so does a coordinator
-    that knows no loop at all (no runner has ever started).
+    that knows no loop at all (no runner has ever started). A loop that no live runner
+    declares any more, gone for longer than ``retired_after``, is not counted (see
+    ``retired``).
     """
     if not rows:
         return ["no loops are known: no runner has started"]
+    gone = {id(row) for row in retired(rows, after=retired_after, now=now)}
     return [f"{row['app']}:{row['loop']} {UNHEALTHY[row['state']]}" for row in rows
-            if row["state"] in UNHEALTHY]
+            if row["state"] in UNHEALTHY and id(row) not in gone]

@@ -236,3 +236,42 @@ async def test_revoke_drops_any_holders_lease_and_keeps_the_fence(make: Make) ->
     after = await b.acquire(KEY, rb, 5.0)
     assert isinstance(after, Grant)
     assert after.fence > grant.fence
+
+
+async def test_forget_is_refused_while_held_and_keeps_the_fence(make: Make) -> None:
+    """A held loop cannot be forgotten; a free one leaves status, and comes back with its
+    next report, its next grant still greater than every earlier one."""
+    a = await make()
+    ra = runner(1)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    await a.report(ra, 5.0, [LoopStats(KEY, passes=3, errors=1, last_end=time.time(), fail_streak=1,
+                                       fail_after=3, next_start=time.time() + 5, zone="Europe/Berlin")])
+    (record,) = [r for r in await a.loops() if r.key == KEY]
+    assert (record.passes, record.fail_streak, record.fail_after, record.zone) == (3, 1, 3, "Europe/Berlin")
+    assert record.next_start is not None
+    assert await a.forget(KEY) is False
+    assert [r.key for r in await a.loops()] == [KEY]
+    assert await a.release(KEY, ra, grant.fence)
+    assert await a.forget(KEY) is True
+    assert [r.key for r in await a.loops()] == []
+    assert await a.forget("app:never-seen") is True
+    again = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(again, Grant)
+    assert again.fence > grant.fence
+    await a.report(ra, 5.0, [LoopStats(KEY, passes=1)])
+    (record,) = [r for r in await a.loops() if r.key == KEY]
+    assert record.passes == 1  # counted afresh
+    assert record.holder == ra.label
+
+
+async def test_runners_say_which_loops_they_host(make: Make) -> None:
+    """The loops a runner hosts come back with it from ``runners()``."""
+    a = await make()
+    hosting = RunnerInfo(id=f"hosting-{time.monotonic_ns()}", host="test", pid=7,
+                         hosts=("app:x", "app:y"))
+    await a.report(hosting, 5.0, [])
+    (record,) = [r for r in await a.runners() if r.id == hosting.id]
+    assert record.hosts == frozenset({"app:x", "app:y"})
+    assert record.can_run("app:x")
+    assert not record.can_run("other:x")

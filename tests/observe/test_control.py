@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
+from ostinato.coordinators import from_url
 from ostinato.observe import unhealthy
 from tests.observe.conftest import Stack, free_port, wait_for
 from tests.observe.test_metrics import scrape, value
@@ -13,10 +17,24 @@ pytestmark = pytest.mark.slow
 LOOPS = ("obs:tick", "obs:flaky", "obs:blocker")
 
 
+async def _create(url: str) -> None:
+    """Make the (empty) coordinator, as a runner starting would."""
+    coordinator = from_url(url)
+    await coordinator.open()
+    assert await coordinator.loops() == []
+    await coordinator.close()
+
+
 def test_status_check_fails_on_no_loops_and_no_runner_but_not_on_running_or_paused(
     stack: Stack,
 ) -> None:
-    """--check: exit 1 for an empty coordinator and for a loop with no runner, 0 when running or paused."""
+    """--check: exit 1 for an empty coordinator and for a loop with no runner, 0 when running or paused.
+    No coordinator at all is exit 2, and the read-only command does not make one."""
+    missing = stack.cli("status", "--check")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("ostinato: error: no coordinator found: sqlite:///")
+    assert not Path(stack.url.removeprefix("sqlite:///")).exists()
+    asyncio.run(_create(stack.url))
     empty = stack.cli("status", "--check")
     assert empty.returncode == 1
     assert empty.stderr.strip() == "ostinato: check failed: no loops are known: no runner has started"

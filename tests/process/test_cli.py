@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.slow
 
 def status(cluster: Cluster) -> dict[str, dict[str, object]]:
     result = cluster.cli("status", "--json")
+    if result.returncode == 2 and "no coordinator found" in result.stderr:
+        return {}  # no runner has made it yet
     assert result.returncode == 0, result.stderr
     return {row["loop"]: row for row in json.loads(result.stdout)["loops"]}
 
@@ -144,12 +147,41 @@ def test_missing_extra_names_the_install(tmp_path: Path) -> None:
     assert "pip install 'ostinato[redis]'" in result.stderr
 
 
-def test_default_coordinator_is_sqlite_in_the_working_directory(tmp_path: Path) -> None:
-    """With nothing configured, status uses ./ostinato.db."""
-    result = run_cli("status", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "ostinato.db").exists()
-    assert "no loops yet" in result.stdout
+def test_control_commands_never_make_a_coordinator_and_find_the_app_s(tmp_path: Path) -> None:
+    """With nothing configured, status looks for ./ostinato.db and says where it looked when it
+    is not there, creating nothing; ``-A APP`` uses the app's coordinator."""
+    for command in (["status"], ["pause", "x"], ["forget", "x"]):
+        result = run_cli(*command, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"ostinato: error: no coordinator found: sqlite:///ostinato.db names "
+            f"{tmp_path / 'ostinato.db'}, which does not exist; run this where the runners run, "
+            "or say which with --coordinator URL or -A APP"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+    db = tmp_path / "elsewhere.db"
+    (tmp_path / "shop.py").write_text(
+        f"import ostinato\napp = ostinato.App('shop', coordinator='sqlite:///{db}')\n"
+        "@app.loop\ndef tick(ctx): pass\n"
+    )
+    assert "does not exist" in run_cli("status", "-A", "shop.py:app", cwd=tmp_path).stderr
+    started = subprocess.Popen([*OSTINATO, "run", "shop.py:app"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while "shop:tick" not in (found := run_cli("status", "-A", "shop.py:app", cwd=tmp_path)).stdout:
+            assert time.monotonic() < deadline, found.stderr
+            time.sleep(0.05)
+        assert found.returncode == 0
+        assert "sqlite:///ostinato.db" not in found.stdout
+    finally:
+        started.send_signal(signal.SIGTERM)
+        assert started.wait(15) == 0
+    assert not (tmp_path / "ostinato.db").exists()
+    help_text = run_cli("status", "--help").stdout
+    assert "the app's, else" not in help_text
+    assert "-A, --app APP" in help_text
 
 
 def test_python_m_and_version() -> None:
@@ -158,3 +190,37 @@ def test_python_m_and_version() -> None:
                             text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.split()[-1] == importlib.metadata.version("ostinato") == ostinato.__version__
+
+
+def test_a_retired_loop_is_not_counted_once_gone_and_can_be_forgotten(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    """A loop no live runner declares fails --check until it has been gone --retired-after,
+    then is named and not counted; forget drops it, and is refused for a held loop."""
+    cluster = cluster_factory(lease="2s")
+    first = cluster.start()
+    cluster.wait(lambda: {"work", "drain"} <= set(status(cluster)), what="both loops reported")
+    refused = cluster.cli("forget", "drain")
+    assert refused.returncode == 2
+    assert "cannot forget a loop a runner holds: work:drain (held by" in refused.stderr
+    os.kill(first.pid, signal.SIGTERM)
+    assert first.wait(15) == 0
+
+    second = cluster.start("--only", "work")
+    cluster.wait(lambda: status(cluster)["work"]["holder"] == f"{socket.gethostname()}:{second.pid}",
+                 what="the second runner holding work")
+    check = cluster.cli("status", "--check")
+    assert check.returncode == 1
+    assert "work:drain has no runner" in check.stderr
+    lenient = cluster.cli("status", "--check", "--retired-after", "10ms")
+    assert lenient.returncode == 0, lenient.stderr
+    assert "not counting work:drain: no live runner declares it" in lenient.stderr
+
+    forgot = cluster.cli("forget", "work:drain")
+    assert forgot.returncode == 0, forgot.stderr
+    assert forgot.stdout.strip() == "forgot work:drain"
+    assert set(status(cluster)) == {"work"}
+    assert cluster.cli("status", "--check").returncode == 0
+    held = cluster.cli("forget", "work:*")
+    assert held.returncode == 2
+    assert "work:work (held by" in held.stderr

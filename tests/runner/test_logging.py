@@ -81,7 +81,8 @@ def test_hosted_loops_log_their_info_events(tmp_path: Path) -> None:
     own handlers, a hosted runner's INFO events are printed, formatted."""
     script = tmp_path / "hosted.py"
     script.write_text(HOSTED)
-    for mode, prefix in (("uvicorn-like", " INFO    ostinato.loop: "), ("host-handlers", "HOST INFO ostinato.loop ")):
+    expected = {"uvicorn-like": " INFO    ostinato.loop: ", "host-handlers": "HOST INFO ostinato.loop "}
+    for mode, prefix in expected.items():
         result = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 0, result.stderr

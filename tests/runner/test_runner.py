@@ -214,6 +214,10 @@ class Flaky(Coordinator):
         self._check()
         return await self.inner.revoke(key)
 
+    async def forget(self, key: str) -> bool:
+        self._check()
+        return await self.inner.forget(key)
+
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         self._check()
         await self.inner.report(runner, ttl, stats)

@@ -35,6 +35,7 @@ class _Lease:
     paused: bool = False
     held_since: float | None = None
     record: LoopRecord | None = None
+    forgotten: bool = False
 
 
 @dataclass
@@ -135,12 +136,22 @@ class MemoryCoordinator(Coordinator):
             lease.expires = 0.0
             return lease.fence
 
+    async def forget(self, key: str) -> bool:
+        now = self.store.clock()
+        with self.store.lock:
+            lease = self._lease(key)
+            if lease.owner is not None and lease.expires > now:
+                return False
+            lease.record, lease.paused, lease.forgotten = None, False, True
+            return True
+
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         now = self.store.clock()
         with self.store.lock:
             self.store.runners[runner.id] = (runner.label, now + ttl, frozenset(runner.hosts))
             for item in stats:
                 lease = self._lease(item.key)
+                lease.forgotten = False
                 base = lease.record or LoopRecord(item.key, 0, False, None, None)
                 lease.record = replace(
                     base,
@@ -168,6 +179,8 @@ class MemoryCoordinator(Coordinator):
         with self.store.lock:
             for key, lease in sorted(self.store.leases.items()):
                 held = lease.owner is not None and lease.expires > now
+                if lease.forgotten and not held:
+                    continue
                 base = lease.record or LoopRecord(key, 0, False, None, None)
                 out.append(
                     replace(

@@ -605,6 +605,12 @@ class PostgresCoordinator(Coordinator):
         if gone:
             await self._run(conn, "unlock", {"locks": [lock_id(self.schema, k) for k in gone]})
 
+    async def forget(self, key: str) -> bool:
+        async with self._session() as conn:
+            if await self._fetch(conn, "forget", {"key": key}) is not None:
+                return True
+            return await self._fetch(conn, "known", {"key": key}) is None  # unknown: nothing to do
+
     # -- reports and status ----------------------------------------------------------------
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:

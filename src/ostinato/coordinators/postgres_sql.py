@@ -27,13 +27,15 @@ CREATE TABLE IF NOT EXISTS {s}.loops (
     last_start float8, last_end float8, last_duration float8, last_outcome text,
     last_error text, last_error_at float8, p50 float8, p99 float8,
     running_since float8, stall_after float8, ttl float8, quiet float8,
-    fail_streak bigint, fail_after bigint, next_start float8, zone text);
+    fail_streak bigint, fail_after bigint, next_start float8, zone text,
+    forgotten boolean NOT NULL DEFAULT false);
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS ttl float8;
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS quiet float8;
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS fail_streak bigint;
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS fail_after bigint;
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS next_start float8;
 ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS zone text;
+ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS forgotten boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS {s}.runners (
     id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL, hosts text);
 ALTER TABLE {s}.runners ADD COLUMN IF NOT EXISTS hosts text;
@@ -73,7 +75,7 @@ FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
-              " AND attname = 'zone' AND NOT attisdropped)"
+              " AND attname = 'forgotten' AND NOT attisdropped)"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(runners)s)"
               " AND attname = 'hosts' AND NOT attisdropped) AS ok",
     "schema_lock": "SELECT pg_advisory_xact_lock(%(a)s, %(b)s)",
@@ -138,7 +140,7 @@ SELECT * FROM unnest(%(key)s::text[], %(passes)s::bigint[], %(errors)s::bigint[]
     %(p50)s::float8[], %(p99)s::float8[], %(running_since)s::float8[],
     %(stall_after)s::float8[], %(fail_streak)s::bigint[], %(fail_after)s::bigint[],
     %(next_start)s::float8[], %(zone)s::text[])
-ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes,
+ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes, forgotten = false,
     errors = l.errors + excluded.errors, running_since = excluded.running_since,
     last_start = coalesce(excluded.last_start, l.last_start),
     last_end = coalesce(excluded.last_end, l.last_end),
@@ -157,8 +159,18 @@ ON CONFLICT (key) DO UPDATE SET passes = l.passes + excluded.passes,
                " WHERE expires > clock_timestamp() ORDER BY id",
     "pause": "INSERT INTO {s}.loops (key, paused) VALUES (%(key)s, %(paused)s)"
              " ON CONFLICT (key) DO UPDATE SET paused = excluded.paused",
-    "loops": "SELECT *, owner IS NOT NULL AND expires > clock_timestamp() AS held"
-             " FROM {s}.loops ORDER BY key",
+    "loops": "SELECT * FROM (SELECT *, owner IS NOT NULL AND expires > clock_timestamp() AS held"
+             " FROM {s}.loops) AS l WHERE held OR NOT forgotten ORDER BY key",
+    # Refused (no row) while a lease on the loop is held; the fence stays.
+    "forget": """
+UPDATE {s}.loops SET forgotten = true, paused = false, passes = 0, errors = 0,
+    last_start = NULL, last_end = NULL, last_duration = NULL, last_outcome = NULL,
+    last_error = NULL, last_error_at = NULL, p50 = NULL, p99 = NULL, running_since = NULL,
+    stall_after = NULL, fail_streak = NULL, fail_after = NULL, next_start = NULL, zone = NULL
+WHERE key = %(key)s AND NOT (owner IS NOT NULL AND expires > clock_timestamp())
+RETURNING key
+""",
+    "known": "SELECT 1 FROM {s}.loops WHERE key = %(key)s",
     "unlock": "SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x",
     "notify": "SELECT pg_notify(%(channel)s, %(payload)s)",
     "listen": "LISTEN {channel}",

@@ -381,6 +381,16 @@ class Coordinator(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def forget(self, key: str) -> bool:
+        """Drop what is known of loop ``key`` (statistics, pause) from status, unless a
+        lease on it is held: then return False and change nothing.
+
+        The fence counter is kept, so a runner that declares the loop again later gets
+        a greater fence than every holder before. A report or a lease brings the loop
+        back into status.
+        """
+
+    @abc.abstractmethod
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         """Record that ``runner`` is alive for ``ttl`` more seconds and store ``stats``.
 

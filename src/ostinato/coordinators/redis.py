@@ -216,6 +216,23 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 """
 
+# KEYS: lease hash, loops set, loop stats hash. ARGV: loop key. 0 while a claim on the
+# lease has not ended (a lease hash without an end counts as held); else the loop is
+# dropped from status (its fence key stays) and 1 is returned.
+FORGET = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local ends = redis.call('HGET', KEYS[1], 'ends')
+  if not ends or tonumber(ends) > now then
+    return 0
+  end
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
 # KEYS: runner zset, labels hash, hosts hash. Returns id, expiry, label, hosts fours.
 LIVE_RUNNERS = """
 local t = redis.call('TIME')
@@ -258,6 +275,7 @@ class RedisCoordinator(Coordinator):
         self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
         self._live_runners = self._client.register_script(LIVE_RUNNERS)
+        self._forget_loop = self._client.register_script(FORGET)
         self.channel = f"{self.prefix}:events"
         self._events = EventFeed[PubSub](
             f"ostinato-redis-events:{self.prefix}", self.display_url, self._messages,
@@ -478,6 +496,13 @@ class RedisCoordinator(Coordinator):
         with self._reaching():
             fence = await self._revoke([self._key("lease", key)])
         return None if fence is None else int(fence)
+
+    async def forget(self, key: str) -> bool:
+        with self._reaching():
+            done = await self._forget_loop(
+                [self._key("lease", key), self._key("loops"), self._key("loop", key)], [key]
+            )
+        return bool(int(done))
 
     # -- reports and status ----------------------------------------------------------
 

@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS ostinato_loops (
     last_start REAL, last_end REAL, last_duration REAL, last_outcome TEXT,
     last_error TEXT, last_error_at REAL, p50 REAL, p99 REAL,
     running_since REAL, stall_after REAL,
-    fail_streak INTEGER, fail_after INTEGER, next_start REAL, zone TEXT
+    fail_streak INTEGER, fail_after INTEGER, next_start REAL, zone TEXT,
+    forgotten INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS ostinato_runners (
     id TEXT PRIMARY KEY,
@@ -94,6 +95,7 @@ ADDED_COLUMNS = (
     ("ostinato_loops", "fail_streak", "INTEGER"), ("ostinato_loops", "fail_after", "INTEGER"),
     ("ostinato_loops", "next_start", "REAL"), ("ostinato_loops", "zone", "TEXT"),
     ("ostinato_runners", "hosts", "TEXT"),
+    ("ostinato_loops", "forgotten", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 STAT_COLUMNS = STAT_FIELDS
@@ -373,6 +375,23 @@ class SQLiteCoordinator(Coordinator):
 
         return await self._run(drop)
 
+    async def forget(self, key: str) -> bool:
+        def drop(conn: sqlite3.Connection) -> bool:
+            with self._write(conn):
+                row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                if row is None:
+                    return True
+                if not self._expired(row, time.monotonic()) and not self.locks.dead(row["owner"]):
+                    return False
+                cleared = ", ".join(f"{name} = NULL" for name in STAT_COLUMNS)
+                conn.execute(
+                    f"UPDATE ostinato_loops SET forgotten = 1, paused = 0, passes = 0, errors = 0,"  # noqa: S608 - column names are ours
+                    f" {cleared} WHERE key = ?", (key,),
+                )
+                return True
+
+        return await self._run(drop)
+
     # -- reports and status ----------------------------------------------------
 
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
@@ -392,7 +411,7 @@ class SQLiteCoordinator(Coordinator):
                     conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (item.key,))
                     conn.execute(
                         f"UPDATE ostinato_loops SET passes = passes + ?, errors = errors + ?,"  # noqa: S608 - column names are ours
-                        f" {sets} WHERE key = ?",
+                        f" forgotten = 0, {sets} WHERE key = ?",
                         (item.passes, item.errors, *fields.values(), item.key),
                     )
 
@@ -429,6 +448,8 @@ class SQLiteCoordinator(Coordinator):
             records = []
             for row in conn.execute("SELECT * FROM ostinato_loops ORDER BY key"):
                 held = not self._expired(row, now) and not self.locks.dead(row["owner"])
+                if row["forgotten"] and not held:
+                    continue
                 records.append(
                     LoopRecord(
                         key=row["key"],
