@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ostinato.coordinators.protocol import Denied, Event, Grant
 from ostinato.errors import CoordinatorUnavailable
+from ostinato.hooks import PassOutcome, around_pass, entered
 from ostinato.isolation import IsolatedBody, PassError
 from ostinato.logs import fields
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
@@ -45,6 +46,12 @@ STEP_ASIDE = 0.5
 #: A loop handed over for balance that nobody else took is not handed over
 #: again for this long (the other runners cannot or will not run it).
 BALANCE_COOLDOWN = 60.0
+
+
+def _settle(outcomes: list[PassOutcome], result: object) -> None:
+    """Tell the hooks around a pass how it ended."""
+    for outcome in outcomes:
+        outcome.outcome = "idle" if result is IDLE else "worked"
 
 
 def _error_text(exc: BaseException) -> str:
@@ -341,7 +348,13 @@ class LoopKeeper:
             number += 1
             stats.started(now)
             try:
-                result = body(self._context(lease, number, now))
+                ctx = self._context(lease, number, now)
+                if hooks := around_pass():
+                    with entered(hooks, ctx) as outcomes:
+                        result = body(ctx)
+                        _settle(outcomes, result)
+                else:
+                    result = body(ctx)
             except BaseException as exc:
                 end = time.monotonic()
                 outcome = Outcome.FAILED
@@ -444,8 +457,14 @@ class LoopKeeper:
                 stats.started(now)
                 self._async_pass = asyncio.current_task()
                 try:
+                    ctx = self._context(lease, number, now)
                     async with asyncio.timeout(spec.timeout):
-                        result = await body(self._context(lease, number, now))
+                        if hooks := around_pass():
+                            with entered(hooks, ctx) as outcomes:
+                                result = await body(ctx)
+                                _settle(outcomes, result)
+                        else:
+                            result = await body(ctx)
                 except asyncio.CancelledError:
                     if not self._cancelled_for_lease:
                         raise
