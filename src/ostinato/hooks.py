@@ -18,19 +18,31 @@ before the hook is left without an exception::
     ostinato.hooks.add_around_pass(timed)
 
 Hooks run in the order added; a hook that raises fails the pass like the body would.
+
+Runner events (a lease acquired or lost, a coordinator out of reach) reach
+``add_runner_event`` listeners as ``RunnerEvent`` values: they are read from the
+``ostinato`` loggers' records that carry an ``event`` field (see ``ostinato.logs``),
+so a listener sees the events those loggers let through (INFO and up under
+``ostinato run`` and ``app.running()``). ``holder()`` is the label this process's
+runners hold leases under, as ``ostinato status`` shows it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ostinato.loop import Pass
+    from ostinato.loop import LoopSpec, Pass
 
 
 @dataclass
@@ -74,3 +86,102 @@ def entered(hooks: tuple[AroundPass, ...], ctx: Pass) -> Iterator[list[PassOutco
     """Enter every hook for ``ctx``; yields their outcomes for the runner to fill in."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(hook(ctx)) for hook in hooks]
+
+
+def declared(ctx: Pass) -> LoopSpec | None:
+    """The declaration of the loop ``ctx`` is a pass of (its schedule, lease, timeout...), when
+    called from a hook while a runner enters or leaves it; else ``None``.
+
+    It is read from the runner's own frames, so it costs a few microseconds: call it when
+    the answer is needed (a monitor being configured), not on every pass.
+    """
+    from ostinato.keeper import LoopKeeper  # the keeper imports this module
+
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        keeper = frame.f_locals.get("self") if frame.f_code.co_filename == _KEEPER else None
+        if isinstance(keeper, LoopKeeper) and keeper.key == ctx.lease_name:
+            return keeper.spec
+        frame = frame.f_back
+    return None
+
+
+_KEEPER = os.path.join(os.path.dirname(__file__), "keeper.py")
+
+
+def holder() -> str:
+    """The holder label of this process's runners, ``host:pid``, as ``ostinato status`` shows it."""
+    global _holder
+    pid = os.getpid()
+    if _holder[0] != pid:  # a forked child is a holder of its own
+        _holder = (pid, f"{socket.gethostname()}:{pid}")
+    return _holder[1]
+
+
+_holder: tuple[int, str] = (0, "")
+
+
+@dataclass(frozen=True)
+class RunnerEvent:
+    """A notable event of a runner: ``event`` (``"lease_acquired"``, ``"lease_lost"``, ...),
+    the loop's lease name and fence where there is one, the runner's label, the log level
+    and message, and the wall-clock time it happened (seconds since the epoch)."""
+
+    event: str
+    loop: str | None
+    fence: int | None
+    runner: str | None
+    level: int
+    message: str
+    at: float
+
+
+RunnerListener = Callable[[RunnerEvent], object]
+_listeners: tuple[RunnerListener, ...] = ()
+
+
+class _EventHandler(logging.Handler):
+    """Hands the ``ostinato`` loggers' event records to the listeners."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = getattr(record, "event", None)
+        if not isinstance(name, str):
+            return
+        event = RunnerEvent(name, getattr(record, "loop", None), getattr(record, "fence", None),
+                            getattr(record, "runner", None), record.levelno, record.getMessage(),
+                            record.created)
+        for listener in _listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not break the runner's logging
+                self.handleError(record)
+
+
+_handler = _EventHandler()
+_handler.set_name("ostinato.hooks")
+#: The loggers whose records carry runner events. The handler sits on them rather than on
+#: ``ostinato``, so whether ``ostinato`` has a handler of its own (``logs.make_visible``
+#: asks) does not change when a listener is added.
+_EVENT_LOGGERS = ("ostinato.loop", "ostinato.runner", "ostinato.isolation")
+
+
+def add_runner_event(listener: RunnerListener) -> RunnerListener:
+    """Call ``listener(event)`` with every runner event in this process from now on (usable as a
+    decorator); it runs in whichever thread logged the event, so keep it quick."""
+    global _listeners
+    with _lock:
+        if listener not in _listeners:
+            _listeners = (*_listeners, listener)
+        for name in _EVENT_LOGGERS:
+            logging.getLogger(name).addHandler(_handler)  # added once, however often called
+    return listener
+
+
+def remove_runner_event(listener: RunnerListener) -> None:
+    """Stop calling ``listener``; one that was not added is ignored."""
+    global _listeners
+    with _lock:
+        _listeners = tuple(x for x in _listeners if x != listener)  # a bound method is made anew
+        if not _listeners:
+            for name in _EVENT_LOGGERS:
+                logging.getLogger(name).removeHandler(_handler)
