@@ -107,7 +107,8 @@ async def test_spans_made_in_the_body_are_children_of_the_pass(
         parent = next(s for s in passes(exporter, f"{app.name}:{key}")
                       if s.context is not None and child.parent is not None
                       and s.context.span_id == child.parent.span_id)
-        assert parent.context is not None and child.context is not None
+        assert parent.context is not None
+        assert child.context is not None
         assert child.context.trace_id == parent.context.trace_id
 
 
