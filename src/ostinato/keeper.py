@@ -190,7 +190,7 @@ class LoopKeeper:
                     return
             sent = time.monotonic()
             try:
-                answer = await runner.coordinator.acquire(self.key, runner.info, self.spec.lease)
+                answer = await runner.acquire(self.key, self.spec.lease)
             except CoordinatorUnavailable as exc:
                 failures += 1
                 if not self._outage_logged:
@@ -235,7 +235,7 @@ class LoopKeeper:
         if self.paused:
             self.paused = False
         self.lease = lease
-        self.runner.lease_granted()
+        self.runner.lease_granted(lease)
         self.held_at = time.monotonic()
         self.acquisitions += 1
         log.info("%s: lease acquired (fence %d)", self.key, lease.fence,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ostinato.coordinators.protocol import Coordinator, Event, Renewal, RunnerInfo
+from ostinato.coordinators.protocol import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
@@ -31,6 +32,8 @@ log = logging.getLogger("ostinato.runner")
 #: a lease not released in time expires by itself, so a dead or hung coordinator
 #: cannot hold up the exit.
 FAREWELL = 0.4
+#: The most lease requests sent in one call.
+ACQUIRE_BATCH = 1000
 #: How often statistics and the heartbeat are sent.
 REPORT_EVERY = 1.0
 #: A runner whose heartbeat is older than this counts as gone (for balancing only:
@@ -85,6 +88,11 @@ class Runner:
         self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
         self._renew_now = asyncio.Event()
         self._granted = asyncio.Event()
+        #: When the renewer's next round is due (monotonic).
+        self._due = float("inf")
+        #: Lease requests waiting for the next batch: key -> (ttl, answer).
+        self._wanted: dict[str, tuple[float, asyncio.Future[Grant | Denied]]] = {}
+        self._asking: asyncio.Future[None] | None = None
         self.live_runners = 1
         #: Live runners (this one included) that can run each loop, from the last count.
         self._candidates: dict[str, int] = {}
@@ -260,6 +268,37 @@ class Runner:
             for waiter in waiters:
                 waiter.cancel()
 
+    # -- acquiring ---------------------------------------------------------------------
+
+    async def acquire(self, key: str, ttl: float) -> Grant | Denied:
+        """Ask for the lease of ``key``: requests that arrive while a batch is out are sent
+        together in the next one (one call, on SQLite one transaction), so thousands of
+        loops starting at once cost a few round trips, not thousands."""
+        future: asyncio.Future[Grant | Denied] = self.loop.create_future()
+        self._wanted[key] = (ttl, future)
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(self._ask_in_batches())
+        return await future
+
+    async def _ask_in_batches(self) -> None:
+        await asyncio.sleep(0)  # the requests of this turn of the event loop go together
+        while self._wanted:
+            batch = dict(itertools.islice(self._wanted.items(), ACQUIRE_BATCH))
+            for key in batch:
+                del self._wanted[key]
+            try:
+                answers = await self.coordinator.acquire_many(
+                    self.info, {key: ttl for key, (ttl, _) in batch.items()}
+                )
+            except Exception as exc:  # the same answer for everyone in the batch
+                for _, future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for key, (_, future) in batch.items():
+                if not future.done():
+                    future.set_result(answers[key])
+
     # -- renewing ------------------------------------------------------------------------
 
     async def _renew_forever(self) -> None:
@@ -278,17 +317,20 @@ class Runner:
         regular = started + self._shortest_lease / 3
         # Never sooner than this after the last start, whatever a lease says: no spinning.
         floor = started + self._shortest_lease / 100
+        # Once per round over every held lease; a grant afterwards only lowers it (O(1)).
+        self._due = min([regular, *(lease.renew_at for _, lease in self._held_leases().values())])
         while not self.stopping and not self._renew_now.is_set():
             self._granted.clear()
-            due = min([regular, *(lease.renew_at for _, lease in self._held_leases().values())])
-            wait = max(due, floor) - time.monotonic()
+            wait = max(self._due, floor) - time.monotonic()
             if wait <= 0:
                 return
             await self._sleep(wait, self._renew_now, self._granted)
 
-    def lease_granted(self) -> None:
-        """A keeper got a lease: the renewal schedule must take it into account."""
-        self._granted.set()
+    def lease_granted(self, lease: LocalLease) -> None:
+        """A keeper got ``lease``: the renewer wakes if it falls due before its next turn."""
+        if lease.renew_at < self._due:
+            self._due = lease.renew_at
+            self._granted.set()
 
     def _held_leases(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
         return {

@@ -15,6 +15,7 @@ granted before it for that loop.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import json
 import os
@@ -350,6 +351,17 @@ class Coordinator(abc.ABC):
         another runner whose claim has not expired; ``Denied.expires_in`` then
         says when that claim runs out, if known.
         """
+
+    async def acquire_many(
+        self, runner: RunnerInfo, requests: Mapping[str, float]
+    ) -> dict[str, Grant | Denied]:
+        """``acquire`` for each key of ``requests`` (key -> ttl), answered per key, by the
+        rules of ``acquire``. A coordinator that can grant many leases in one round trip or
+        one transaction does so; this default asks for each on its own, all at once. A
+        failure to reach the coordinator raises for the whole batch."""
+        keys = list(requests)
+        answers = await asyncio.gather(*(self.acquire(key, runner, requests[key]) for key in keys))
+        return dict(zip(keys, answers, strict=True))
 
     @abc.abstractmethod
     async def renew(

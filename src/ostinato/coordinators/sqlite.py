@@ -281,40 +281,53 @@ class SQLiteCoordinator(Coordinator):
         return row["owner"] is None or row["boot"] != self._boot or row["expires"] <= now
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
-        def grant(conn: sqlite3.Connection) -> tuple[Grant | Denied, int | None]:
-            self.locks.hold(runner.id)
-            with self._write(conn):
-                conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
-                row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
-                now = time.monotonic()
-                if row["paused"]:
-                    return Denied(holder=None, expires_in=None, paused=True), None
-                if (
-                    row["owner"] != runner.id
-                    and not self._expired(row, now)
-                    and not self.locks.dead(row["owner"])
-                ):
-                    denied = Denied(holder=row["holder"], expires_in=row["expires"] - now)
-                    return denied, row["holder_pid"]
-                fence = row["fence"] + 1
-                conn.execute(
-                    "UPDATE ostinato_loops SET fence = ?, owner = ?, holder = ?, holder_pid = ?,"
-                    " boot = ?, expires = ?, held_since = ? WHERE key = ?",
-                    (fence, runner.id, runner.label, runner.pid, self._boot, now + ttl,
-                     time.time(), key),
-                )
-                return Grant(fence=fence, last_start=row["last_start"]), None
+        return (await self.acquire_many(runner, {key: ttl}))[key]
 
-        answer, holder_pid = await self._run(grant, priority=REQUEST)
-        if isinstance(answer, Denied) and holder_pid is not None:
-            owner = await self._run(
-                lambda conn: conn.execute(
-                    "SELECT owner FROM ostinato_loops WHERE key = ?", (key,)
-                ).fetchone()["owner"]
-            )
-            if owner is not None:
-                self._watch_holder(owner, holder_pid, key)
-        return answer
+    async def acquire_many(
+        self, runner: RunnerInfo, requests: Mapping[str, float]
+    ) -> dict[str, Grant | Denied]:
+        """Every request in one transaction (one commit to disk for the whole batch)."""
+
+        def grant(
+            conn: sqlite3.Connection,
+        ) -> tuple[dict[str, Grant | Denied], dict[str, tuple[str, int]]]:
+            self.locks.hold(runner.id)
+            answers: dict[str, Grant | Denied] = {}
+            watch: dict[str, tuple[str, int]] = {}  # refused: key -> (owner, pid) of its holder
+            with self._write(conn):
+                # The grants' claims run from here: a lease counts from when the
+                # transaction holding the database's write lock began, not from when
+                # its request joined the queue.
+                now = time.monotonic()
+                wall = time.time()
+                for key, ttl in requests.items():
+                    conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
+                    row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                    if row["paused"]:
+                        answers[key] = Denied(holder=None, expires_in=None, paused=True)
+                        continue
+                    if (
+                        row["owner"] != runner.id
+                        and not self._expired(row, now)
+                        and not self.locks.dead(row["owner"])
+                    ):
+                        answers[key] = Denied(holder=row["holder"], expires_in=row["expires"] - now)
+                        if row["holder_pid"] is not None and row["owner"] is not None:
+                            watch[key] = (row["owner"], row["holder_pid"])
+                        continue
+                    fence = row["fence"] + 1
+                    conn.execute(
+                        "UPDATE ostinato_loops SET fence = ?, owner = ?, holder = ?, holder_pid = ?,"
+                        " boot = ?, expires = ?, held_since = ? WHERE key = ?",
+                        (fence, runner.id, runner.label, runner.pid, self._boot, now + ttl, wall, key),
+                    )
+                    answers[key] = Grant(fence=fence, last_start=row["last_start"], sent=now)
+            return answers, watch
+
+        answers, watch = await self._run(grant, priority=REQUEST)
+        for key, (owner, holder_pid) in watch.items():
+            self._watch_holder(owner, holder_pid, key)
+        return answers
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
