@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -286,6 +287,7 @@ class Runner:
             batch = dict(itertools.islice(self._wanted.items(), ACQUIRE_BATCH))
             for key in batch:
                 del self._wanted[key]
+            sent = time.monotonic()
             try:
                 answers = await self.coordinator.acquire_many(
                     self.info, {key: ttl for key, (ttl, _) in batch.items()}
@@ -296,8 +298,13 @@ class Runner:
                         future.set_exception(exc)
                 continue
             for key, (_, future) in batch.items():
+                answer = answers[key]
+                if isinstance(answer, Grant) and (answer.sent is None or answer.sent < sent):
+                    # The claim began no sooner than the batch left, whenever its keeper
+                    # asked: a request that waited for an earlier batch loses nothing.
+                    answer = dataclasses.replace(answer, sent=sent)
                 if not future.done():
-                    future.set_result(answers[key])
+                    future.set_result(answer)
 
     # -- renewing ------------------------------------------------------------------------
 

@@ -322,7 +322,7 @@ async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
     events = coordinator._events  # type: ignore[attr-defined]
     await granting(server)
     await coordinator.subscribe(runner(1), got.put_nowait)
-    real_ask = coordinator._ask  # type: ignore[attr-defined]
+    real_ask = coordinator._ask_many  # type: ignore[attr-defined]
 
     async def ask_then_lose_the_server(*args: object, **kwargs: object) -> object:
         answer = await real_ask(*args, **kwargs)
@@ -334,7 +334,7 @@ async def test_a_grant_answered_as_the_server_went_away_is_asked_for_again(
             await asyncio.sleep(0.01)
         return answer
 
-    monkeypatch.setattr(coordinator, "_ask", ask_then_lose_the_server)
+    monkeypatch.setattr(coordinator, "_ask_many", ask_then_lose_the_server)
     answer = await coordinator.acquire(KEY, runner(1), 30.0)
     assert isinstance(answer, Denied)
 
@@ -390,7 +390,7 @@ async def test_a_grant_answered_as_events_came_back_is_asked_for_again(
     server, coordinator, got = own
     events = coordinator._events  # type: ignore[attr-defined]
     reopen = await restart_unseen(server, coordinator, got)
-    real_ask = coordinator._ask  # type: ignore[attr-defined]
+    real_ask = coordinator._ask_many  # type: ignore[attr-defined]
 
     async def ask_then_let_events_back(*args: object, **kwargs: object) -> object:
         answer = await real_ask(*args, **kwargs)
@@ -399,7 +399,7 @@ async def test_a_grant_answered_as_events_came_back_is_asked_for_again(
         await until_events(events, connected=True)
         return answer
 
-    monkeypatch.setattr(coordinator, "_ask", ask_then_let_events_back)
+    monkeypatch.setattr(coordinator, "_ask_many", ask_then_let_events_back)
     assert isinstance(await coordinator.acquire(KEY, runner(1), 30.0), Denied)
 
 

@@ -353,11 +353,31 @@ class RedisCoordinator(Coordinator):
     # -- leases --------------------------------------------------------------------
 
     async def acquire(self, key: str, runner: RunnerInfo, ttl: float) -> Grant | Denied:
+        return (await self.acquire_many(runner, {key: ttl}))[key]
+
+    async def acquire_many(
+        self, runner: RunnerInfo, requests: Mapping[str, float]
+    ) -> dict[str, Grant | Denied]:
+        """Every request's script in one pipeline (one round trip for the batch); a refusal
+        by a holder that died on this host is asked again on its own."""
         self._hold_liveness(runner)
         generation, watched = self._events.generation, self._events.connected
-        seen = self._sightings.unchanged(key, time.monotonic())
-        unchanged = ("", "") if seen is None else (str(seen[0]), str(seen[1]))
-        answer = await self._ask(key, runner, ttl, unchanged=unchanged)
+        now = time.monotonic()
+        unchanged: dict[str, tuple[str, str]] = {}
+        for key in requests:
+            seen = self._sightings.unchanged(key, now)
+            unchanged[key] = ("", "") if seen is None else (str(seen[0]), str(seen[1]))
+        answers = await self._ask_many(runner, requests, unchanged)
+        return {
+            key: await self._settle(key, runner, ttl, answer, unchanged[key], generation, watched)
+            for (key, ttl), answer in zip(requests.items(), answers, strict=True)
+        }
+
+    async def _settle(
+        self, key: str, runner: RunnerInfo, ttl: float, answer: list[Any],
+        unchanged: tuple[str, str], generation: int, watched: bool,
+    ) -> Grant | Denied:
+        """What one answer of the acquire script means for ``key``."""
         if answer[0] == "denied" and len(answer) == 8:  # refused by a holder, not by a restart
             owner, fence, pid = answer[3:6]
             died = self.locks.died_here(owner)
@@ -404,14 +424,37 @@ class RedisCoordinator(Coordinator):
         self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
         unchanged: tuple[str, str] = ("", ""),
     ) -> list[Any]:
-        keys = [self._key("lease", key), self._key("fence", key), self._key("loop", key),
-                self._key("loops")]
         with self._reaching():
             answer: list[Any] = await self._acquire(
-                keys, [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead,
-                       *unchanged, LINGER_MS]
+                self._acquire_keys(key), self._acquire_args(key, runner, ttl, dead, unchanged)
             )
         return answer
+
+    async def _ask_many(
+        self, runner: RunnerInfo, requests: Mapping[str, float], unchanged: Mapping[str, tuple[str, str]]
+    ) -> list[list[Any]]:
+        """The acquire script for every request, in one pipeline."""
+        with self._reaching():
+            pipe = self._client.pipeline(transaction=False)
+            for key, ttl in requests.items():
+                await self._acquire(
+                    self._acquire_keys(key), self._acquire_args(key, runner, ttl, unchanged=unchanged[key]),
+                    client=pipe,
+                )
+            answers: list[list[Any]] = await pipe.execute()
+        return answers
+
+    def _acquire_keys(self, key: str) -> list[str]:
+        return [self._key("lease", key), self._key("fence", key), self._key("loop", key),
+                self._key("loops")]
+
+    @staticmethod
+    def _acquire_args(
+        key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
+        unchanged: tuple[str, str] = ("", ""),
+    ) -> list[EncodableT]:
+        return [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead,
+                *unchanged, LINGER_MS]
 
     def _mourn(self, key: str, owner: str, pid: int) -> None:
         """Announce ``released`` for ``key`` once ``owner``, a runner of this host, dies."""
