@@ -162,6 +162,12 @@ class LoopStats:
     zone: str | None = None
 
 
+#: How far behind a runner's reports may be (it sends one a second): status calls a loop
+#: stalled only once its last reported pass end is older than ``stall_after`` plus this.
+#: The holder's own verdict (alerts, metrics, /healthz) has no such lag.
+REPORT_LAG = 2.0
+
+
 @dataclass(frozen=True)
 class LoopRecord:
     """What the coordinator knows of one loop, for status."""
@@ -216,7 +222,7 @@ class LoopRecord:
             return "failing"
         if self.stall_after is not None:
             since = max(t for t in (self.last_end, self.held_since, 0.0) if t is not None)
-            if wall_now - since > self.stall_after:
+            if wall_now - since > self.stall_after + REPORT_LAG:
                 return "stalled"
         if self.last_outcome == "idle" and self.running_since is None:
             return "idle"
