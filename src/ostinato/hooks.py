@@ -30,15 +30,14 @@ runners hold leases under, as ``ostinato status`` shows it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -82,31 +81,32 @@ def around_pass() -> tuple[AroundPass, ...]:
 
 
 @contextlib.contextmanager
-def entered(hooks: tuple[AroundPass, ...], ctx: Pass) -> Iterator[list[PassOutcome]]:
-    """Enter every hook for ``ctx``; yields their outcomes for the runner to fill in."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(hook(ctx)) for hook in hooks]
+def entered(
+    hooks: tuple[AroundPass, ...], ctx: Pass, spec: LoopSpec | None = None
+) -> Iterator[list[PassOutcome]]:
+    """Enter every hook for ``ctx`` (a pass of the loop declared by ``spec``); yields their
+    outcomes for the runner to fill in."""
+    token = _declaration.set(spec)
+    try:
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(hook(ctx)) for hook in hooks]
+    finally:
+        _declaration.reset(token)
 
 
 def declared(ctx: Pass) -> LoopSpec | None:
     """The declaration of the loop ``ctx`` is a pass of (its schedule, lease, timeout...), when
-    called from a hook while a runner enters or leaves it; else ``None``.
-
-    It is read from the runner's own frames, so it costs a few microseconds: call it when
-    the answer is needed (a monitor being configured), not on every pass.
-    """
-    from ostinato.keeper import LoopKeeper  # the keeper imports this module
-
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        keeper = frame.f_locals.get("self") if frame.f_code.co_filename == _KEEPER else None
-        if isinstance(keeper, LoopKeeper) and keeper.key == ctx.lease_name:
-            return keeper.spec
-        frame = frame.f_back
-    return None
+    called from a hook while the runner enters or leaves it; else ``None``."""
+    spec = _declaration.get()
+    if spec is None or ctx.loop != spec.name:
+        return None
+    return spec
 
 
-_KEEPER = os.path.join(os.path.dirname(__file__), "keeper.py")
+#: The declaration of the loop whose pass the hooks are around, in the pass's own context.
+_declaration: contextvars.ContextVar[LoopSpec | None] = contextvars.ContextVar(
+    "ostinato_declaration", default=None
+)
 
 
 def holder() -> str:

@@ -350,7 +350,7 @@ class LoopKeeper:
             try:
                 ctx = self._context(lease, number, now)
                 if hooks := around_pass():
-                    with entered(hooks, ctx) as outcomes:
+                    with entered(hooks, ctx, spec) as outcomes:
                         result = body(ctx)
                         _settle(outcomes, result)
                 else:
@@ -460,7 +460,7 @@ class LoopKeeper:
                     ctx = self._context(lease, number, now)
                     async with asyncio.timeout(spec.timeout):
                         if hooks := around_pass():
-                            with entered(hooks, ctx) as outcomes:
+                            with entered(hooks, ctx, spec) as outcomes:
                                 result = await body(ctx)
                                 _settle(outcomes, result)
                         else:
