@@ -162,8 +162,9 @@ def child_main(target: str, loop: str, ttl: float, conn: Connection, deadline: S
             return
         if message[0] == "exit":
             return
-        _, fence, number = message
-        ctx = Pass(loop, _SharedLease(fence, ttl, deadline), number, time.monotonic(), app=hosted.name)
+        _, fence, number, scheduled_for, missed = message
+        ctx = Pass(loop, _SharedLease(fence, ttl, deadline), number, time.monotonic(), app=hosted.name,
+                   scheduled_for=scheduled_for, missed=missed)
         try:
             if runner_loop is not None:
                 result = runner_loop.run_until_complete(spec.body(ctx))
@@ -222,7 +223,7 @@ class Worker:
         self.deadline.value = lease.effective_deadline()
         self._await_ready(lease)
         started = time.monotonic()
-        self.conn.send(("pass", ctx.fence, ctx.number))
+        self.conn.send(("pass", ctx.fence, ctx.number, ctx.scheduled_for, ctx.missed))
         self.passes += 1
         timeout = self.spec.timeout
         while not self.conn.poll(TICK):
