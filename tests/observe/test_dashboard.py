@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -208,6 +210,11 @@ class Resting(LoopRecord):
         return "resting"
 
 
+#: The cron loop's next start: 02:30 on Lord Howe Island, a day ahead (shown in its own zone).
+NIGHTLY = (datetime.now(ZoneInfo("Australia/Lord_Howe")) + timedelta(days=1)).replace(
+    hour=2, minute=30, second=0, microsecond=0)
+
+
 def long_fenced_loops(started: float) -> list[LoopRecord]:
     """Loops as a Redis coordinator of a busy fleet shows them: fences of 16 digits, long
     holder names, a long error, a fast loop, a once-a-minute cron loop, a state unknown here."""
@@ -224,7 +231,8 @@ def long_fenced_loops(started: float) -> list[LoopRecord]:
                    last_duration=0.002, last_outcome="worked", p50=0.002, p99=0.004),
         LoopRecord("shop:nightly_report", fence=fence + 2, paused=False, holder="web-2:31337",
                    held_since=started, passes=1 if time.time() - started > 1 else 0,
-                   last_duration=4.0, last_outcome="worked", p50=4.0, p99=4.0),
+                   last_duration=4.0, last_outcome="worked", p50=4.0, p99=4.0,
+                   next_start=NIGHTLY.timestamp(), zone="Australia/Lord_Howe"),
         LoopRecord("shop:archive", fence=fence + 3, paused=True, holder=None, held_since=None,
                    passes=99999, errors=12),
         Resting("shop:resting", fence=fence + 4, paused=False, holder="web-3:2718",
@@ -295,6 +303,8 @@ def test_the_page_fits_1400_px_with_long_fences_and_tells_rates_honestly(
 
             # One pass of a once-a-minute loop, seen in the first seconds, is no rate yet.
             assert cron.locator("td.per_minute").inner_text() == "—"
+            assert cron.locator("td.state .next").inner_text() == "next 02:30:00"  # the loop's zone
+            assert "Australia/Lord_Howe" in (cron.locator("td.state").get_attribute("title") or "")
             assert cron.locator("svg.chart-rate + .chart-label").inner_text() == "—"
             help_text = page.locator("th.rate-help").first.get_attribute("title") or ""
             assert "10 passes" in help_text

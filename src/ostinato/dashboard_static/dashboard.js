@@ -149,6 +149,16 @@
     c.loop.title = loop.key;
     c.state.textContent = state;
     c.state.className = `state ${stateClass(state)}`;
+    // The next planned start, in the schedule's own zone (the ISO time carries its offset).
+    const showNext = loop.next_start_iso && loop.next_start > data.now + 1
+      && state !== "paused" && state !== "no runner";
+    c.state.title = showNext ? `next start ${loop.next_start_iso}${loop.zone ? ` (${loop.zone})` : ""}` : "";
+    if (showNext) {
+      const next = document.createElement("small");
+      next.className = "next";
+      next.textContent = `next ${loop.next_start_iso.slice(11, 19)}`;
+      c.state.append(document.createElement("br"), next);
+    }
     row.tr.dataset.state = state;
     c.holder.textContent = loop.holder || NONE;
     c.holder.title = loop.holder || "";
