@@ -54,7 +54,7 @@ docs: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Every benchmark, one after the other (about 13 minutes); JSON in bench/results/.
+# Every benchmark, one after the other (about 25 minutes); JSON in bench/results/.
 # The peers (RQ, Celery, APScheduler) come from the bench extra, which the lock holds.
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/peers.py
 	$(BIN)/python bench/fencing.py
+	$(BIN)/python bench/scale.py
 
 # The full fault matrix (a few minutes per coordinator); results in tests/chaos/results/.
 # The wall-clock fault needs libfaketime: installed here when missing, as root only.

@@ -255,6 +255,9 @@ def main() -> int:
                 log.info("%s", row)
                 result["runs"].append(row)
     result["cleanup"] = cleanup
+    result["problems"] = [f"cleanup incomplete: {cleanup}"] if (
+        cleanup.get("redis_keys_left") or cleanup.get("postgres_schemas_left") or cleanup.get("errors")
+    ) else []
     finish(result, began, goals(result["runs"]))
     write_json(RESULTS, result)
     print(table(result))
