@@ -26,9 +26,13 @@ from tests.chaos.netsim import Net, NetUnavailable
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
-SECONDS = 3.0
+SECONDS = 2.5
 TTL = 1.0
-SQLITE_FAULTS = [name for name, fault in FAULTS.items() if "sqlite" in fault.backends]
+# The faults that threaten the lease itself; the others (stop_short, contention, raise,
+# hang) run in the full matrix (make chaos), and their effects in the runner's own tests.
+SQLITE_CELLS = ("kill9", "stop_long", "pause_write", "sigterm", "clock_jump")
+SQLITE_FAULTS = [name for name, fault in FAULTS.items() if "sqlite" in fault.backends
+                 and name in SQLITE_CELLS]
 # A network fault per server backend, and the cells of the full matrix (make chaos) that
 # found bugs once (tests/chaos/README.md), so that they stay fixed.
 SERVER_CELLS = [

@@ -79,8 +79,10 @@ def _stopped_within(proc: subprocess.Popen[bytes], sig: signal.Signals, seconds:
             proc.wait()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-@pytest.mark.parametrize("server", ["redis-refused", "redis-silent", "postgres-silent"])
+@pytest.mark.parametrize(("server", "sig"), [
+    ("redis-refused", signal.SIGTERM), ("redis-refused", signal.SIGINT),
+    ("redis-silent", signal.SIGTERM), ("postgres-silent", signal.SIGINT),
+])
 def test_a_runner_waiting_for_its_coordinator_stops_on_a_signal(
     app_file: Path, tmp_path: Path, silent_port: int, server: str, sig: signal.Signals,
 ) -> None:
