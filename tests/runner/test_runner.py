@@ -137,7 +137,7 @@ async def test_idle_waits_until_woken() -> None:
         await asyncio.sleep(0.1)
         assert len(passes) == 1  # in its 30 s idle wait
         await app.wake_async("drain")
-        await until(lambda: len(passes) == 2, timeout=2.0)
+        await until(lambda: len(passes) == 2, timeout=5.0)  # far short of the 30 s idle wait
         with pytest.raises(ostinato.UnknownLoopError):
             await app.wake_async("nope")
 
