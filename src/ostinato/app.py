@@ -224,6 +224,10 @@ class App:
             return register(body)
         return register
 
+    def loop_names(self) -> str:
+        """This app's loops as status names them (``app:loop, ...``), for messages."""
+        return ", ".join(f"{self.name}:{loop}" for loop in self.loops) or "(none)"
+
     def locate(self) -> str:
         """``module:attr`` or ``path/file.py:attr`` naming this app, for child processes to import."""
         if self.target is not None:
@@ -347,8 +351,7 @@ class App:
         bare = name.removeprefix(f"{self.name}:")
         if bare not in self.loops:
             raise UnknownLoopError(
-                f"app {self.name!r} has no loop named {name!r}; its loops are "
-                f"{', '.join(f'{self.name}:{loop}' for loop in self.loops) or '(none)'}"
+                f"app {self.name!r} has no loop named {name!r}; its loops are {self.loop_names()}"
             )
         return f"{self.name}:{bare}"
 
@@ -376,7 +379,7 @@ class App:
         if unknown:
             raise UnknownLoopError(
                 f"app {self.name!r} has no loop named {', '.join(map(repr, unknown))}; "
-                f"its loops are {', '.join(f'{self.name}:{loop}' for loop in self.loops) or '(none)'}"
+                f"its loops are {self.loop_names()}"
             )
         return [spec for name, spec in self.loops.items() if name in only]
 

@@ -505,16 +505,10 @@ class Runner:
         if stalled == keeper.stalled:
             return
         keeper.stalled = stalled
-        notice = Stall(
-            loop=keeper.key,
-            holder=self.info.label,
-            fence=lease.fence,
-            last_pass_end=None if stats.last_end is None else stats.last_end + self.wall_offset,
-            stalled_for=now - (keeper.stall_began if not stalled else since),
+        notice, extra = self._notice(
+            keeper, "stalled", stalled_for=now - (keeper.stall_began if not stalled else since),
             recovered=not stalled,
         )
-        extra = fields("recovered" if notice.recovered else "stalled", loop=keeper.key,
-                       fence=notice.fence, runner=self.info.label)
         if stalled:
             keeper.stall_began = since
             log.error("%s: stalled: no pass finished for %.1fs", keeper.key, now - since,
@@ -523,6 +517,23 @@ class Runner:
             log.warning("%s: recovered from a stall of %.1fs", keeper.key, notice.stalled_for,
                         extra=extra)
         self._call_hooks(notice)
+
+    def _notice(
+        self, keeper: LoopKeeper, reason: str, *, stalled_for: float, recovered: bool,
+        failed_passes: int = 0, last_error: str | None = None,
+    ) -> tuple[Stall, dict[str, object]]:
+        """The notice of a loop held here going into trouble or out of it, and its log fields."""
+        lease, last_end = keeper.lease, keeper.stats.last_end
+        assert lease is not None
+        notice = Stall(
+            loop=keeper.key, holder=self.info.label, fence=lease.fence,
+            last_pass_end=None if last_end is None else last_end + self.wall_offset,
+            stalled_for=stalled_for, recovered=recovered, reason=reason,
+            failed_passes=failed_passes, last_error=last_error,
+        )
+        extra = fields("recovered" if recovered else reason, loop=keeper.key, fence=lease.fence,
+                       runner=self.info.label)
+        return notice, extra
 
     def _failing_changed(self, keeper: LoopKeeper) -> Callable[[], object]:
         """What a loop's statistics call when failing may have started or ended: a look at
@@ -545,19 +556,10 @@ class Runner:
         keeper.failing = failing
         if failing:
             keeper.failing_since = now
-        notice = Stall(
-            loop=keeper.key,
-            holder=self.info.label,
-            fence=lease.fence,
-            last_pass_end=None if stats.last_end is None else stats.last_end + self.wall_offset,
-            stalled_for=now - keeper.failing_since,
-            recovered=not failing,
-            reason="failing",
-            failed_passes=stats.fail_streak,
-            last_error=stats.last_error,
+        notice, extra = self._notice(
+            keeper, "failing", stalled_for=now - keeper.failing_since, recovered=not failing,
+            failed_passes=stats.fail_streak, last_error=stats.last_error,
         )
-        extra = fields("recovered" if notice.recovered else "failing", loop=keeper.key,
-                       fence=notice.fence, runner=self.info.label)
         if failing:
             log.error("%s: failing: the last %d passes all failed; the last error: %s", keeper.key,
                       stats.fail_streak, stats.last_error, extra=extra)

@@ -74,8 +74,7 @@ def run_passes(
     spec = app.loops.get(name.removeprefix(f"{app.name}:"))
     if spec is None:
         raise UnknownLoopError(
-            f"app {app.name!r} has no loop named {name!r}; its loops are "
-            f"{', '.join(f'{app.name}:{loop}' for loop in app.loops) or '(none)'}"
+            f"app {app.name!r} has no loop named {name!r}; its loops are {app.loop_names()}"
         )
     lease = asyncio.run(_lease(f"{app.name}:{spec.name}", spec.lease))
     results = []
