@@ -100,7 +100,8 @@ class Run:
 
     def runner_pids(self) -> list[int]:
         return [int(m.group(1)) for line in self.lines
-                if (m := re.match(r"^started runner \S+:(\d+)$", line))]
+                # The runners write to the same output, so a line may begin with their text.
+                if (m := re.search(r"started runner \S+:(\d+)$", line))]
 
     def kill(self) -> None:
         """Kill the demo if it still runs, and wait for the end of its output."""
@@ -208,7 +209,7 @@ def test_an_interrupted_demo_stops_its_runners_and_removes_its_folder(
     run = Run.start(tmp_path / "tmp")
     try:
         folder = Path(run.wait_line(r" on sqlite:///(\S+)/ostinato\.db$").group(1))
-        run.wait_line(r"^started runner ", count=2)
+        run.wait_line(r"started runner \S+:\d+$", count=2)
         assert folder.exists()
         run.proc.send_signal(signum)
         assert run.proc.wait(30) == code, run.output()
