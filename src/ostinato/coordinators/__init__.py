@@ -14,6 +14,7 @@ from ostinato.coordinators.protocol import (
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    Setting,
 )
 from ostinato.errors import ConfigurationError, MissingExtraError
 
@@ -27,6 +28,7 @@ __all__ = [
     "Renewal",
     "RunnerInfo",
     "RunnerRecord",
+    "Setting",
     "from_url",
     "redact",
 ]

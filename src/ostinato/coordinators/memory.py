@@ -22,6 +22,7 @@ from ostinato.coordinators.protocol import (
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    Setting,
     stats_fields,
 )
 
@@ -47,6 +48,7 @@ class MemoryStore:
     lock: threading.Lock = field(default_factory=threading.Lock)
     leases: dict[str, _Lease] = field(default_factory=dict)
     runners: dict[str, tuple[str, float, frozenset[str]]] = field(default_factory=dict)
+    settings: dict[str, Setting] = field(default_factory=dict)
     subscribers: list[tuple[asyncio.AbstractEventLoop, Callable[[Event], None]]] = field(
         default_factory=list
     )
@@ -205,3 +207,15 @@ class MemoryCoordinator(Coordinator):
         with self.store.lock:
             self.store.subscribers.append(sub)
         self._subscriptions.append(sub)
+
+    async def read_setting(self, name: str) -> Setting | None:
+        with self.store.lock:
+            return self.store.settings.get(name)
+
+    async def write_setting(self, name: str, value: str, fence: int) -> bool:
+        with self.store.lock:
+            stored = self.store.settings.get(name)
+            if stored is not None and stored.fence > fence:
+                return False
+            self.store.settings[name] = Setting(value, fence)
+            return True

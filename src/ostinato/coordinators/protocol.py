@@ -111,6 +111,15 @@ class Denied:
     paused: bool = False
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A value every runner must agree on (a loop's key list, its partition count), with the
+    fence of the lease it was written under: a write under an older fence is refused."""
+
+    value: str
+    fence: int
+
+
 class Renewal(enum.Enum):
     HELD = "held"
     LOST = "lost"
@@ -120,6 +129,9 @@ class Renewal(enum.Enum):
 @dataclass(frozen=True)
 class Event:
     """A notice between processes. ``kind`` is one of ``KINDS``, or a local one.
+
+    ``changed``: a setting of the loop ``key`` changed (its key list, its partition
+    count): runners read it again now rather than at their next regular look.
 
     Two kinds never cross processes; a coordinator tells its own runner:
 
@@ -133,7 +145,7 @@ class Event:
     kind: str
     key: str
 
-    KINDS = ("wake", "released", "paused", "resumed", "revoked")
+    KINDS = ("wake", "released", "paused", "resumed", "revoked", "changed")
 
 
 @dataclass
@@ -438,3 +450,13 @@ class Coordinator(abc.ABC):
         The coordinator may also call it with ``released`` events it infers
         itself (a holder it saw die).
         """
+
+    async def read_setting(self, name: str) -> Setting | None:
+        """The setting stored under ``name``, or ``None``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no settings")
+
+    async def write_setting(self, name: str, value: str, fence: int) -> bool:
+        """Store ``value`` under ``name``, unless the stored setting has a greater fence
+        (it was written under a newer lease): then change nothing and return False. An
+        equal fence overwrites. Checked atomically with the write."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no settings")
