@@ -6,7 +6,7 @@ LOCK := requirements/dev.txt
 # Refreshing the lock is done on purpose, with this pinned pip-tools (make lock).
 PIP_TOOLS := pip-tools==7.7.0
 COMPILE = --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links --strip-extras
-EXTRAS := dev,redis,postgres,metrics,dashboard,bench,sqlalchemy,django,sentry,otel
+EXTRAS := dev,redis,postgres,metrics,dashboard,bench,sqlalchemy,django,sentry,otel,celery,rq
 
 .PHONY: install browser test lint typecheck docs demo bench chaos lock test-latest clean
 
