@@ -25,16 +25,12 @@ last, so a runner's renewals never queue behind its own standbys' polling.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import itertools
 import json
 import logging
 import os
-import queue
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,7 +38,6 @@ from typing import Any, TypeVar
 
 from ostinato.coordinators.liveness import RunnerLocks, boot_id
 from ostinato.coordinators.protocol import (
-    STAT_FIELDS,
     Coordinator,
     Denied,
     Event,
@@ -52,66 +47,18 @@ from ostinato.coordinators.protocol import (
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    Setting,
     hosts_from,
     hosts_text,
     stats_fields,
 )
+from ostinato.coordinators.sqlite_sql import SCHEMA, SQL, STAT_COLUMNS, add_columns
+from ostinato.coordinators.sqlite_worker import RENEWAL, REQUEST, URGENT
+from ostinato.coordinators.sqlite_worker import Worker as _Worker
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
 log = logging.getLogger("ostinato.sqlite")
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ostinato_loops (
-    key TEXT PRIMARY KEY,
-    fence INTEGER NOT NULL DEFAULT 0,
-    owner TEXT,
-    holder TEXT,
-    holder_pid INTEGER,
-    boot TEXT,
-    expires REAL,
-    held_since REAL,
-    paused INTEGER NOT NULL DEFAULT 0,
-    passes INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    last_start REAL, last_end REAL, last_duration REAL, last_outcome TEXT,
-    last_error TEXT, last_error_at REAL, p50 REAL, p99 REAL,
-    running_since REAL, stall_after REAL,
-    fail_streak INTEGER, fail_after INTEGER, next_start REAL, zone TEXT,
-    forgotten INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS ostinato_runners (
-    id TEXT PRIMARY KEY,
-    label TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    boot TEXT NOT NULL,
-    expires REAL NOT NULL,
-    port INTEGER,
-    hosts TEXT
-);
-"""
-#: Columns added since the first release: (table, column, type), added where missing.
-ADDED_COLUMNS = (
-    ("ostinato_loops", "fail_streak", "INTEGER"), ("ostinato_loops", "fail_after", "INTEGER"),
-    ("ostinato_loops", "next_start", "REAL"), ("ostinato_loops", "zone", "TEXT"),
-    ("ostinato_runners", "hosts", "TEXT"),
-    ("ostinato_loops", "forgotten", "INTEGER NOT NULL DEFAULT 0"),
-)
-
-STAT_COLUMNS = STAT_FIELDS
-
-def _add_columns(conn: sqlite3.Connection) -> None:
-    """Bring a database made by an older version up to date (idempotent, race-safe)."""
-    for table, column, kind in ADDED_COLUMNS:
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column in present:
-            continue
-        try:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):  # another runner added it first
-                raise
-
 
 def sqlite_path(url: str) -> Path:
     """The database path of a ``sqlite:///`` URL; its folder must exist."""
@@ -140,46 +87,6 @@ def sqlite_path(url: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigurationError(f"SQLite database {str(path)!r} is not writable")
     return path
-
-
-# The order in which the connection's thread takes waiting statements: renewals first
-# (a lease must not run out behind this runner's own requests), a standby's lease
-# requests last.
-RENEWAL, URGENT, REQUEST = 0, 1, 2
-
-
-class _Worker:
-    """The one thread that uses the connection, taking waiting calls by priority."""
-
-    def __init__(self) -> None:
-        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], Any] | None,
-                                               concurrent.futures.Future[Any] | None]]
-        self._queue = queue.PriorityQueue()
-        self._order = itertools.count()
-        threading.Thread(target=self._work, name="ostinato-sqlite", daemon=True).start()
-
-    def submit(self, priority: int, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((priority, next(self._order), fn, future))
-        return future
-
-    def stop(self) -> None:
-        """End the thread once every call already submitted has run."""
-        self._queue.put((REQUEST + 1, next(self._order), None, None))
-
-    def _work(self) -> None:
-        while True:
-            _, _, fn, future = self._queue.get()
-            if fn is None or future is None:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue  # the caller gave up waiting
-            try:
-                result = fn()
-            except BaseException as exc:  # handed to the caller, as an executor would
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
 
 
 class SQLiteCoordinator(Coordinator):
@@ -217,7 +124,7 @@ class SQLiteCoordinator(Coordinator):
                     time.sleep(0.01)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
-            _add_columns(conn)
+            add_columns(conn)
             self._conn = conn
         return self._conn
 
@@ -301,8 +208,8 @@ class SQLiteCoordinator(Coordinator):
                 now = time.monotonic()
                 wall = time.time()
                 for key, ttl in requests.items():
-                    conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
-                    row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                    conn.execute(SQL["ensure_loop"], (key,))
+                    row = conn.execute(SQL["loop"], (key,)).fetchone()
                     if row["paused"]:
                         answers[key] = Denied(holder=None, expires_in=None, paused=True)
                         continue
@@ -317,8 +224,7 @@ class SQLiteCoordinator(Coordinator):
                         continue
                     fence = row["fence"] + 1
                     conn.execute(
-                        "UPDATE ostinato_loops SET fence = ?, owner = ?, holder = ?, holder_pid = ?,"
-                        " boot = ?, expires = ?, held_since = ? WHERE key = ?",
+                        SQL["grant"],
                         (fence, runner.id, runner.label, runner.pid, self._boot, now + ttl, wall, key),
                     )
                     answers[key] = Grant(fence=fence, last_start=row["last_start"], sent=now)
@@ -337,25 +243,17 @@ class SQLiteCoordinator(Coordinator):
             with self._write(conn):
                 now = time.monotonic()
                 for key, (fence, ttl) in leases.items():
-                    row = conn.execute(
-                        "SELECT owner, fence, boot, expires, paused FROM ostinato_loops"
-                        " WHERE key = ?", (key,),
-                    ).fetchone()
+                    row = conn.execute(SQL["claim"], (key,)).fetchone()
                     if (
                         row is None or row["owner"] != runner.id or row["fence"] != fence
                         or self._expired(row, now)
                     ):
                         answers[key] = Renewal.LOST
                     elif row["paused"]:
-                        conn.execute(
-                            "UPDATE ostinato_loops SET owner = NULL, holder = NULL,"
-                            " holder_pid = NULL, expires = NULL WHERE key = ?", (key,),
-                        )
+                        conn.execute(SQL["unclaim"], (key,))
                         answers[key] = Renewal.PAUSED
                     else:
-                        conn.execute(
-                            "UPDATE ostinato_loops SET expires = ? WHERE key = ?", (now + ttl, key)
-                        )
+                        conn.execute(SQL["extend"], (now + ttl, key))
                         answers[key] = Renewal.HELD
             return answers
 
@@ -364,11 +262,7 @@ class SQLiteCoordinator(Coordinator):
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
         def drop(conn: sqlite3.Connection) -> bool:
             with self._write(conn):
-                cursor = conn.execute(
-                    "UPDATE ostinato_loops SET owner = NULL, holder = NULL, holder_pid = NULL,"
-                    " expires = NULL WHERE key = ? AND owner = ? AND fence = ?",
-                    (key, runner.id, fence),
-                )
+                cursor = conn.execute(SQL["release"], (key, runner.id, fence))
                 return cursor.rowcount == 1
 
         return await self._run(drop)
@@ -376,13 +270,10 @@ class SQLiteCoordinator(Coordinator):
     async def revoke(self, key: str) -> int | None:
         def drop(conn: sqlite3.Connection) -> int | None:
             with self._write(conn):
-                row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                row = conn.execute(SQL["loop"], (key,)).fetchone()
                 if row is None or self._expired(row, time.monotonic()):
                     return None
-                conn.execute(
-                    "UPDATE ostinato_loops SET owner = NULL, holder = NULL, holder_pid = NULL,"
-                    " expires = NULL WHERE key = ?", (key,),
-                )
+                conn.execute(SQL["unclaim"], (key,))
                 fence: int = row["fence"]
                 return fence
 
@@ -391,16 +282,12 @@ class SQLiteCoordinator(Coordinator):
     async def forget(self, key: str) -> bool:
         def drop(conn: sqlite3.Connection) -> bool:
             with self._write(conn):
-                row = conn.execute("SELECT * FROM ostinato_loops WHERE key = ?", (key,)).fetchone()
+                row = conn.execute(SQL["loop"], (key,)).fetchone()
                 if row is None:
                     return True
                 if not self._expired(row, time.monotonic()) and not self.locks.dead(row["owner"]):
                     return False
-                cleared = ", ".join(f"{name} = NULL" for name in STAT_COLUMNS)
-                conn.execute(
-                    f"UPDATE ostinato_loops SET forgotten = 1, paused = 0, passes = 0, errors = 0,"  # noqa: S608 - column names are ours
-                    f" {cleared} WHERE key = ?", (key,),
-                )
+                conn.execute(SQL["forget"], (key,))
                 return True
 
         return await self._run(drop)
@@ -412,19 +299,16 @@ class SQLiteCoordinator(Coordinator):
             self.locks.hold(runner.id)
             with self._write(conn):
                 conn.execute(
-                    "INSERT INTO ostinato_runners (id, label, pid, boot, expires, hosts) VALUES"
-                    " (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET expires = excluded.expires,"
-                    " hosts = excluded.hosts",
+                    SQL["heartbeat"],
                     (runner.id, runner.label, runner.pid, self._boot, time.monotonic() + ttl,
                      hosts_text(runner)),
                 )
                 for item in stats:
                     fields = stats_fields(item)
                     sets = ", ".join(f"{name} = ?" for name in fields)
-                    conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (item.key,))
+                    conn.execute(SQL["ensure_loop"], (item.key,))
                     conn.execute(
-                        f"UPDATE ostinato_loops SET passes = passes + ?, errors = errors + ?,"  # noqa: S608 - column names are ours
-                        f" forgotten = 0, {sets} WHERE key = ?",
+                        SQL["report"].format(sets=sets),
                         (item.passes, item.errors, *fields.values(), item.key),
                     )
 
@@ -432,10 +316,7 @@ class SQLiteCoordinator(Coordinator):
 
     async def runners(self) -> list[RunnerRecord]:
         def read(conn: sqlite3.Connection) -> list[RunnerRecord]:
-            rows = conn.execute(
-                "SELECT id, label, expires, hosts FROM ostinato_runners WHERE boot = ? AND expires > ?",
-                (self._boot, time.monotonic()),
-            ).fetchall()
+            rows = conn.execute(SQL["runners"], (self._boot, time.monotonic())).fetchall()
             # A runner whose liveness lock is free has died, heartbeat or not.
             return [
                 RunnerRecord(r["id"], r["label"], r["expires"], hosts_from(r["hosts"]))
@@ -448,10 +329,8 @@ class SQLiteCoordinator(Coordinator):
     async def set_paused(self, key: str, paused: bool) -> None:
         def store(conn: sqlite3.Connection) -> None:
             with self._write(conn):
-                conn.execute("INSERT OR IGNORE INTO ostinato_loops (key) VALUES (?)", (key,))
-                conn.execute(
-                    "UPDATE ostinato_loops SET paused = ? WHERE key = ?", (int(paused), key)
-                )
+                conn.execute(SQL["ensure_loop"], (key,))
+                conn.execute(SQL["pause"], (int(paused), key))
 
         await self._run(store)
 
@@ -459,7 +338,7 @@ class SQLiteCoordinator(Coordinator):
         def read(conn: sqlite3.Connection) -> list[LoopRecord]:
             now = time.monotonic()
             records = []
-            for row in conn.execute("SELECT * FROM ostinato_loops ORDER BY key"):
+            for row in conn.execute(SQL["loops"]):
                 held = not self._expired(row, now) and not self.locks.dead(row["owner"])
                 if row["forgotten"] and not held:
                     continue
@@ -479,14 +358,27 @@ class SQLiteCoordinator(Coordinator):
 
         return await self._run(read)
 
+    # -- settings ----------------------------------------------------------------
+
+    async def read_setting(self, name: str) -> Setting | None:
+        def read(conn: sqlite3.Connection) -> Setting | None:
+            row = conn.execute(SQL["setting"], (name,)).fetchone()
+            return None if row is None else Setting(row["value"], row["fence"])
+
+        return await self._run(read)
+
+    async def write_setting(self, name: str, value: str, fence: int) -> bool:
+        def store(conn: sqlite3.Connection) -> bool:
+            with self._write(conn):
+                return conn.execute(SQL["write_setting"], (name, value, fence)).rowcount == 1
+
+        return await self._run(store)
+
     # -- events ------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
         def ports(conn: sqlite3.Connection) -> list[int]:
-            rows = conn.execute(
-                "SELECT port FROM ostinato_runners WHERE port IS NOT NULL AND boot = ?"
-                " AND expires > ?", (self._boot, time.monotonic()),
-            ).fetchall()
+            rows = conn.execute(SQL["ports"], (self._boot, time.monotonic())).fetchall()
             return [r["port"] for r in rows]
 
         payload = json.dumps({"kind": event.kind, "key": event.key}).encode()
@@ -509,9 +401,7 @@ class SQLiteCoordinator(Coordinator):
             self.locks.hold(runner.id)
             with self._write(conn):
                 conn.execute(
-                    "INSERT INTO ostinato_runners (id, label, pid, boot, expires, port)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                    " port = excluded.port, expires = excluded.expires",
+                    SQL["register"],
                     (runner.id, runner.label, runner.pid, self._boot,
                      time.monotonic() + 30.0, port),
                 )
