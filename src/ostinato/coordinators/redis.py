@@ -46,7 +46,9 @@ ones found dead). A refused standby waits on such a holder's pidfd and hears
 Keys, all under ``<prefix>:``: ``lease:<key>`` (hash: owner, holder, fence,
 since; expires), ``fence:<key>`` (counter), ``loop:<key>`` (hash: paused flag,
 counts and latest stats), ``loops`` (set of every key seen), ``runners``
-(sorted set of runner ids by expiry), ``runner-labels`` and ``runner-hosts`` (hashes).
+(sorted set of runner ids by expiry), ``runner-labels`` and ``runner-hosts`` (hashes),
+``setting:<name>`` (hash: value, fence). The scripts are in ``redis_lua``; the
+clients, key names and events in ``redis_connections``.
 
 Needs Redis 5 or later: a script that reads ``TIME`` and then writes relies on
 effects replication, the default since then. Not for Redis Cluster: one script
@@ -60,57 +62,44 @@ a short lease. Events travel over Redis pub/sub.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AuthenticationError,
-    InvalidResponse,
-    NoScriptError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
-from ostinato.coordinators import redact
-from ostinato.coordinators.liveness import RunnerLocks, host_folder
-from ostinato.coordinators.network import RECONNECT_MIN, EventFeed, take_options, unavailable
+from ostinato.coordinators.network import RECONNECT_MIN
 from ostinato.coordinators.protocol import (
     STAT_FIELDS,
-    Coordinator,
     Denied,
-    Event,
     Grant,
     LoopRecord,
     LoopStats,
     Renewal,
     RunnerInfo,
     RunnerRecord,
+    Setting,
     Sightings,
     hosts_from,
     hosts_text,
     stats_fields,
 )
-from ostinato.errors import ConfigurationError, CoordinatorUnavailable
+from ostinato.coordinators.redis_connections import RedisConnections
+from ostinato.coordinators.redis_lua import (
+    ACQUIRE,
+    FORGET,
+    HEARTBEAT,
+    LIVE_RUNNERS,
+    RELEASE,
+    RENEW,
+    REVOKE,
+    WRITE_SETTING,
+)
 
 log = logging.getLogger("ostinato.redis")
-
-# Errors that mean "no Redis to talk to right now" (down, loading, a read-only
-# replica after a failover, something else on the port), as opposed to a bug.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, InvalidResponse, OSError)
 
 # Seconds a freshly (re)started server waits before granting a lease it has no fence
 # for, time for holders of leases it forgot to hear ``dropped`` and stop starting
@@ -124,129 +113,6 @@ RESTART_QUIET = 1
 # server's clock up to this long moves no live holder's lease.
 LINGER_MS = 60_000
 
-# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s,
-# pid, the owner and fence of a holder known to be dead, and the fence and renewal count
-# of a claim the caller saw unchanged for its TTL ('' for none). A refusal says who
-# holds it, ms left by the server's clock, owner, fence, pid, renewal count and TTL ms.
-ACQUIRE = """
-redis.call('SADD', KEYS[4], ARGV[4])
-if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local owner = redis.call('HGET', KEYS[1], 'owner')
-local held = redis.call('HGET', KEYS[1], 'fence')
-local beat = redis.call('HGET', KEYS[1], 'beat') or '0'
-if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8])
-   and not (held == ARGV[9] and beat == ARGV[10]) then
-  local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
-  local left = ends and string.format('%d', ends - now) or redis.call('PTTL', KEYS[1])
-  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', left, owner, held or '',
-    redis.call('HGET', KEYS[1], 'pid') or '', beat, redis.call('HGET', KEYS[1], 'ttl') or ''}
-end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  -- A server that refuses INFO to scripts (some hosted ones) is taken to be up long.
-  local info = redis.pcall('INFO', 'server')
-  local up = type(info) == 'string' and string.match(info, 'uptime_in_seconds:(%d+)')
-  if up and tonumber(up) <= tonumber(ARGV[5]) then return {'denied', '', 250} end
-  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
-end
-redis.call('INCR', KEYS[2])
--- GET returns the counter as a string, never as a rounded Lua number.
-local fence = redis.call('GET', KEYS[2])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence, 'pid', ARGV[6],
-  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[3],
-  'ends', string.format('%d', now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[11]))
-return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
-"""
-
-# KEYS: lease, loop hash. ARGV: owner, fence, ttl ms, linger ms. A renewal after the claim
-# ended by the server's clock is refused, and changes nothing.
-RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'lost' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
-if ends and ends <= now then return 'lost' end
-if redis.call('HGET', KEYS[2], 'paused') == '1' then
-  redis.call('DEL', KEYS[1])
-  return 'paused'
-end
-redis.call('HINCRBY', KEYS[1], 'beat', 1)
-redis.call('HSET', KEYS[1], 'ttl', ARGV[3], 'ends', string.format('%d', now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
-return 'held'
-"""
-
-# KEYS: lease. ARGV: owner, fence.
-RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
-   and redis.call('HGET', KEYS[1], 'fence') == ARGV[2] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-# KEYS: lease. Returns the fence of the lease it dropped, or nil if none was held (a
-# claim that ended by the server's clock is dropped all the same).
-REVOKE = """
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then return nil end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
-redis.call('DEL', KEYS[1])
-if ends and ends <= now then return nil end
-return fence
-"""
-
-# KEYS: runner zset (score: expiry in server seconds), labels hash. ARGV: id, label, ttl s.
-HEARTBEAT = """
-local t = redis.call('TIME')
-local now = string.format('%.6f', t[1] + t[2] / 1e6)
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
-  redis.call('HDEL', KEYS[2], gone)
-  redis.call('HDEL', KEYS[3], gone)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], string.format('%.6f', t[1] + t[2] / 1e6 + tonumber(ARGV[3])), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-"""
-
-# KEYS: lease hash, loops set, loop stats hash. ARGV: loop key. 0 while a claim on the
-# lease has not ended (a lease hash without an end counts as held); else the loop is
-# dropped from status (its fence key stays) and 1 is returned.
-FORGET = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local ends = redis.call('HGET', KEYS[1], 'ends')
-  if not ends or tonumber(ends) > now then
-    return 0
-  end
-end
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-# KEYS: runner zset, labels hash, hosts hash. Returns id, expiry, label, hosts fours.
-LIVE_RUNNERS = """
-local t = redis.call('TIME')
-local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.6f', t[1] + t[2] / 1e6),
-  '+inf', 'WITHSCORES')
-local out = {}
-for i = 1, #rows, 2 do
-  out[#out + 1] = rows[i]
-  out[#out + 1] = rows[i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[2], rows[i]) or ''
-  out[#out + 1] = redis.call('HGET', KEYS[3], rows[i]) or ''
-end
-return out
-"""
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
@@ -256,19 +122,11 @@ def _decode(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
-class RedisCoordinator(Coordinator):
+class RedisCoordinator(RedisConnections):
     """Leases in Redis keys with server-side expiry, guarded by Lua scripts."""
 
     def __init__(self, url: str) -> None:
-        self.display_url = redact(url)
-        self._url, options = take_options(url, {"prefix": "ostinato"})
-        self.prefix, self.timeout = options["prefix"], float(options["timeout"])
-        if not self.prefix:
-            raise ConfigurationError(f"bad Redis URL {self.display_url!r}: empty prefix")
-        self._password = urlsplit(url).password
-        self._client = self._make_client(self.timeout)
-        # No read timeout for pub/sub: it waits for messages for as long as it takes.
-        self._events_client = self._make_client(None)
+        super().__init__(url)
         self._acquire = self._client.register_script(ACQUIRE)
         self._renew = self._client.register_script(RENEW)
         self._release = self._client.register_script(RELEASE)
@@ -276,79 +134,10 @@ class RedisCoordinator(Coordinator):
         self._heartbeat = self._client.register_script(HEARTBEAT)
         self._live_runners = self._client.register_script(LIVE_RUNNERS)
         self._forget_loop = self._client.register_script(FORGET)
-        self.channel = f"{self.prefix}:events"
-        self._events = EventFeed[PubSub](
-            f"ostinato-redis-events:{self.prefix}", self.display_url, self._messages,
-            self._listen, self._drop, UNREACHABLE, self._unavailable, self._connection_lost,
-            self._reconnected,
-        )
-        self._closed = False
-        # The leases granted here and not yet given up or lost: loop -> fence.
-        self._held: dict[str, int] = {}
-        # Those of them granted while the events connection was down, so by a server
-        # that may have restarted unseen since.
-        self._unwatched: set[str] = set()
-        self.locks = RunnerLocks(host_folder())
+        self._write_setting = self._client.register_script(WRITE_SETTING)
         self._liveness_broken = False
         # Claims seen on refusals, so that expiry is judged on this host's clock.
         self._sightings = Sightings()
-        # Holders on this host that refused us, by runner id: who waits, for which loops.
-        self._mourners: dict[str, tuple[asyncio.Task[None], set[str]]] = {}
-
-    def _make_client(self, read_timeout: float | None) -> aioredis.Redis:
-        return aioredis.Redis.from_url(
-            self._url,
-            decode_responses=True,
-            socket_timeout=read_timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            client_name=f"ostinato:{self.prefix}",  # tells operators whose connections these are
-        )
-
-    def _key(self, kind: str, key: str = "") -> str:
-        return f"{self.prefix}:{kind}:{key}" if key else f"{self.prefix}:{kind}"
-
-    @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        if self._closed:
-            raise CoordinatorUnavailable(f"the coordinator {self.display_url} is closed")
-        try:
-            yield
-        except UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
-
-    def _unavailable(self, exc: BaseException) -> CoordinatorUnavailable:
-        return unavailable("Redis", self.display_url, self._password, exc)
-
-    async def open(self) -> None:
-        try:
-            with self._reaching():
-                await self._client.ping()
-        except CoordinatorUnavailable as exc:
-            if isinstance(exc.__cause__, AuthenticationError):
-                raise ConfigurationError(f"{exc}; check the user and password in the URL") from None
-            raise
-        except ResponseError as exc:  # SELECT of a database the server does not have, say
-            text = str(exc).replace(self._password, "***") if self._password else str(exc)
-            raise ConfigurationError(
-                f"Redis at {self.display_url} refused the connection: {text}; check the URL "
-                "(redis://host:port/DB, where DB is below the server's 'databases' setting)"
-            ) from None
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        mourners = [task for task, _ in self._mourners.values()]
-        for task in mourners:
-            task.cancel()
-        if mourners:
-            await asyncio.wait(mourners, timeout=self.timeout)
-        await self._events.stop(self.timeout)
-        await self._client.aclose()
-        await self._events_client.aclose()
-        self.locks.release_all()
 
     # -- leases --------------------------------------------------------------------
 
@@ -455,41 +244,6 @@ class RedisCoordinator(Coordinator):
     ) -> list[EncodableT]:
         return [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead,
                 *unchanged, LINGER_MS]
-
-    def _mourn(self, key: str, owner: str, pid: int) -> None:
-        """Announce ``released`` for ``key`` once ``owner``, a runner of this host, dies."""
-        if self._closed or not self._events.callbacks:
-            return
-        if owner in self._mourners:
-            self._mourners[owner][1].add(key)
-            return
-        keys = {key}
-        task = asyncio.get_running_loop().create_task(self._await_death(owner, pid, keys))
-        self._mourners[owner] = (task, keys)
-
-    async def _await_death(self, owner: str, pid: int, keys: set[str]) -> None:
-        try:
-            await self.locks.wait_for_death(owner, pid)
-        finally:
-            self._mourners.pop(owner, None)
-        for key in keys:
-            self._events.deliver(Event("released", key))
-
-    def _connection_lost(self) -> None:
-        """The events connection dropped: the server may have restarted and forgotten
-        every lease, so the runner stops their passes and asks for them again."""
-        held, self._held = self._held, {}
-        self._unwatched.clear()
-        for key in held:
-            self._events.deliver(Event("dropped", key))
-
-    def _reconnected(self) -> None:
-        """The events connection is back: a lease granted while it was down may come from
-        a server that restarted in the meantime, unseen, so it is asked for again."""
-        unwatched, self._unwatched = self._unwatched, set()
-        for key in unwatched:
-            if self._held.pop(key, None) is not None:
-                self._events.deliver(Event("dropped", key))
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
@@ -622,52 +376,16 @@ class RedisCoordinator(Coordinator):
             )
         return records
 
-    # -- events ------------------------------------------------------------------------
+    # -- settings ----------------------------------------------------------------------
 
-    async def publish(self, event: Event) -> None:
-        payload = json.dumps({"kind": event.kind, "key": event.key})
+    async def read_setting(self, name: str) -> Setting | None:
         with self._reaching():
-            await self._client.publish(self.channel, payload)
+            row = await self._client.hmget(self._key("setting", name), ["value", "fence"])
+        value, fence = cast("list[str | None]", row)  # text: the client decodes replies
+        return None if value is None or fence is None else Setting(value, int(fence))
 
-    async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
-        if not self._events.started:
-            with self._reaching():
-                self._events.start(await self._listen())
-        self._events.callbacks.append(callback)
+    async def write_setting(self, name: str, value: str, fence: int) -> bool:
+        with self._reaching():
+            stored = await self._write_setting([self._key("setting", name)], [value, str(fence)])
+        return bool(int(stored))
 
-    async def _listen(self) -> PubSub:
-        """A pub/sub connection whose subscription the server has confirmed."""
-        pubsub = self._events_client.pubsub()
-        try:
-            async with asyncio.timeout(self.timeout):
-                await pubsub.subscribe(self.channel)
-                while (await pubsub.get_message(timeout=self.timeout)) is None:
-                    pass
-        except BaseException:
-            await self._drop(pubsub)
-            raise
-        return pubsub
-
-    @staticmethod
-    async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-            if message is not None and message.get("type") == "message":
-                yield message["data"]
-
-    @staticmethod
-    async def _drop(pubsub: PubSub) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await cast(Any, pubsub).aclose()  # typed in some redis-py releases, not in others
-
-    # -- tests -------------------------------------------------------------------------
-
-    async def drop_everything(self) -> None:
-        """Delete every key under this coordinator's prefix (for tests)."""
-        client = self._make_client(self.timeout)
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":*"
-        try:
-            async for name in client.scan_iter(match=pattern, count=500):
-                await client.delete(name)
-        finally:
-            await client.aclose()

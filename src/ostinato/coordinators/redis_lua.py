@@ -1,0 +1,151 @@
+"""The Lua scripts of the Redis coordinator (``redis.py``).
+
+Each runs atomically on the server, so every check of an owner token or a fence
+is made in the same step as the write it guards. ``KEYS`` and ``ARGV`` are listed
+above each script. Fences travel as strings (``GET``, ``HGET``), never as Lua
+numbers, which are doubles and would round the large fences Redis grants.
+"""
+
+from __future__ import annotations
+
+# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s,
+# pid, the owner and fence of a holder known to be dead, and the fence and renewal count
+# of a claim the caller saw unchanged for its TTL ('' for none). A refusal says who
+# holds it, ms left by the server's clock, owner, fence, pid, renewal count and TTL ms.
+ACQUIRE = """
+redis.call('SADD', KEYS[4], ARGV[4])
+if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local held = redis.call('HGET', KEYS[1], 'fence')
+local beat = redis.call('HGET', KEYS[1], 'beat') or '0'
+if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8])
+   and not (held == ARGV[9] and beat == ARGV[10]) then
+  local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
+  local left = ends and string.format('%d', ends - now) or redis.call('PTTL', KEYS[1])
+  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', left, owner, held or '',
+    redis.call('HGET', KEYS[1], 'pid') or '', beat, redis.call('HGET', KEYS[1], 'ttl') or ''}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  -- A server that refuses INFO to scripts (some hosted ones) is taken to be up long.
+  local info = redis.pcall('INFO', 'server')
+  local up = type(info) == 'string' and string.match(info, 'uptime_in_seconds:(%d+)')
+  if up and tonumber(up) <= tonumber(ARGV[5]) then return {'denied', '', 250} end
+  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+end
+redis.call('INCR', KEYS[2])
+-- GET returns the counter as a string, never as a rounded Lua number.
+local fence = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence, 'pid', ARGV[6],
+  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[3],
+  'ends', string.format('%d', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[11]))
+return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
+"""
+
+# KEYS: lease, loop hash. ARGV: owner, fence, ttl ms, linger ms. A renewal after the claim
+# ended by the server's clock is refused, and changes nothing.
+RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'lost' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
+if ends and ends <= now then return 'lost' end
+if redis.call('HGET', KEYS[2], 'paused') == '1' then
+  redis.call('DEL', KEYS[1])
+  return 'paused'
+end
+redis.call('HINCRBY', KEYS[1], 'beat', 1)
+redis.call('HSET', KEYS[1], 'ttl', ARGV[3], 'ends', string.format('%d', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
+return 'held'
+"""
+
+# KEYS: lease. ARGV: owner, fence.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
+   and redis.call('HGET', KEYS[1], 'fence') == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: lease. Returns the fence of the lease it dropped, or nil if none was held (a
+# claim that ended by the server's clock is dropped all the same).
+REVOKE = """
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then return nil end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
+redis.call('DEL', KEYS[1])
+if ends and ends <= now then return nil end
+return fence
+"""
+
+# KEYS: runner zset (score: expiry in server seconds), labels hash, hosts hash. ARGV: id,
+# label, ttl s, hosts (a JSON list).
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = string.format('%.6f', t[1] + t[2] / 1e6)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], gone)
+  redis.call('HDEL', KEYS[3], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], string.format('%.6f', t[1] + t[2] / 1e6 + tonumber(ARGV[3])), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+"""
+
+# KEYS: lease hash, loops set, loop stats hash. ARGV: loop key. 0 while a claim on the
+# lease has not ended (a lease hash without an end counts as held); else the loop is
+# dropped from status (its fence key stays) and 1 is returned.
+FORGET = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local ends = redis.call('HGET', KEYS[1], 'ends')
+  if not ends or tonumber(ends) > now then
+    return 0
+  end
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: runner zset, labels hash, hosts hash. Returns id, expiry, label, hosts fours.
+LIVE_RUNNERS = """
+local t = redis.call('TIME')
+local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.6f', t[1] + t[2] / 1e6),
+  '+inf', 'WITHSCORES')
+local out = {}
+for i = 1, #rows, 2 do
+  out[#out + 1] = rows[i]
+  out[#out + 1] = rows[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[2], rows[i]) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[3], rows[i]) or ''
+end
+return out
+"""
+
+# KEYS: setting hash. ARGV: value, fence. 1 when stored; 0, changing nothing, when the
+# stored setting has a greater fence. Fences are compared as decimal text, not as Lua's
+# doubles, which round integers past 2^53.
+WRITE_SETTING = """
+local function below(a, b)
+  local neg_a, neg_b = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
+  if neg_a ~= neg_b then return neg_a end
+  if neg_a then a, b = string.sub(b, 2), string.sub(a, 2) end
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local stored = redis.call('HGET', KEYS[1], 'fence')
+if stored and below(ARGV[2], stored) then return 0 end
+redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fence', ARGV[2])
+return 1
+"""
