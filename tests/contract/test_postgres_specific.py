@@ -166,7 +166,7 @@ async def test_standby_hears_released_when_the_holder_session_ends(make: MakePos
 async def test_renewals_go_first_and_lease_requests_last() -> None:
     """On a busy connection, a renewal goes before reports, and both before lease requests
     that were waiting longer."""
-    from ostinato.coordinators.postgres import RENEWAL, REQUEST, URGENT, Link
+    from ostinato.coordinators.postgres_connections import RENEWAL, REQUEST, URGENT, Link
 
     link, order = Link("test"), []
     gate = asyncio.Event()

@@ -39,6 +39,8 @@ ALTER TABLE {s}.loops ADD COLUMN IF NOT EXISTS forgotten boolean NOT NULL DEFAUL
 CREATE TABLE IF NOT EXISTS {s}.runners (
     id text PRIMARY KEY, label text NOT NULL, expires timestamptz NOT NULL, hosts text);
 ALTER TABLE {s}.runners ADD COLUMN IF NOT EXISTS hosts text;
+CREATE TABLE IF NOT EXISTS {s}.settings (
+    name text PRIMARY KEY, value text NOT NULL, fence bigint NOT NULL);
 """,
     # Granted when unclaimed, seen unchanged for its ttl by the caller (%(seen_fence)s,
     # %(seen_expires)s), asked again by its owner, or taken from a dead holder (%(dead)s,
@@ -74,6 +76,7 @@ SELECT false, fence, NULL, owner, holder, paused, locked, expires, ttl, quiet,
 FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
+              " AND to_regclass(%(settings)s) IS NOT NULL"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
               " AND attname = 'forgotten' AND NOT attisdropped)"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(runners)s)"
@@ -175,4 +178,12 @@ RETURNING key
     "notify": "SELECT pg_notify(%(channel)s, %(payload)s)",
     "listen": "LISTEN {channel}",
     "drop": "DROP SCHEMA IF EXISTS {s} CASCADE",
+    "setting": "SELECT value, fence FROM {s}.settings WHERE name = %(name)s",
+    # No row when the stored setting has a greater fence (and nothing is changed).
+    "write_setting": """
+INSERT INTO {s}.settings AS stored (name, value, fence) VALUES (%(name)s, %(value)s, %(fence)s)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value, fence = excluded.fence
+WHERE stored.fence <= excluded.fence
+RETURNING 1
+""",
 }
