@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import time
 
-from ostinato.coordinators import Denied, Event, Grant, LoopStats, Renewal, RunnerInfo
+from ostinato.coordinators import Denied, Event, Grant, LoopStats, Renewal, RunnerInfo, Setting
 from ostinato.coordinators.protocol import drift_margin
 from tests.contract.conftest import Make
 
@@ -275,3 +277,80 @@ async def test_runners_say_which_loops_they_host(make: Make) -> None:
     assert record.hosts == frozenset({"app:x", "app:y"})
     assert record.can_run("app:x")
     assert not record.can_run("other:x")
+
+
+SETTING = "app:sync/keys"
+
+
+async def test_an_absent_setting_reads_as_none(make: Make) -> None:
+    """A setting never written reads as ``None``."""
+    a = await make()
+    assert await a.read_setting(SETTING) is None
+
+
+async def test_a_written_setting_reads_back_with_its_fence(make: Make) -> None:
+    """A setting reads back as written, value and fence."""
+    a = await make()
+    assert await a.write_setting(SETTING, '["acme", "Zürich"]', 3)
+    assert await a.read_setting(SETTING) == Setting('["acme", "Zürich"]', 3)
+
+
+async def test_a_setting_write_under_a_lower_fence_is_refused(make: Make) -> None:
+    """A write under an older fence than the stored one changes nothing and says so."""
+    a = await make()
+    assert await a.write_setting(SETTING, "new", 7)
+    assert not await a.write_setting(SETTING, "stale", 6)
+    assert await a.read_setting(SETTING) == Setting("new", 7)
+
+
+async def test_a_setting_write_under_an_equal_or_greater_fence_overwrites(make: Make) -> None:
+    """The holder that wrote a setting may write it again; a newer holder may too."""
+    a = await make()
+    assert await a.write_setting(SETTING, "first", 4)
+    assert await a.write_setting(SETTING, "again", 4)
+    assert await a.read_setting(SETTING) == Setting("again", 4)
+    assert await a.write_setting(SETTING, "newer", 5)
+    assert await a.read_setting(SETTING) == Setting("newer", 5)
+
+
+async def test_a_setting_of_megabytes_round_trips(make: Make) -> None:
+    """A key list of 100,000 tenants (over 2 MB of JSON) is stored and read back whole."""
+    a, b = await make(), await make()
+    value = json.dumps([f"tenant-{n:012d}" for n in range(100_000)])
+    assert len(value.encode()) > 2_000_000
+    assert await a.write_setting(SETTING, value, 1)
+    assert await b.read_setting(SETTING) == Setting(value, 1)
+
+
+async def test_settings_are_kept_apart_by_name(make: Make) -> None:
+    """Each name has its own value and its own fence."""
+    a = await make()
+    assert await a.write_setting("app:one/keys", "one", 9)
+    assert await a.write_setting("app:two/keys", "two", 1)
+    assert await a.read_setting("app:one/keys") == Setting("one", 9)
+    assert await a.read_setting("app:two/keys") == Setting("two", 1)
+    assert await a.read_setting("app:three/keys") is None
+
+
+async def test_settings_are_shared_by_coordinators_of_one_store(make: Make) -> None:
+    """A setting written through one coordinator is read, and fenced, through another."""
+    a, b = await make(), await make()
+    assert await a.write_setting(SETTING, "from a", 2)
+    assert await b.read_setting(SETTING) == Setting("from a", 2)
+    assert not await b.write_setting(SETTING, "from b, stale", 1)
+    assert await b.write_setting(SETTING, "from b", 3)
+    assert await a.read_setting(SETTING) == Setting("from b", 3)
+
+
+async def test_racing_setting_writes_leave_the_greatest_fence(make: Make) -> None:
+    """Writes racing through several coordinators: the greatest fence is stored, whatever
+    the order they land in, and its write is never refused."""
+    coordinators = [await make() for _ in range(4)]
+    fences = list(range(1, 21))
+    random.shuffle(fences)
+    answers = await asyncio.gather(*(
+        coordinators[n % 4].write_setting(SETTING, f"value {fence}", fence)
+        for n, fence in enumerate(fences)
+    ))
+    assert dict(zip(fences, answers, strict=True))[20] is True
+    assert await coordinators[0].read_setting(SETTING) == Setting("value 20", 20)

@@ -451,12 +451,12 @@ class Coordinator(abc.ABC):
         itself (a holder it saw die).
         """
 
+    @abc.abstractmethod
     async def read_setting(self, name: str) -> Setting | None:
         """The setting stored under ``name``, or ``None``."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no settings")
 
+    @abc.abstractmethod
     async def write_setting(self, name: str, value: str, fence: int) -> bool:
         """Store ``value`` under ``name``, unless the stored setting has a greater fence
         (it was written under a newer lease): then change nothing and return False. An
         equal fence overwrites. Checked atomically with the write."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no settings")
