@@ -337,3 +337,11 @@ def serve(board: Board, sock: socket.socket) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     server.run(sockets=[sock])
+
+
+def page_html(head: str = "") -> str:
+    """The page's HTML with ``head`` added at the end of its ``<head>``: a host that serves
+    the page itself (the Django mount) adds its own tags there. The page's addresses are
+    relative (``api/loops``, ``static/...``), so it works under any prefix ending in ``/``."""
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    return html.replace("</head>", f"{head}</head>", 1)

@@ -243,7 +243,8 @@ def test_a_postgres_connection_terminated_between_passes_leaves_the_next_pass_wo
 
 
 def test_a_bad_configuration_is_a_system_check_error(tmp_path: Path) -> None:
-    """A misspelt key and a database that cannot hold leases are `manage.py check` errors."""
+    """A misspelt key, a database that cannot hold leases, a dashboard rule that cannot be
+    imported are `manage.py check` errors."""
     made = make_project(tmp_path)
     typo = manage(made, "check", PROJECT_OSTINATO='{"COORDINATR": "redis://x"}')
     assert typo.returncode == 1
@@ -257,6 +258,10 @@ def test_a_bad_configuration_is_a_system_check_error(tmp_path: Path) -> None:
     bad_url = manage(made, "check", PROJECT_OSTINATO='{"COORDINATOR": "mysql://x"}')
     assert bad_url.returncode == 1
     assert "ostinato.E003" in bad_url.stderr
+    bad_rule = manage(made, "check", PROJECT_OSTINATO='{"DASHBOARD_ACCESS": "proj.access.ops"}')
+    assert bad_rule.returncode == 1
+    assert "ostinato.E001" in bad_rule.stderr
+    assert "DASHBOARD_ACCESS']: cannot import 'proj.access.ops'" in bad_rule.stderr
 
 
 def test_coordinator_urls_are_made_from_the_default_database() -> None:

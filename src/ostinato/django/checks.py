@@ -14,16 +14,21 @@ def register() -> None:
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    """``ostinato.E001``: ``OSTINATO`` is wrong; ``E002``: no coordinator is given and none can
+    """``ostinato.E001``: ``OSTINATO`` is wrong (or a dashboard rule it names cannot be
+    imported); ``E002``: no coordinator is given and none can
     be made from the default database; ``E003``: the coordinator URL is wrong;
     ``W001``: no installed app declares a loop."""
     from django.core.checks import Error, Warning  # type: ignore[import-untyped]
 
     from ostinato.coordinators import from_url
-    from ostinato.django import get_app, settings
+    from ostinato.django import conf, get_app, settings
 
     try:
         found = settings()
+        for key, rule in (("DASHBOARD_ACCESS", found.dashboard_access),
+                          ("DASHBOARD_CONTROL", found.dashboard_control)):
+            if rule is not None:
+                conf.who_may(key, rule)  # a dotted path imports
     except ConfigurationError as exc:
         return [Error(str(exc), hint="See the OSTINATO setting in the integrations docs.",
                       id="ostinato.E001")]

@@ -8,12 +8,16 @@
         "GRACE": "30s",                 # how long a stopping runner lets passes finish
         "LOOPS_MODULE": "loops",        # the module of each installed app that declares loops
         "CLOSE_CONNECTIONS": True,      # close_old_connections() around every pass
+        "DASHBOARD_ACCESS": "staff",    # who may see the mounted dashboard (see who_may)
+        "DASHBOARD_CONTROL": "staff",   # who may pause, resume, wake, release there (None: nobody)
     }
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,14 @@ DEFAULTS: dict[str, Any] = {
     "GRACE": "30s",
     "LOOPS_MODULE": "loops",
     "CLOSE_CONNECTIONS": True,
+    "DASHBOARD_ACCESS": "staff",
+    "DASHBOARD_CONTROL": "staff",
+}
+#: The rules ``DASHBOARD_ACCESS`` and ``DASHBOARD_CONTROL`` may name; any other string is the
+#: dotted path of a function ``(user) -> bool``.
+RULES: dict[str, Callable[[Any], bool]] = {
+    "staff": lambda user: bool(user.is_active and getattr(user, "is_staff", False)),
+    "superuser": lambda user: bool(user.is_active and getattr(user, "is_superuser", False)),
 }
 _POSTGRES_ENGINES = ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis")
 _SQLITE_ENGINES = ("django.db.backends.sqlite3", "django.contrib.gis.db.backends.spatialite")
@@ -47,6 +59,20 @@ class Settings:
     loops_module: str
     close_connections: bool
     problem: str | None = None
+    #: ``DASHBOARD_ACCESS`` and ``DASHBOARD_CONTROL`` as given (checked in form; a dotted path
+    #: is imported on use, since ``OSTINATO`` is read before every app's models are).
+    dashboard_access: object = "staff"
+    dashboard_control: object = "staff"
+
+    def may_see(self, user: Any) -> bool:
+        """Whether ``user`` may see the mounted dashboard."""
+        return bool(user.is_authenticated and who_may("DASHBOARD_ACCESS", self.dashboard_access)(user))
+
+    def may_control(self, user: Any) -> bool:
+        """Whether ``user`` may pause, resume, wake and release loops on the mounted dashboard."""
+        if self.dashboard_control is None or not self.may_see(user):
+            return False
+        return bool(who_may("DASHBOARD_CONTROL", self.dashboard_control)(user))
 
 
 def read(given: object, databases: dict[str, Any]) -> Settings:
@@ -75,8 +101,52 @@ def read(given: object, databases: dict[str, Any]) -> Settings:
         raise ConfigurationError(
             f"settings.OSTINATO['COORDINATOR'] must be a URL string, not {url!r}"
         )
+    if merged["DASHBOARD_ACCESS"] is None:
+        raise ConfigurationError(
+            "settings.OSTINATO['DASHBOARD_ACCESS'] cannot be None: leave the dashboard out of the "
+            "URL conf to serve it to nobody"
+        )
+    for key in ("DASHBOARD_ACCESS", "DASHBOARD_CONTROL"):
+        if merged[key] is not None:
+            _rule_form(key, merged[key])
     return Settings(url, merged["APP"], merged["GRACE"], merged["LOOPS_MODULE"],
-                    merged["CLOSE_CONNECTIONS"], problem)
+                    merged["CLOSE_CONNECTIONS"], problem, merged["DASHBOARD_ACCESS"],
+                    merged["DASHBOARD_CONTROL"])
+
+
+def _rule_form(key: str, given: object) -> None:
+    """Raise ``ConfigurationError`` unless ``given`` can name a rule (see ``who_may``)."""
+    if callable(given):
+        return
+    if not isinstance(given, str):
+        raise ConfigurationError(
+            f"settings.OSTINATO[{key!r}] must be 'staff', 'superuser', a function (user) -> bool "
+            f"or its dotted path, not {given!r}"
+        )
+    if given not in RULES and not given.rpartition(".")[0]:
+        raise ConfigurationError(
+            f"settings.OSTINATO[{key!r}] is {given!r}: write 'staff', 'superuser' or the dotted path "
+            "of a function (user) -> bool, like 'myproject.access.ops_team'"
+        )
+
+
+def who_may(key: str, given: object) -> Callable[[Any], bool]:
+    """The test of a user that ``OSTINATO[key]`` names: ``"staff"`` (active staff users),
+    ``"superuser"``, a function ``(user) -> bool`` or the dotted path of one (imported here)."""
+    _rule_form(key, given)
+    if callable(given):
+        return given
+    assert isinstance(given, str)
+    if given in RULES:
+        return RULES[given]
+    module, _, name = given.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"settings.OSTINATO[{key!r}]: cannot import {given!r}: {exc}") from None
+    if not callable(found):
+        raise ConfigurationError(f"settings.OSTINATO[{key!r}]: {given!r} is not a function")
+    return found  # type: ignore[no-any-return]
 
 
 def coordinator_from(database: dict[str, Any] | None) -> tuple[str | None, str | None]:
