@@ -42,7 +42,7 @@ def test_a_staff_user_gets_the_page_its_files_and_the_loops_under_the_prefix(tmp
     assert answer["control"] is True
     assert answer["coordinator"] == f"sqlite:///{tmp_path}/ostinato.db"
     rows = {row["key"]: row for row in answer["loops"]}
-    assert set(rows) == {*django_site.KEYS, "site:sync"}  # sync's keys come with a lease of its own
+    assert set(rows) == {*django_site.KEYS, django_site.ODD}
     for key, row in rows.items():
         assert row["holder"] == seen["coordinator"][key]["holder"]
         assert row["fence"] == seen["coordinator"][key]["fence"]
@@ -81,8 +81,8 @@ def test_a_pause_through_the_mounted_url_changes_the_coordinator_and_needs_the_c
     assert states["site:tick"] == "paused"
     assert seen["resume"]["status"] == 200
     assert seen["resumed"]["site:tick"]["paused"] is False
-    assert seen["pause_odd_key"]["json"]["loop"] == "site:sync[a/b]"
-    assert seen["coordinator"]["site:sync[a/b]"]["paused"] is True
+    assert seen["pause_odd_key"]["json"]["loop"] == django_site.ODD
+    assert seen["coordinator"][django_site.ODD]["paused"] is True
     assert seen["release"]["json"]["fence"] == seen["held"]["site:tick"]["fence"]
     assert seen["released"]["site:tick"]["fence"] > seen["held"]["site:tick"]["fence"]  # taken over
     assert seen["unknown_loop"]["status"] == 404
