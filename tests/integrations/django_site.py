@@ -269,6 +269,41 @@ def access_is_configurable(tmp: Path) -> dict[str, Any]:
     return out
 
 
+def admin_lists_and_pauses(tmp: Path) -> dict[str, Any]:
+    """The admin's index links to the loops; the list shows them; pause and resume are logged."""
+    from django.contrib.admin.models import LogEntry
+
+    out: dict[str, Any] = {}
+    with client(user("root", staff=True, superuser=True)) as root:
+        out["index"] = answer(root.get("/admin/"))
+        out["listed"] = loops()
+        listed = answer(root.get("/admin/ostinato/loop/"))
+        out["list"] = listed
+        token = csrf_of(listed)
+        out["no_token"] = answer(root.post("/admin/ostinato/loop/act/",
+                                           {"key": "site:tick", "action": "pause"}))
+        out["pause"] = answer(root.post("/admin/ostinato/loop/act/", {
+            "key": "site:tick", "action": "pause", "csrfmiddlewaretoken": token}))
+        out["paused"] = loops()
+        out["list_paused"] = answer(root.get("/admin/ostinato/loop/"))
+        out["resume"] = answer(root.post("/admin/ostinato/loop/act/", {
+            "key": "site:tick", "action": "resume", "csrfmiddlewaretoken": token}))
+        out["resumed"] = loops()
+        out["log"] = [(e.user.username, e.object_id, e.change_message)
+                      for e in LogEntry.objects.order_by("id")]
+        out["no_add"] = answer(root.get("/admin/ostinato/loop/add/"))
+    with client(user("viewer", staff=True, perms=("view_loop",))) as viewer:
+        out["viewer_list"] = answer(viewer.get("/admin/ostinato/loop/"))
+        token = csrf_of(out["viewer_list"])
+        out["viewer_pause"] = answer(viewer.post("/admin/ostinato/loop/act/", {
+            "key": "site:tick", "action": "pause", "csrfmiddlewaretoken": token}))
+    with client(user("plain_staff", staff=True)) as plain:
+        out["plain_index"] = answer(plain.get("/admin/"))
+        out["plain_list"] = answer(plain.get("/admin/ostinato/loop/"))
+    out["coordinator"] = loops()
+    return out
+
+
 def serve(tmp: str) -> None:
     """Serve the site over HTTP on a free port (printed as ``serving http://...``), with the
     runner and a staff user ``staff`` (password ``pw``), until the process is killed."""

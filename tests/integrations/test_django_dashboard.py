@@ -1,4 +1,4 @@
-"""The dashboard mounted in a Django URL conf, through Django's
+"""The dashboard mounted in a Django URL conf and the loops in Django's admin, through Django's
 test client on a site of their own (``django_site``: one process per test), on SQLite."""
 
 from __future__ import annotations
@@ -120,6 +120,37 @@ def test_the_dashboard_settings_are_checked() -> None:
         read({"DASHBOARD_ACCESS": None}, {})
 
 
+def test_the_admin_lists_the_loops_and_pauses_them_with_the_admin_permissions(tmp_path: Path) -> None:
+    """The admin's index links to ostinato > Loops; the list shows state, holder and fence; a
+    superuser pauses and resumes (CSRF-checked, logged); view_loop alone sees no buttons and
+    cannot pause; staff without either permission get 403."""
+    seen = site(django_site.admin_lists_and_pauses, tmp_path)
+    assert seen["index"]["status"] == 200
+    assert 'href="/admin/ostinato/loop/"' in seen["index"]["text"]
+    listed = seen["list"]
+    assert listed["status"] == 200
+    tick = seen["listed"]["site:tick"]
+    row = listed["text"].split('data-key="site:tick"')[1].split("</tr>")[0]
+    assert '<td class="field-state">running</td>' in row
+    assert f'<td class="field-holder">{tick["holder"]}</td>' in row
+    assert f'<td class="field-fence">{tick["fence"]}</td>' in row
+    assert 'value="pause"' in row
+    assert seen["no_token"]["status"] == 403
+    assert (seen["pause"]["status"], seen["pause"]["location"]) == (302, "/admin/ostinato/loop/")
+    assert seen["paused"]["site:tick"]["paused"] is True
+    row = seen["list_paused"]["text"].split('data-key="site:tick"')[1].split("</tr>")[0]
+    assert '<td class="field-state">paused</td>' in row
+    assert 'value="resume"' in row
+    assert '<li class="success">Paused site:tick</li>' in seen["list_paused"]["text"]
+    assert seen["resumed"]["site:tick"]["paused"] is False
+    assert seen["log"] == [("root", "site:tick", "paused"), ("root", "site:tick", "resumed")]
+    assert seen["no_add"]["status"] == 404
+    assert seen["viewer_list"]["status"] == 200
+    assert 'value="pause"' not in seen["viewer_list"]["text"]
+    assert seen["viewer_pause"]["status"] == 403
+    assert seen["coordinator"]["site:tick"]["paused"] is False
+    assert "/admin/ostinato/loop/" not in seen["plain_index"]["text"]
+    assert seen["plain_list"]["status"] == 403
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ app's ``loops.py`` on the project's one app::
 and run them with ``python manage.py ostinato run``. Settings: ``ostinato.django.conf``.
 Around every pass Django's ``close_old_connections()`` runs, as around a request.
 ``include("ostinato.django.urls")`` serves the dashboard behind the project's login
-(``views``).
+(``views``), and the admin lists the loops (``admin``).
 """
 
 from __future__ import annotations
