@@ -18,7 +18,8 @@ from ostinato import control, logs
 from ostinato.coordinators import Coordinator, Event, from_url
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
-from ostinato.loop import Body, LoopSpec, declare
+from ostinato.families import keys_setting, read_keys, refreshed_keys
+from ostinato.loop import Body, KeySource, LoopSpec, declare, family_of
 from ostinato.observe import Observe
 from ostinato.pacing import upcoming
 from ostinato.runner import Runner, StallHook
@@ -146,6 +147,9 @@ class App:
         isolation: str | None = None,
         max_passes: int | None = None,
         max_memory: str | int | None = None,
+        partitions: int | None = None,
+        keys: KeySource | None = None,
+        refresh: Duration | None = None,
     ) -> Callable[[F], F]: ...
 
     def loop(
@@ -169,6 +173,9 @@ class App:
         isolation: str | None = None,
         max_passes: int | None = None,
         max_memory: str | int | None = None,
+        partitions: int | None = None,
+        keys: KeySource | None = None,
+        refresh: Duration | None = None,
         **unknown: Any,
     ) -> Any:
         """Declare a loop: ``@app.loop`` or ``@app.loop(every="2s", ...)``.
@@ -193,6 +200,10 @@ class App:
         - ``isolation``: ``"process"`` runs each pass in a child process of its own.
         - ``max_passes``, ``max_memory``: recycle that child process after so many passes
           or past so much memory (``"512MB"``).
+        - ``partitions``: N loops sharing this body, ``name#0`` .. ``name#N-1``, each with
+          its own lease and fence; the pass reads ``ctx.partition`` and ``ctx.partitions``.
+        - ``keys``: a function (sync or async) returning the keys: one loop per key,
+          ``name[key]``, with ``ctx.key``; re-read every ``refresh`` (default ``"30s"``).
 
         A bad declaration raises ``DeclarationError`` here, naming the loop and the field;
         a misspelt option names the option it was probably meant to be.
@@ -202,7 +213,8 @@ class App:
             "catchup": catchup, "jitter": jitter, "idle": idle,
             "error_backoff": error_backoff, "lease": lease, "timeout": timeout,
             "stall_after": stall_after, "fail_after": fail_after, "isolation": isolation,
-            "max_passes": max_passes, "max_memory": max_memory, **unknown,
+            "max_passes": max_passes, "max_memory": max_memory, "partitions": partitions,
+            "keys": keys, "refresh": refresh, **unknown,
         }
 
         def register(fn: F) -> F:
@@ -276,12 +288,15 @@ class App:
         """``wake`` for async code."""
         key = self._key(name)
         runner = self._runner
-        if runner is not None and runner.loop is asyncio.get_running_loop():
+        if runner is not None and runner.loop is asyncio.get_running_loop() and not self._whole(key):
             # Hosted here: wake it directly, and tell the others over the open connection.
             keeper = runner.keepers.get(key)
             if keeper is not None:
                 keeper.wake()
             await runner.coordinator.publish(Event("wake", key))
+            return
+        if self._whole(key):
+            await self._control(lambda store: control.wake(store, key))
             return
         await self._control(lambda store: store.publish(Event("wake", key)))
 
@@ -292,7 +307,7 @@ class App:
     async def pause_async(self, name: str) -> None:
         """``pause`` for async code."""
         key = self._key(name)
-        await self._control(lambda store: control.pause(store, key, resolved=True))
+        await self._control(lambda store: control.pause(store, key, resolved=not self._whole(key)))
 
     def resume(self, name: str) -> None:
         """Resume loop ``name`` after ``pause``."""
@@ -301,7 +316,7 @@ class App:
     async def resume_async(self, name: str) -> None:
         """``resume`` for async code."""
         key = self._key(name)
-        await self._control(lambda store: control.resume(store, key, resolved=True))
+        await self._control(lambda store: control.resume(store, key, resolved=not self._whole(key)))
 
     def release(self, name: str) -> int | None:
         """Revoke loop ``name``'s lease so another runner takes it at once, with a new fence;
@@ -311,8 +326,33 @@ class App:
     async def release_async(self, name: str) -> int | None:
         """``release`` for async code."""
         key = self._key(name)
-        _, fence = await self._control(lambda store: control.release(store, key, resolved=True))
+        _, fence = await self._control(
+            lambda store: control.release(store, key, resolved=not self._whole(key))
+        )
         return fence
+
+    def keys(self, name: str) -> list[str]:
+        """The keys of the ``keys=`` loop ``name``, as the coordinator holds them (``[]``
+        until a runner has read the key source once)."""
+        return run_sync(self.keys_async(name))
+
+    async def keys_async(self, name: str) -> list[str]:
+        """``keys`` for async code."""
+        family = self._keyed(name)
+        setting = await self._control(lambda store: store.read_setting(keys_setting(family)))
+        return read_keys(setting.value if setting else None)
+
+    def refresh_keys(self, name: str, within: Duration = "30s") -> list[str]:
+        """Have the runner that refreshes the keys of loop ``name`` read its key source now;
+        return the new list once it is stored. ``CoordinatorUnavailable`` if no runner
+        did so within ``within`` (is one running?)."""
+        return run_sync(self.refresh_keys_async(name, within))
+
+    async def refresh_keys_async(self, name: str, within: Duration = "30s") -> list[str]:
+        """``refresh_keys`` for async code."""
+        family = self._keyed(name)
+        limit = parse_duration(within, what="within")
+        return await self._control(lambda store: refreshed_keys(store, family, limit))
 
     def status(self) -> list[dict[str, Any]]:
         """This app's loops as the coordinator knows them: one dict per loop, as
@@ -333,7 +373,7 @@ class App:
         a schedule (``pause=`` or back to back) is a ``ConfigurationError``.
         """
         key = self._key(name)
-        spec = self.loops[key.partition(":")[2]]
+        spec = self.loops[family_of(key.partition(":")[2])]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigurationError(f"count must be a whole number >= 1, not {count!r}")
         zone = zone_named(spec.pacing.timezone)
@@ -347,13 +387,42 @@ class App:
             raise ConfigurationError(f"loop {key!r} {exc}") from None
 
     def _key(self, name: str) -> str:
-        """``app:loop`` for a loop of this app, named bare or in full."""
+        """``app:loop`` for a loop of this app, named bare or in full, or one partition or key
+        of it (``loop#3``, ``loop[acme]``)."""
         bare = name.removeprefix(f"{self.name}:")
-        if bare not in self.loops:
+        loop = family_of(bare)
+        spec = self.loops.get(loop)
+        if spec is None:
             raise UnknownLoopError(
                 f"app {self.name!r} has no loop named {name!r}; its loops are {self.loop_names()}"
             )
+        member = bare[len(loop):]
+        if member:
+            if member.startswith("#") and spec.partitions is not None:
+                index = member[1:]
+                if not (index.isdigit() and int(index) < spec.partitions):
+                    raise UnknownLoopError(
+                        f"loop {self.name}:{loop} has partitions #0 to #{spec.partitions - 1}, "
+                        f"not {member!r}"
+                    )
+            elif not (member.startswith("[") and member.endswith("]") and spec.keys is not None):
+                raise UnknownLoopError(
+                    f"{name!r}: loop {self.name}:{loop} has no member {member!r} "
+                    "(write loop#N for a partition, loop[key] for a key)"
+                )
         return f"{self.name}:{bare}"
+
+    def _whole(self, key: str) -> bool:
+        """Whether ``key`` names a whole loop made of partitions or keys."""
+        spec = self.loops.get(key.partition(":")[2])
+        return spec is not None and spec.family
+
+    def _keyed(self, name: str) -> str:
+        key = self._key(name)
+        spec = self.loops.get(key.partition(":")[2])
+        if spec is None or spec.keys is None:
+            raise ConfigurationError(f"loop {key} has no keys= (it is not one loop per key)")
+        return key
 
     async def _control(self, job: Callable[[Coordinator], Awaitable[T]]) -> T:
         """Run ``job`` on the coordinator: the hosted runner's open one when this event

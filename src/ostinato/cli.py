@@ -215,17 +215,20 @@ def run(app: str, coordinator: str | None, only: tuple[str, ...], log_level: str
               help="Exit 1 when any loop is stalled, failing or has no runner (or no loop is known).")
 @click.option("--retired-after", default="1h", show_default=True, metavar="DURATION",
               help="With --check: a loop that no live runner declares, gone this long, is not counted.")
+@click.option("--expand", "-x", is_flag=True,
+              help="Show each partition and key of a loop made of them on a line of its own.")
 @debug_option
 def status(coordinator: str | None, app_target: str | None, as_json: bool, check: bool,
-           retired_after: str, debug: bool) -> None:
-    """Show every loop: holder, state, fence, passes, errors, timings."""
+           retired_after: str, expand: bool, debug: bool) -> None:
+    """Show every loop: holder, state, fence, passes, errors, timings. A loop made of
+    partitions or keys is one line, its members counted by state (--expand lists them)."""
     url = control_url(coordinator, app_target, debug)
     after = guarded(debug, lambda: _duration(retired_after, "--retired-after"))
     rows = guarded(debug, lambda: asyncio.run(_with(url, control.status)))
     if as_json:
         click.echo(json.dumps({"coordinator": redact(url), "loops": rows}, indent=2))
     else:
-        click.echo(control.table(rows))
+        click.echo(control.table(rows, expand=expand))
     if check:
         for row in retired(rows, after=after):
             click.echo(f"ostinato: check: not counting {row['app']}:{row['loop']}: no live runner "
@@ -296,6 +299,31 @@ def forget(loop: str, coordinator: str | None, app_target: str | None, debug: bo
 
     for key in guarded(debug, lambda: asyncio.run(_with(url, job))):
         click.echo(f"forgot {key}")
+
+
+@main.command()
+@click.argument("loop")
+@control_command
+@click.option("--refresh", is_flag=True,
+              help="Have the runner that refreshes the keys read the key source now, and wait for it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@debug_option
+def keys(loop: str, coordinator: str | None, app_target: str | None, refresh: bool, as_json: bool,
+         debug: bool) -> None:
+    """List the keys of LOOP, a loop declared with keys=: one line each, as every runner
+    sees them in the coordinator."""
+    url = control_url(coordinator, app_target, debug)
+
+    async def job(store: Coordinator) -> tuple[str, list[str]]:
+        return await control.keys(store, loop, refresh=refresh)
+
+    family, listed = guarded(debug, lambda: asyncio.run(_with(url, job)))
+    if as_json:
+        click.echo(json.dumps({"loop": family, "keys": listed}, indent=2))
+    elif listed:
+        click.echo("\n".join(listed))
+    else:
+        click.echo(f"{family} has no keys yet: its key source returned none, or no runner has read it")
 
 
 @main.command(name="next")

@@ -162,9 +162,10 @@ def child_main(target: str, loop: str, ttl: float, conn: Connection, deadline: S
             return
         if message[0] == "exit":
             return
-        _, fence, number, scheduled_for, missed = message
+        _, fence, number, scheduled_for, missed, partition, key = message
         ctx = Pass(loop, _SharedLease(fence, ttl, deadline), number, time.monotonic(), app=hosted.name,
-                   scheduled_for=scheduled_for, missed=missed)
+                   scheduled_for=scheduled_for, missed=missed, partition=partition,
+                   partitions=spec.partitions if partition is not None else None, key=key)
         try:
             if runner_loop is not None:
                 result = runner_loop.run_until_complete(spec.body(ctx))
@@ -223,7 +224,8 @@ class Worker:
         self.deadline.value = lease.effective_deadline()
         self._await_ready(lease)
         started = time.monotonic()
-        self.conn.send(("pass", ctx.fence, ctx.number, ctx.scheduled_for, ctx.missed))
+        self.conn.send(("pass", ctx.fence, ctx.number, ctx.scheduled_for, ctx.missed, ctx.partition,
+                        ctx.key))
         self.passes += 1
         timeout = self.spec.timeout
         while not self.conn.poll(TICK):

@@ -26,11 +26,12 @@ from ostinato.errors import CoordinatorUnavailable
 from ostinato.hooks import PassOutcome, around_pass, entered
 from ostinato.isolation import IsolatedBody, PassError
 from ostinato.logs import fields
-from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
+from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass, member_suffix
 from ostinato.pacing import Outcome, Plan, Slot, plan_next
 from ostinato.stats import StatsBook
 
 if TYPE_CHECKING:
+    from ostinato.families import PartitionGuard
     from ostinato.runner import Runner
 
 log = logging.getLogger("ostinato.loop")
@@ -63,10 +64,20 @@ def _error_text(exc: BaseException) -> str:
 class LoopKeeper:
     """Keeps one loop going in one runner for as long as the runner lives."""
 
-    def __init__(self, runner: Runner, spec: LoopSpec) -> None:
+    def __init__(
+        self, runner: Runner, spec: LoopSpec, *, partition: int | None = None,
+        key: str | None = None, gate: PartitionGuard | None = None,
+    ) -> None:
         self.runner = runner
         self.spec = spec
-        self.key = f"{runner.app_name}:{spec.name}"
+        #: A member's partition (``partitions=``) or key (``keys=``).
+        self.partition = partition
+        self.member_key = key
+        #: Asked before and after taking the lease, for a partition.
+        self.gate = gate
+        #: Set when a key leaves the list: finish the pass, let the lease go, end.
+        self.retired = False
+        self.key = f"{runner.app_name}:{spec.name}{member_suffix(partition, key)}"
         self.stats = StatsBook(self.key, spec.stall_after, spec.fail_after)
         self.lease: LocalLease | None = None
         self.held_at = 0.0
@@ -165,6 +176,17 @@ class LoopKeeper:
                      extra=self._fields("hand_over"))
             self.nudge()
 
+    def retire(self) -> None:
+        """The member's key left the list: finish the current pass, let the lease go, end."""
+        if not self.retired:
+            self.retired = True
+            self.nudge()
+            self.chance()
+
+    def _leaving(self) -> bool:
+        """Whether the pass driver must stop starting passes and let the lease go."""
+        return self._handing_over or self.retired or (self.gate is not None and not self.gate.open)
+
     def on_event(self, event: Event) -> None:
         if event.kind == "wake":
             self.wake()
@@ -177,7 +199,10 @@ class LoopKeeper:
         """Acquire, hold, release, again, until the runner stops."""
         runner = self.runner
         failures = 0
-        while not runner.stopping:
+        while not runner.stopping and not self.retired:
+            if self.gate is not None and not self.gate.open:
+                await self.gate.wait_open()
+                continue
             if self._step_aside:
                 self._step_aside = False
                 await self._wait_chance(STEP_ASIDE, chances=False)
@@ -207,7 +232,22 @@ class LoopKeeper:
             if isinstance(answer, Denied):
                 await self._stand_by(answer)
                 continue
+            if self.gate is not None and not await self._gate_confirms(answer):
+                continue
             await self._hold(answer, sent)
+
+    async def _gate_confirms(self, grant: Grant) -> bool:
+        """Whether the partition count in force is still this runner's, read after the grant
+        arrived; if not, the lease goes back unused."""
+        assert self.gate is not None
+        try:
+            if await self.gate.confirm(time.monotonic()):
+                return True
+        except CoordinatorUnavailable:
+            pass
+        lease = LocalLease(grant.fence, self.spec.lease, time.monotonic())
+        await self.runner.give_back(self.key, lease)
+        return False
 
     async def _stand_by(self, denied: Denied) -> None:
         if denied.paused != self.paused:
@@ -326,7 +366,7 @@ class LoopKeeper:
         idle_until = 0.0
         idle_streak = error_streak = number = 0
         while True:
-            if runner.stopping or self._handing_over:
+            if runner.stopping or self._leaving():
                 return
             now = time.monotonic()
             if self._woken:
@@ -397,6 +437,8 @@ class LoopKeeper:
         due, schedule = self._due, self.spec.pacing.schedule
         return Pass(
             self.spec.name, lease, number, now, app=self.runner.app_name,
+            partition=self.partition, key=self.member_key,
+            partitions=self.spec.partitions if self.partition is not None else None,
             scheduled_for=None if due is None or schedule is None
             else datetime.fromtimestamp(due.at, schedule.zone),
             missed=0 if due is None else due.missed,
@@ -436,7 +478,7 @@ class LoopKeeper:
         try:
             while True:
                 signal.clear()
-                if runner.stopping or self._handing_over:
+                if runner.stopping or self._leaving():
                     return
                 now = time.monotonic()
                 if self._woken:

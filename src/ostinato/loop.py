@@ -43,7 +43,44 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 OPTIONS: Final = (
     "name", "every", "pause", "cron", "timezone", "catchup", "jitter", "idle", "error_backoff",
     "lease", "timeout", "stall_after", "fail_after", "isolation", "max_passes", "max_memory",
+    "partitions", "keys", "refresh",
 )
+#: The most partitions one loop may have.
+MAX_PARTITIONS: Final = 100_000
+#: The longest key (``keys=``), in characters.
+MAX_KEY_LENGTH: Final = 200
+KeySource = Callable[[], Any]
+
+
+def family_of(name: str) -> str:
+    """The loop a partition or key belongs to: ``app:loop#3`` and ``app:loop[acme]`` are
+    members of ``app:loop``; any other name is its own family."""
+    for i, char in enumerate(name):
+        if char in "#[":
+            return name[:i]
+    return name
+
+
+def member_suffix(partition: int | None = None, key: str | None = None) -> str:
+    """What a member adds to its loop's name: ``#3`` for a partition, ``[acme]`` for a key."""
+    if partition is not None:
+        return f"#{partition}"
+    if key is not None:
+        return f"[{key}]"
+    return ""
+
+
+def check_key(value: object) -> str:
+    """``value`` if it can name a loop's member (``keys=``); else ``ValueError`` saying why."""
+    if not isinstance(value, str):
+        raise ValueError(f"a key must be a string, not {type(value).__name__} ({value!r})")
+    if not value:
+        raise ValueError("a key must not be empty")
+    if len(value) > MAX_KEY_LENGTH:
+        raise ValueError(f"key {value[:40]!r}... is longer than {MAX_KEY_LENGTH} characters")
+    if not value.isprintable():
+        raise ValueError(f"key {value!r} holds a control character")
+    return value
 
 
 class LocalLease:
@@ -107,7 +144,10 @@ class Pass:
     ``app=`` and ``fence=`` given.
     """
 
-    __slots__ = ("_lease", "app", "fence", "loop", "missed", "number", "scheduled_for", "started")
+    __slots__ = (
+        "_lease", "app", "fence", "key", "loop", "missed", "number", "partition", "partitions",
+        "scheduled_for", "started",
+    )
 
     def __init__(
         self,
@@ -120,6 +160,9 @@ class Pass:
         fence: int | None = None,
         scheduled_for: datetime | None = None,
         missed: int = 0,
+        partition: int | None = None,
+        partitions: int | None = None,
+        key: str | None = None,
     ) -> None:
         if lease is None:
             lease = LocalLease(1 if fence is None else fence, 3600.0, time.monotonic())
@@ -139,13 +182,20 @@ class Pass:
         self.scheduled_for = scheduled_for
         #: How many missed slots this catch-up pass covers (``catchup=``); 0 on time.
         self.missed = missed
+        #: On a ``partitions=N`` loop, which partition this pass works on (0 to N - 1) and N.
+        self.partition = partition
+        self.partitions = partitions
+        #: On a ``keys=`` loop, the key this pass works on.
+        self.key = key
         self._lease = lease
 
     @property
     def lease_name(self) -> str:
-        """The name of the lease this pass runs under, ``app:loop``: what status shows and
-        what fences are recorded against."""
-        return f"{self.app}:{self.loop}" if self.app else self.loop
+        """The name of the lease this pass runs under, ``app:loop`` (``app:loop#3`` for a
+        partition, ``app:loop[acme]`` for a key): what status shows and what fences are
+        recorded against."""
+        name = self.loop + member_suffix(self.partition, self.key)
+        return f"{self.app}:{name}" if self.app else name
 
     def holds(self) -> bool:
         """Whether this runner still holds the loop's lease with a safety margin left.
@@ -173,10 +223,21 @@ class LoopSpec:
     max_passes: int | None = None
     max_memory: int | None = None
     fail_after: int = 3
+    #: ``partitions=N``: N members ``name#0`` .. ``name#N-1``, each with its own lease.
+    partitions: int | None = None
+    #: ``keys=``: the source of the key list, one member ``name[key]`` per key, re-read
+    #: every ``refresh`` seconds.
+    keys: KeySource | None = None
+    refresh: float = 30.0
 
     @property
     def isolated(self) -> bool:
         return self.isolation == "process"
+
+    @property
+    def family(self) -> bool:
+        """Whether the loop is made of members (partitions or keys)."""
+        return self.partitions is not None or self.keys is not None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$")
@@ -240,6 +301,9 @@ def declare(
     max_passes: int | None = None,
     max_memory: str | int | None = None,
     fail_after: int = 3,
+    partitions: int | None = None,
+    keys: KeySource | None = None,
+    refresh: Duration | None = None,
     **unknown: Any,
 ) -> LoopSpec:
     """Check a declaration and build its ``LoopSpec``; raise ``DeclarationError`` if wrong."""
@@ -297,6 +361,25 @@ def declare(
         raise DeclarationError(loop, "max_passes", f"{max_passes!r} must be a whole number >= 1")
     if isinstance(fail_after, bool) or not isinstance(fail_after, int) or fail_after < 1:
         raise DeclarationError(loop, "fail_after", f"{fail_after!r} must be a whole number >= 1")
+    if partitions is not None and (
+        isinstance(partitions, bool) or not isinstance(partitions, int)
+        or not 1 <= partitions <= MAX_PARTITIONS
+    ):
+        raise DeclarationError(
+            loop, "partitions", f"{partitions!r} must be a whole number from 1 to {MAX_PARTITIONS:,}"
+        )
+    if keys is not None:
+        if partitions is not None:
+            raise DeclarationError(loop, "keys", "give partitions= or keys=, not both")
+        if not callable(keys):
+            raise DeclarationError(
+                loop, "keys", f"{keys!r} is not callable; give a function that returns the keys"
+            )
+    if refresh is not None and keys is None:
+        raise DeclarationError(
+            loop, "refresh", "applies to keys= only: give keys= too, or leave refresh= out"
+        )
+    refresh_s = _duration(loop, "refresh", refresh, positive=True) if refresh is not None else 30.0
     memory_bytes = None
     if max_memory is not None:
         try:
@@ -325,4 +408,7 @@ def declare(
         max_passes=max_passes,
         max_memory=memory_bytes,
         fail_after=fail_after,
+        partitions=partitions,
+        keys=keys,
+        refresh=refresh_s,
     )

@@ -85,5 +85,21 @@ def unhealthy(
     if not rows:
         return ["no loops are known: no runner has started"]
     gone = {id(row) for row in retired(rows, after=retired_after, now=now)}
-    return [f"{row['app']}:{row['loop']} {UNHEALTHY[row['state']]}" for row in rows
-            if row["state"] in UNHEALTHY and id(row) not in gone]
+    bad = [row for row in rows if row["state"] in UNHEALTHY and id(row) not in gone]
+    # A loop made of partitions or keys is one line: how many of its members are in which state.
+    members: dict[str, list[Mapping[str, Any]]] = {}
+    problems = []
+    for row in bad:
+        if row.get("member"):
+            members.setdefault(row["family"], []).append(row)
+        else:
+            problems.append(f"{row['app']}:{row['loop']} {UNHEALTHY[row['state']]}")
+    for family, group in members.items():
+        total = sum(1 for row in rows if row.get("family") == family and row.get("member"))
+        states: dict[str, list[str]] = {}
+        for row in group:
+            states.setdefault(row["state"], []).append(row["member"])
+        for state, names in states.items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{family}: {len(names)} of {total} {UNHEALTHY[state]} ({shown})")
+    return problems

@@ -22,6 +22,7 @@ from typing import Any
 
 from ostinato.coordinators.protocol import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
+from ostinato.families import KeySet, PartitionGuard
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
@@ -81,12 +82,20 @@ class Runner:
         self.app_name = app_name
         self.coordinator = coordinator
         self.grace = grace
-        self.info = RunnerInfo.here(hosts=tuple(f"{app_name}:{spec.name}" for spec in specs))
+        self._declared = tuple(f"{app_name}:{spec.name}" for spec in specs)
+        self.info = RunnerInfo.here(hosts=self._declared)
+        self.started_wall = time.time()
         self.stopping = False
         self.stopped = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.wall_offset = wall_offset()
-        self.keepers = {f"{app_name}:{spec.name}": LoopKeeper(self, spec) for spec in specs}
+        #: The ids of the live runners, from the last count (for partition count changes).
+        self.live_ids: set[str] = set()
+        self.keepers: dict[str, LoopKeeper] = {}
+        #: What each loop made of members agrees on (``partitions=``, ``keys=``), by loop.
+        self.guards: dict[str, PartitionGuard] = {}
+        self.key_sets: dict[str, KeySet] = {}
+        self._keeper_tasks: dict[str, asyncio.Task[None]] = {}
         self._renew_now = asyncio.Event()
         self._granted = asyncio.Event()
         #: When the renewer's next round is due (monotonic).
@@ -102,14 +111,53 @@ class Runner:
         self.stall_hooks = list(stall_hooks)
         self._hook_tasks: set[asyncio.Future[object]] = set()
         self._shortest_lease = min((spec.lease for spec in specs), default=10.0)
-        for keeper in self.keepers.values():
-            keeper.stats.on_failing = self._failing_changed(keeper)
         #: Set once the coordinator answered and the loops started.
         self.connected = asyncio.Event()
         #: Why the runner gave up before its loops started (a wrong setting), if it did.
         self.error: BaseException | None = None
         #: Set once ``run`` has returned, for whatever reason.
         self.ended = asyncio.Event()
+        for spec in specs:
+            self._host(spec)
+        self.hosts_changed()
+
+    def _host(self, spec: LoopSpec) -> None:
+        family = f"{self.app_name}:{spec.name}"
+        if spec.partitions is not None:
+            guard = self.guards[family] = PartitionGuard(self, spec)
+            for i in range(spec.partitions):
+                keeper = LoopKeeper(self, spec, partition=i, gate=guard)
+                guard.keepers.append(keeper)
+                self.add_keeper(keeper)
+        elif spec.keys is not None:
+            key_set = self.key_sets[family] = KeySet(self, spec)
+            self.add_keeper(LoopKeeper(self, key_set.refresher()))
+        else:
+            self.add_keeper(LoopKeeper(self, spec))
+
+    def hosts_changed(self) -> None:
+        """Tell balancing which loops this runner can run now: not the partitions of a loop
+        whose count in force is not the one it declares."""
+        closed = {family for family, guard in self.guards.items() if not guard.open}
+        hosts = tuple(key for key in self._declared if key not in closed)
+        self.info = dataclasses.replace(self.info, hosts=hosts)
+
+    def add_keeper(self, keeper: LoopKeeper) -> None:
+        """Host one more loop (a key's member); started at once if the runner runs."""
+        keeper.stats.on_failing = self._failing_changed(keeper)
+        self.keepers[keeper.key] = keeper
+        if self.connected.is_set() and not self.stopping:
+            self._start_keeper(keeper)
+
+    def _start_keeper(self, keeper: LoopKeeper) -> None:
+        task = asyncio.create_task(keeper.keep(), name=keeper.key)
+        self._keeper_tasks[keeper.key] = task
+        task.add_done_callback(lambda _: self._keeper_ended(keeper))
+
+    def _keeper_ended(self, keeper: LoopKeeper) -> None:
+        if keeper.retired and self.keepers.get(keeper.key) is keeper:
+            del self.keepers[keeper.key]
+            self._keeper_tasks.pop(keeper.key, None)
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -142,17 +190,18 @@ class Runner:
         )
         if not await self._until(stop, self._subscribe()):
             return
-        keepers = [asyncio.create_task(k.keep(), name=k.key) for k in self.keepers.values()]
-        sides = [
-            asyncio.create_task(self._supervise(name, job), name=name)
-            for name, job in (
-                ("renewer", self._renew_forever),
-                ("reporter", self._report_forever),
-                ("watchdog", self._watch_forever),
-            )
+        for keeper in list(self.keepers.values()):
+            self._start_keeper(keeper)
+        jobs: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("renewer", self._renew_forever),
+            ("reporter", self._report_forever),
+            ("watchdog", self._watch_forever),
         ]
+        jobs += [(f"partitions {family}", guard.watch) for family, guard in self.guards.items()]
+        jobs += [(f"keys {family}", keys.watch) for family, keys in self.key_sets.items()]
+        sides = [asyncio.create_task(self._supervise(name, job), name=name) for name, job in jobs]
         await stop.wait()
-        await self._stop(keepers, sides)
+        await self._stop(sides)
 
     async def _until(self, stop: asyncio.Event, step: Coroutine[Any, Any, None]) -> bool:
         """Run ``step``; if ``stop`` is set first, cancel it and return False."""
@@ -195,13 +244,14 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _stop(self, keepers: list[asyncio.Task[None]], sides: list[asyncio.Task[None]]) -> None:
+    async def _stop(self, sides: list[asyncio.Task[None]]) -> None:
         log.info("runner %s stopping: finishing current passes (grace %ss)", self.info.label, self.grace,
                  extra=fields("runner_stopping", runner=self.info.label))
         self.stopping = True
         self.stopped.set()
         for keeper in self.keepers.values():
             keeper.nudge()
+        keepers = list(self._keeper_tasks.values())
         _, late = await asyncio.wait(keepers, timeout=self.grace) if keepers else (set(), set())
         for task in late:
             log.error("%s: pass still running after the grace period; cancelling it", task.get_name(),
@@ -236,6 +286,11 @@ class Runner:
                                      runner=self.info.label))
 
     def _on_event(self, event: Event) -> None:
+        if event.kind == "changed":
+            family = self.guards.get(event.key) or self.key_sets.get(event.key)
+            if family is not None:
+                family.on_changed()
+            return
         keeper = self.keepers.get(event.key)
         if keeper is None:
             return
@@ -408,6 +463,7 @@ class Runner:
                 candidates[key] += 1
         self._candidates = {key: count + 1 for key, count in candidates.items()}
         self.live_runners = 1 + others
+        self.live_ids = {record.id for record in runners}
         held = self.held()
         if self.live_runners <= 1 or len(held) <= self.fair_share():
             return

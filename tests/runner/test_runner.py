@@ -241,6 +241,14 @@ class Flaky(Coordinator):
     async def subscribe(self, runner, callback):  # type: ignore[no-untyped-def]
         await self.inner.subscribe(runner, callback)
 
+    async def read_setting(self, name):  # type: ignore[no-untyped-def]
+        self._check()
+        return await self.inner.read_setting(name)
+
+    async def write_setting(self, name, value, fence):  # type: ignore[no-untyped-def]
+        self._check()
+        return await self.inner.write_setting(name, value, fence)
+
 
 async def test_unreachable_coordinator_stops_passes_at_once_and_they_resume_after() -> None:
     """A failed renewal stops new passes right away; when the coordinator is back, passes resume."""

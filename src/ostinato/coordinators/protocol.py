@@ -252,7 +252,13 @@ class RunnerRecord:
     hosts: frozenset[str] | None = None
 
     def can_run(self, key: str) -> bool:
-        return self.hosts is None or key in self.hosts
+        """Whether it hosts loop ``key``, or the loop a partition or key of it belongs to."""
+        if self.hosts is None or key in self.hosts:
+            return True
+        for i, char in enumerate(key):
+            if char in "#[":
+                return key[:i] in self.hosts
+        return False
 
 
 #: The stored fields of a loop's statistics, besides the counts, in every coordinator.
