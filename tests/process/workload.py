@@ -52,3 +52,32 @@ def drain(ctx: ostinato.Pass) -> object:
 
 if DRAIN:
     app.loop(idle=("1h", "1h"), lease=LEASE)(drain)
+
+# Loops made of members, recorded under their member names (``shard#3``, ``tenant[acme]``).
+PARTITIONS = int(os.environ.get("OSTINATO_TEST_PARTITIONS", "0"))
+KEYS_FILE = os.environ.get("OSTINATO_TEST_KEYS_FILE")
+
+
+def _member(ctx: ostinato.Pass) -> str:
+    return ctx.lease_name.partition(":")[2]
+
+
+if PARTITIONS:
+    @app.loop(partitions=PARTITIONS, lease=LEASE, pause="5ms")
+    def shard(ctx: ostinato.Pass) -> None:
+        start = time.monotonic_ns()
+        _write(f"S {_member(ctx)} {os.getpid()} {ctx.fence} {start}\n")
+        time.sleep(WORK)
+        _write(f"E {_member(ctx)} {os.getpid()} {ctx.fence} {start} {time.monotonic_ns()}\n")
+
+if KEYS_FILE:
+    def _keys() -> list[str]:
+        with open(KEYS_FILE) as listed:
+            return listed.read().split()
+
+    @app.loop(keys=_keys, refresh="500ms", lease=LEASE, pause="5ms")
+    def tenant(ctx: ostinato.Pass) -> None:
+        start = time.monotonic_ns()
+        _write(f"S {_member(ctx)} {os.getpid()} {ctx.fence} {start}\n")
+        time.sleep(WORK)
+        _write(f"E {_member(ctx)} {os.getpid()} {ctx.fence} {start} {time.monotonic_ns()}\n")
