@@ -127,12 +127,14 @@ def may_run(count: int, force: Count | None, wanted: Count | None, alive: set[st
 
 
 def should_ask(me: Count, force: Count | None, wanted: Count | None, alive: set[str]) -> bool:
-    """Whether runner ``me`` should ask for its count: it is not in force, and no live runner
-    asks for it already or, started later, for another."""
-    if force is not None and force.partitions == me.partitions:
-        return False
+    """Whether runner ``me`` should ask for its count: the count of the runner started last
+    wins, so ``me`` asks unless its count is in force and unchallenged, or a live runner
+    asks for the same count already, or one started later asks for another."""
     if wanted is None or wanted.runner not in alive or wanted.runner == me.runner:
-        return True
+        # Nobody else asks: ask unless the count in force is this runner's already.
+        return force is None or force.partitions != me.partitions
+    # Another live runner asks: overrule it only with another count, and only if started later
+    # (whether or not this runner's count is in force).
     return wanted.partitions != me.partitions and wanted.started < me.started
 
 
@@ -239,7 +241,8 @@ class PartitionGuard:
                 await store.write_setting(wanted_setting(self.family), self.me.text(), 0)
                 await store.publish(Event("changed", self.family))
                 self.wanted = self.me
-            await self._change()
+            if self.force is None or self.force.partitions != self.me.partitions:
+                await self._change()
             return
         self._tell_waiting()
 
