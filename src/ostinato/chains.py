@@ -1,0 +1,346 @@
+"""The keeper: inside job workers, one elected watcher per app that keeps its loops going.
+
+Every worker that hosts an app's loops (``ostinato.celery``, ``ostinato.rq``) runs
+a keeper in a thread of its own; the one holding the keeper's lease (the key
+``APP.keeper:SYSTEM``, so ``ostinato status`` shows which worker keeps) acts, and
+the others stand by and take over within that lease's TTL. The keeper also sends
+the worker's heartbeat, so the worker shows as a runner.
+
+In chain mode the keeper forges a chain where none runs: at the workers' start
+(nothing is seeded by hand) and whenever a chain looks broken (``overdue``): a
+lost link, a purged queue, a worker killed between a pass and its enqueue. To
+forge, it takes the loop's lease and gives it straight back: the fence that
+grant moved is the new generation, so every link of an older chain is stale
+from then on (see ``ostinato.links``). It then enqueues the first link.
+
+In clock mode it enqueues one pass per slot of the loop's ``every=`` or
+``cron=`` schedule, unless the previous pass still holds the lease: that slot is
+skipped (logged and counted), never queued behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+
+from ostinato.app import App
+from ostinato.coordinators.protocol import Coordinator, Denied, LoopRecord, Renewal, RunnerInfo
+from ostinato.errors import CoordinatorUnavailable
+from ostinato.links import Enqueue, JobOptions, Link, record_of
+from ostinato.logs import fields
+from ostinato.loop import LoopSpec
+from ostinato.pacing import Outcome, Slot, plan_next
+from ostinato.runner import RUNNER_TTL
+
+log = logging.getLogger("ostinato.jobs")
+
+#: The keeper's lease: a dead keeper's place is taken within it (at once on its host).
+KEEPER_LEASE = 5.0
+#: How often the elected keeper looks at its loops.
+TICK = 0.25
+#: How often every keeper sends its worker's heartbeat.
+HEARTBEAT_EVERY = 1.0
+#: A re-forged chain that still shows no link is given this many times more patience
+#: each time, up to ``2 ** BACKOFF_LIMIT``: a queue that loses every link is not flooded.
+BACKOFF_LIMIT = 5
+#: How far ahead of now a forged chain's first link may be planned, at most.
+FORGE_HORIZON = 3600.0
+
+#: Enqueues one clock pass of a loop: (name, slot as wall time, cron slot or None).
+EnqueuePass = Callable[[str, float, "tuple[float, float, int] | None"], None]
+
+
+def keeper_key(app: str, system: str) -> str:
+    """The key of the keeper's own lease for ``app`` on ``system`` (``celery``, ``rq``)."""
+    return f"{app}.keeper:{system}"
+
+
+def overdue(record: LoopRecord | None, now: float, *, patience: float, budget: float) -> bool:
+    """Whether the chain of the loop ``record`` describes looks broken at wall time ``now``.
+
+    A loop never seen has no chain yet. A paused loop needs none. A held loop is
+    suspect once nothing has happened for longer than a link runs (``budget``) plus
+    ``patience``: its holder may be dead, and asking for the lease costs nothing
+    when it is not. A free loop is overdue once its planned start, its last start
+    and its last pass end are all more than ``patience`` ago.
+    """
+    if record is None:
+        return True
+    if record.paused:
+        return False
+    marks = [t for t in (record.last_end, record.last_start, record.next_start) if t is not None]
+    if record.holder is not None:
+        since = max([*marks, record.held_since if record.held_since is not None else now])
+        return now - since > budget + patience
+    return not marks or now - max(marks) > patience
+
+
+def first_start(
+    spec: LoopSpec, record: LoopRecord | None, now: float, seed: str
+) -> tuple[float, Slot | None]:
+    """When a newly forged chain's first pass may start (wall time), and its calendar slot.
+
+    ``every=`` and ``cron=`` count from the loop's last recorded start, as a runner
+    taking over does; a ``pause=`` (or back-to-back) loop keeps the start its last
+    link planned, so a chain forged beside a live one does not add a pass.
+    """
+    last = None if record is None else record.last_start
+    start, due = spec.pacing.first(now=now, wall_now=now, last_start_wall=last, seed=seed)
+    planned = None if record is None else record.next_start
+    if planned is not None and spec.pacing.every is None and spec.pacing.cron is None:
+        start = max(start, min(planned, now + FORGE_HORIZON))
+    return start, due
+
+
+async def forge(
+    store: Coordinator, owner: RunnerInfo, app: str, spec: LoopSpec, enqueue: Enqueue,
+) -> Link | None:
+    """Start a new generation of loop ``spec``'s chain: take its lease, give it back, enqueue
+    the first link. ``None`` if the lease is held (or the loop paused): nothing was done."""
+    key = f"{app}:{spec.name}"
+    answer = await store.acquire(key, owner, spec.lease)
+    if isinstance(answer, Denied):
+        return None
+    record = await record_of(store, key)
+    await store.release(key, owner, answer.fence)
+    now = time.time()
+    start, due = first_start(spec, record, now, key)
+    link = Link(spec.name, parent=answer.fence, generation=answer.fence, not_before=start, slot=start,
+                due=None if due is None else (due.at, due.start, due.missed))
+    enqueue(link, max(0.0, start - now))
+    return link
+
+
+@dataclasses.dataclass
+class _Watch:
+    """What the keeper remembers of one loop."""
+
+    #: The fence of the keeper's last forge, and how many forges in a row showed no link since.
+    forged: int | None = None
+    attempts: int = 0
+    #: Not looked at again before this wall time.
+    quiet_until: float = 0.0
+    #: Clock mode: the next slot to enqueue (wall), with its calendar slot.
+    next_slot: float | None = None
+    due: Slot | None = None
+
+
+class Keeper:
+    """One worker's keeper of ``app``'s loops; acts while it holds the keeper's lease."""
+
+    def __init__(
+        self, app: App, system: str, *, worker: RunnerInfo, options: JobOptions, mode: str = "chain",
+        enqueue_link: Enqueue | None = None, enqueue_pass: EnqueuePass | None = None,
+    ) -> None:
+        self.app, self.system, self.worker, self.options, self.mode = app, system, worker, options, mode
+        self.enqueue_link, self.enqueue_pass = enqueue_link, enqueue_pass
+        self.key = keeper_key(app.name, system)
+        self.watch = {name: _Watch() for name in app.loops}
+        self.elected = False
+        #: Chains forged (``forged``, ``reforged``) and clock slots ``skipped``, since start.
+        self.counts: Counter[str] = Counter()
+        self._fence = 0
+        self._renew_at = 0.0
+        self._deadline = 0.0
+        self._outage = False
+
+    def _fields(self, event: str, loop: str | None = None, fence: int | None = None) -> dict[str, object]:
+        return fields(event, loop=loop, fence=fence, runner=self.worker.label)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the loops until ``stop`` is set, then give the keeper's lease back."""
+        store = self.app.connect()
+        beat = 0.0
+        opened = False
+        try:
+            while not stop.is_set():
+                try:
+                    if not opened:
+                        await store.open()
+                        opened = True
+                    now = time.monotonic()
+                    if now >= beat:
+                        await store.report(self.worker, RUNNER_TTL, [])
+                        beat = now + HEARTBEAT_EVERY
+                    if await self._elect(store):
+                        await self._look(store)
+                    if self._outage:
+                        log.warning("keeper of %s: coordinator reachable again", self.app.name,
+                                    extra=self._fields("coordinator_reachable"))
+                        self._outage = False
+                except CoordinatorUnavailable as exc:
+                    if not self._outage:
+                        log.error("keeper of %s: cannot reach the coordinator, retrying: %s",
+                                  self.app.name, exc, extra=self._fields("coordinator_unreachable"))
+                    self._outage = True
+                    self.elected = self.elected and time.monotonic() < self._deadline
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), TICK)
+        finally:
+            await self._resign(store)
+
+    async def _elect(self, store: Coordinator) -> bool:
+        """Take or keep the keeper's lease; whether this keeper acts now."""
+        now = time.monotonic()
+        if self.elected and now >= self._renew_at:
+            answers = await store.renew(self.worker, {self.key: (self._fence, KEEPER_LEASE)})
+            if answers.get(self.key) is Renewal.HELD:
+                self._renew_at, self._deadline = now + KEEPER_LEASE / 3, now + KEEPER_LEASE * 0.9
+            else:
+                self.elected = False
+                log.warning("keeper of %s: lost the keeper's lease", self.app.name,
+                            extra=self._fields("keeper_lost", self.key))
+        if not self.elected:
+            answer = await store.acquire(self.key, self.worker, KEEPER_LEASE)
+            if isinstance(answer, Denied):
+                return False
+            self.elected, self._fence = True, answer.fence
+            self._renew_at, self._deadline = now + KEEPER_LEASE / 3, now + KEEPER_LEASE * 0.9
+            for watch in self.watch.values():
+                watch.next_slot = None  # a keeper taking over plans the clock from the records
+            log.info("keeper of %s elected (fence %d): it keeps %s", self.app.name, answer.fence,
+                     self.app.loop_names(), extra=self._fields("keeper_elected", self.key, answer.fence))
+        return time.monotonic() < self._deadline
+
+    async def _resign(self, store: Coordinator) -> None:
+        with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+            if self.elected:
+                await asyncio.wait_for(store.release(self.key, self.worker, self._fence), 1.0)
+                log.info("keeper of %s: gave the keeper's lease back", self.app.name,
+                         extra=self._fields("keeper_released", self.key))
+        self.elected = False
+        with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+            await asyncio.wait_for(store.close(), 1.0)
+
+    async def _look(self, store: Coordinator) -> None:
+        records = {record.key: record for record in await store.loops()}
+        now = time.time()
+        for name, spec in self.app.loops.items():
+            key = f"{self.app.name}:{name}"
+            if self.mode == "clock":
+                await self._tick(spec, key, records.get(key), now)
+            else:
+                await self._keep_chain(store, spec, key, records.get(key), now)
+
+    # -- chain mode ------------------------------------------------------------------
+
+    async def _keep_chain(
+        self, store: Coordinator, spec: LoopSpec, key: str, record: LoopRecord | None, now: float
+    ) -> None:
+        watch = self.watch[spec.name]
+        if watch.forged is not None and record is not None and record.fence > watch.forged:
+            watch.forged, watch.attempts, watch.quiet_until = None, 0, 0.0  # a link ran since
+        patience = self.options.patience_for(spec)
+        if now < watch.quiet_until or not overdue(record, now, patience=patience,
+                                                   budget=self.options.budget):
+            return
+        assert self.enqueue_link is not None
+        link = await forge(store, self.worker, self.app.name, spec, self.enqueue_link)
+        if link is None:
+            return
+        first = record is None or (record.last_end is None and record.last_start is None)
+        kind = "forged" if first else "reforged"
+        self.counts[kind] += 1
+        watch.forged, watch.attempts = link.parent, watch.attempts + 1
+        watch.quiet_until = link.not_before + patience * 2 ** min(watch.attempts - 1, BACKOFF_LIMIT)
+        if first:
+            log.info("%s: chain started (generation %d)", key, link.generation,
+                     extra=self._fields("chain_forged", key, link.generation))
+        else:
+            last = max(t for t in (record.last_end, record.last_start, record.next_start, 0.0)
+                       if t is not None) if record is not None else 0.0
+            log.warning("%s: chain re-forged (generation %d): no link since %s (%.1fs ago)", key,
+                        link.generation, _clock(last), now - last,
+                        extra=self._fields("chain_reforged", key, link.generation))
+
+    # -- clock mode ------------------------------------------------------------------
+
+    async def _tick(self, spec: LoopSpec, key: str, record: LoopRecord | None, now: float) -> None:
+        watch = self.watch[spec.name]
+        if watch.next_slot is None:
+            last = None if record is None else record.last_start
+            watch.next_slot, watch.due = spec.pacing.first(now=now, wall_now=now, last_start_wall=last,
+                                                           seed=key)
+        if now < watch.next_slot or (record is not None and record.paused):
+            return
+        slot, due = watch.next_slot, watch.due
+        plan = plan_next(spec.pacing, slot=slot, end=now, wall_end=now, outcome=Outcome.WORKED,
+                         idle_streak=0, error_streak=0, due=due, seed=key)
+        watch.next_slot, watch.due = plan.start_at(), plan.due
+        if record is not None and record.holder is not None:
+            self.counts["skipped"] += 1
+            log.warning("%s: the pass due at %s is skipped: the previous one still runs (%s)", key,
+                        _clock(slot), record.holder, extra=self._fields("pass_skipped", key))
+            return
+        assert self.enqueue_pass is not None
+        self.enqueue_pass(spec.name, slot, None if due is None else (due.at, due.start, due.missed))
+
+
+def _clock(wall: float) -> str:
+    return datetime.fromtimestamp(wall).isoformat(timespec="milliseconds") if wall else "ever"
+
+
+class KeeperThread:
+    """Runs a ``Keeper`` on an event loop of its own, in a daemon thread of the worker's main
+    process, from the worker's start to its shutdown."""
+
+    def __init__(self, keeper: Keeper) -> None:
+        self.keeper = keeper
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True,
+                                        name=f"ostinato-keeper:{self.keeper.app.name}")
+        self._thread.start()
+        self._ready.wait(5.0)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._ready.set()
+        while not self._stop.is_set():
+            try:
+                await self.keeper.run(self._stop)
+            except Exception:
+                log.exception("keeper of %s failed; starting it again", self.keeper.app.name,
+                              extra=self.keeper._fields("keeper_failed"))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop the keeper and give its lease back (within ``timeout``)."""
+        if self._thread is None or self._loop is None or self._stop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop already closed
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        self._thread = None
+
+
+async def seed(app: App, name: str, enqueue: Enqueue, owner: RunnerInfo, *, wait: float) -> Link | None:
+    """Forge a new generation of loop ``name``'s chain by hand, waiting up to ``wait`` seconds
+    for its lease to be free; the chain running so far dies out at its next link."""
+    spec = app.loops[name]
+    store = app.connect()
+    try:
+        await store.open()
+        until = time.monotonic() + wait
+        while True:
+            link = await forge(store, owner, app.name, spec, enqueue)
+            if link is not None or time.monotonic() >= until:
+                return link
+            await asyncio.sleep(0.02)
+    finally:
+        with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+            await asyncio.wait_for(store.close(), 1.0)
