@@ -1,0 +1,50 @@
+"""The app the Celery and RQ tests run on real workers, built from environment variables.
+
+``JOBS_APP`` names the app (one per test), ``JOBS_COORDINATOR`` its coordinator,
+``JOBS_BROKER`` the Redis the queue lives in, ``JOBS_RECORDS`` the file every pass
+appends to, ``JOBS_MODE`` ``chain`` or ``clock``, ``JOBS_TAKES`` how long a pass
+takes (seconds), ``JOBS_PAUSE`` or ``JOBS_EVERY`` its pacing, ``JOBS_LEASE`` its
+lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience.
+
+Each pass appends ``S pid fence start`` as it starts and ``E pid fence start end`` as
+it ends (``time.monotonic()``, shared by the processes of one host), each line one
+``write`` to a file opened with ``O_APPEND``, so a killed pass shows as a start
+without an end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import ostinato
+
+
+def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
+    """The app ``env`` describes, and the options to attach it with."""
+    app = ostinato.App(env.get("JOBS_APP", "jobs"), coordinator=env.get("JOBS_COORDINATOR"))
+    records = env.get("JOBS_RECORDS", "")
+    pass_s = float(env.get("JOBS_TAKES", "0.05"))
+    pacing = (
+        {"every": env["JOBS_EVERY"]} if env.get("JOBS_EVERY") else {"pause": env.get("JOBS_PAUSE", "100ms")}
+    )
+
+    @app.loop(lease=env.get("JOBS_LEASE", "2s"), **pacing)  # type: ignore[call-overload]
+    def tick(ctx: ostinato.Pass) -> None:
+        fd = os.open(records, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            start = time.monotonic()
+            os.write(fd, f"S {os.getpid()} {ctx.fence} {start:.6f}\n".encode())
+            time.sleep(pass_s)
+            os.write(fd, f"E {os.getpid()} {ctx.fence} {start:.6f} {time.monotonic():.6f}\n".encode())
+        finally:
+            os.close(fd)
+
+    options = {"mode": env.get("JOBS_MODE", "chain"), "budget": env.get("JOBS_BUDGET", "1s"),
+               "patience": env.get("JOBS_PATIENCE") or None}
+    return app, options
+
+
+BROKER = "redis://127.0.0.1:6379/7"

@@ -1,0 +1,161 @@
+"""What the Celery and RQ tests share: real workers as subprocesses, and the passes they recorded.
+
+Every worker runs in a session of its own, so a test can kill a whole worker (its
+pool processes or work horse included) the way a host crash would. Each test has
+an app, a queue and a coordinator prefix named after it, so runs of these tests
+at the same time (by others on the machine) never meet: the queue lives in Redis
+database 7 and the coordinator in database 8, and a test deletes its own keys
+when it ends, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.history import PassRecord, overlaps
+
+REDIS = "redis://127.0.0.1:6379"
+BROKER = f"{REDIS}/7"
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def redis_answers() -> None:
+    """Skip when no Redis answers."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(BROKER)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis answers at {REDIS}")
+    finally:
+        client.close()
+
+
+def forget_keys(env: dict[str, str]) -> None:
+    """Delete the test's own keys: its queue (and RQ's keys for it) and its coordinator prefix."""
+    import redis
+
+    name = env["JOBS_APP"]
+    for url, pattern in ((BROKER, f"*{name}*"), (f"{REDIS}/8", f"{name}:*")):
+        client = redis.Redis.from_url(url)
+        try:
+            for key in client.scan_iter(match=pattern, count=500):
+                client.delete(key)
+        finally:
+            client.close()
+
+
+def environment(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a test's workers: its own app name, coordinator prefix and records."""
+    name = f"jobs{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ)
+    env.update(
+        JOBS_APP=name,
+        JOBS_COORDINATOR=f"{REDIS}/8?prefix={name}",
+        JOBS_BROKER=BROKER,
+        JOBS_QUEUE=name,
+        JOBS_RECORDS=str(tmp_path / "passes.txt"),
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(settings)
+    return env
+
+
+class Workers:
+    """The worker processes of one test; every one is killed when the test ends."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.tmp_path, self.env = tmp_path, env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._count = itertools.count(1)
+
+    def start(self, *command: str) -> subprocess.Popen[bytes]:
+        log = self.tmp_path / f"worker{next(self._count)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.args} ---\n" + p.log.read_text(errors="replace")  # type: ignore[attr-defined]
+                         for p in self.procs)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def workers(tmp_path: Path, env: dict[str, str]) -> Iterator[Workers]:
+    running = Workers(tmp_path, env)
+    try:
+        yield running
+    finally:
+        running.kill_all()
+        forget_keys(env)
+
+
+def passes(env: dict[str, str]) -> list[PassRecord]:
+    """Every pass on file, in start order (``end`` is ``None`` for a pass that never ended)."""
+    path = Path(env["JOBS_RECORDS"])
+    if not path.exists():
+        return []
+    started: dict[tuple[int, str], PassRecord] = {}
+    for line in path.read_text().splitlines():
+        kind, pid, fence, start, *end = line.split()
+        key = (int(pid), start)
+        if kind == "S":
+            started.setdefault(key, PassRecord(int(pid), int(fence), float(start), None))
+        elif kind == "E" and end:
+            started[key] = PassRecord(int(pid), int(fence), float(start), float(end[0]))
+    return sorted(started.values(), key=lambda r: r.start)
+
+
+def wait_until(what: Callable[[], object], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return True
+        time.sleep(step)
+    return bool(what())
+
+
+def gaps(records: list[PassRecord]) -> list[float]:
+    """From the end of each finished pass to the start of the next."""
+    return [b.start - a.end for a, b in itertools.pairwise(records) if a.end is not None]
+
+
+def no_overlap(records: list[PassRecord], killed_at: float | None = None, pids: tuple[int, ...] = ()) -> None:
+    """Assert that no two passes ran at once (a pass of a killed process ended when it was killed)."""
+    ends = dict.fromkeys(pids, killed_at) if killed_at is not None else {}
+    found = overlaps(records, unfinished_end=ends)  # type: ignore[arg-type]
+    assert not found, f"overlapping passes: {found[:3]}"
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (its pool processes, its work horse), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    out.append(int(child))
+                    todo.append(int(child))
+    return out

@@ -1,0 +1,172 @@
+"""Loops on real ``celery worker`` processes (Redis broker): the chain neither breaks nor doubles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integrations.jobs_harness import (
+    VENV_BIN,
+    descendants,
+    environment,
+    gaps,
+    no_overlap,
+    passes,
+    redis_answers,
+    wait_until,
+    workers,
+)
+
+pytest.importorskip("celery")
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.integrations.celery_jobs:celery"
+
+
+def celery_worker(env: dict[str, str], name: str, pool: str = "prefork") -> list[str]:
+    """A worker on the test's own queue (its Celery app's default queue), named after the test."""
+    return [str(VENV_BIN / "celery"), "-A", APP, "worker", "-n", f"{name}-{env['JOBS_APP']}@%h",
+            "-P", pool, "-c", "1", "-l", "info", "--without-mingle", "--without-gossip",
+            "--without-heartbeat"]
+
+
+def nodes(env: dict[str, str]) -> list[str]:
+    return [f"{name}-{env['JOBS_APP']}@{socket.gethostname()}" for name in ("a", "b")]
+
+
+@pytest.fixture(autouse=True)
+def _redis() -> None:
+    redis_answers()
+
+
+def test_a_chain_on_two_workers_runs_paced_passes_that_never_overlap(tmp_path: Path) -> None:
+    """Two prefork workers, nothing seeded: passes start by themselves, never overlap, keep
+    the pause between them (one chain, not two), and status shows the loop held and counted."""
+    from tests.integrations.celery_jobs import made
+
+    env = environment(tmp_path, JOBS_PAUSE="100ms", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(passes(env)) >= 25, 20), running.logs()
+        app, _, _ = made(env)
+        rows = {row["loop"]: row for row in app.status()}
+    records = passes(env)
+    no_overlap(records)
+    assert all(gap >= 0.095 for gap in gaps(records)), sorted(gaps(records))[:5]
+    assert [r.fence for r in records] == sorted(r.fence for r in records)
+    row = rows["tick"]
+    print(row)
+    assert row["passes"] >= 15  # each link reports before it gives the lease back
+    assert row["state"] == "running", row
+
+
+def test_seeding_a_running_chain_twice_leaves_one_chain(tmp_path: Path) -> None:
+    """A chain forged twice more by hand while one runs: the older chains die out at their
+    next link, so passes keep the loop's pause (a doubled chain would halve the gaps)."""
+    from tests.integrations.celery_jobs import made
+
+    env = environment(tmp_path, JOBS_PAUSE="150ms", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(passes(env)) >= 5, 20), running.logs()
+        _, _, jobs = made(env)
+        assert jobs.seed("tick") is not None
+        assert jobs.seed("tick") is not None
+        seeded = time.monotonic()
+        assert wait_until(lambda: passes(env)[-1].start > seeded + 2.5, 10), running.logs()
+    records = passes(env)
+    no_overlap(records)
+    after = [r for r in records if r.start > seeded - 1]
+    assert min(gaps(after)) >= 0.145, sorted(gaps(after))[:5]
+
+
+def test_a_purged_queue_re_forms_the_chain_within_patience(tmp_path: Path) -> None:
+    """Workers stop consuming, the pending link is purged (what ``celery purge`` does): the
+    keeper re-forges the chain, and passes resume within the patience plus a second."""
+    import redis
+
+    from tests.integrations.celery_jobs import made
+
+    env = environment(tmp_path, JOBS_PAUSE="300ms", JOBS_TAKES="0.02", JOBS_PATIENCE="1s")
+    _, celery, _ = made(env)
+    broker = redis.Redis.from_url(env["JOBS_BROKER"])
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
+        queue = env["JOBS_QUEUE"]
+        assert len(celery.control.cancel_consumer(queue, destination=nodes(env), reply=True)) == 2
+        assert wait_until(lambda: broker.llen(queue) >= 1, 5)
+        purged_at = time.monotonic()
+        purged = celery.control.purge()
+        assert len(celery.control.add_consumer(queue, destination=nodes(env), reply=True)) == 2
+        assert wait_until(lambda: passes(env)[-1].start > purged_at, 10), running.logs()
+        resumed = next(r.start for r in passes(env) if r.start > purged_at) - purged_at
+        logs = running.logs()
+    assert purged >= 1
+    print(f"resumed {resumed:.2f}s after the purge")
+    assert resumed < 1.0 + 1.0  # patience + a second
+    assert "chain re-forged" in logs
+    no_overlap(passes(env))
+
+
+def test_kill9_of_a_worker_mid_pass_resumes_on_the_other_within_the_lease(tmp_path: Path) -> None:
+    """kill -9 of a whole worker (its pool process included) in the middle of a pass: the
+    other worker takes the loop on within the lease TTL plus a second, and no passes overlap."""
+    env = environment(tmp_path, JOBS_PAUSE="50ms", JOBS_TAKES="0.3", JOBS_LEASE="2s", JOBS_PATIENCE="1s")
+    with workers(tmp_path, env) as running:
+        first = running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len({r.pid for r in passes(env)}) >= 1 and len(passes(env)) >= 4, 20)
+        victims: list[int] = []
+
+        def mid_pass_in_one_worker() -> bool:
+            last = passes(env)[-1]
+            group = descendants(first.pid)
+            if last.end is None and last.pid in group and time.monotonic() - last.start < 0.2:
+                victims[:] = [first.pid, *group]
+                return True
+            return False
+
+        assert wait_until(mid_pass_in_one_worker, 20, step=0.01), running.logs()
+        killed = time.monotonic()
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(5)
+        assert wait_until(lambda: passes(env)[-1].start > killed, 10), running.logs()
+        resumed = next(r.start for r in passes(env) if r.start > killed) - killed
+        assert wait_until(lambda: len([r for r in passes(env) if r.start > killed]) >= 3, 10)
+    print(f"resumed {resumed:.2f}s after kill -9")
+    assert resumed < 2.0 + 1.0
+    no_overlap(passes(env), killed_at=killed, pids=tuple(victims))
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(tmp_path: Path, pool: str) -> None:
+    """SIGTERM to a worker in the middle of a pass: the pass finishes, the worker exits 0,
+    and the other worker carries the same chain on with no break (no re-forge needed)."""
+    env = environment(tmp_path, JOBS_PAUSE="100ms", JOBS_TAKES="0.3", JOBS_PATIENCE="5s")
+    with workers(tmp_path, env) as running:
+        first = running.start(*celery_worker(env, "a", pool=pool))
+        running.start(*celery_worker(env, "b", pool=pool))
+        assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
+        assert wait_until(lambda: passes(env)[-1].end is None
+                          and passes(env)[-1].pid in (first.pid, *descendants(first.pid)), 20,
+                          step=0.01), running.logs()
+        stopped = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(10) == 0
+        assert wait_until(lambda: len([r for r in passes(env) if r.start > stopped + 0.5]) >= 3, 10)
+        logs = running.logs()
+    records = passes(env)
+    no_overlap(records)
+    assert all(r.end is not None for r in records[:-1])
+    assert max(gaps(records)) < 1.5, sorted(gaps(records))[-3:]
+    assert "re-forged" not in logs
