@@ -168,7 +168,8 @@ async def test_a_key_list_that_grows_and_shrinks_starts_and_stops_its_loops(url:
 
         # A source that raises keeps the last good list and reads as a failing loop.
         failing[0] = True
-        await until(lambda: _state(apps[0], "sync") == "failing", 15)
+        # (Whichever runner holds the loop that reads the key source says so.)
+        await until(lambda: "failing" in {_state(app, "sync") for app in apps}, 15)
         await asyncio.sleep(0.5)
         assert await apps[0].keys_async("sync") == ["globex", "initech"]
         recent = time.monotonic()
@@ -229,7 +230,8 @@ async def test_a_rolling_change_from_8_to_16_partitions_never_runs_overlapping_p
                         == {f"#{i}" for i in range(16)}, 30)
             changed = time.monotonic()
             second = await news.enter_async_context(new[1].running(wait=True))
-            await until(lambda: len(first.held()) == 8 and len(second.held()) == 8, 30)
+            # The second new runner gets partitions from the first (balance hands them over).
+            await until(lambda: len(second.held()) >= 2, 30)
             await asyncio.sleep(0.5)
             # The old runners, still up, run none of the partitions any more.
             assert not [p for p in book.since(changed) if p.count == 8]
