@@ -59,7 +59,11 @@ def require() -> None:
 
 
 def _labels(keeper: LoopKeeper) -> list[str]:
-    return [keeper.runner.app_name, keeper.spec.name]
+    """``app``, ``loop`` and ``member``: a partition or key of a loop (``#3``, ``[acme]``) is
+    labelled with its loop's name and itself, so ``sum by (loop)`` adds its members up;
+    any other loop's ``member`` is empty."""
+    app, loop = keeper.runner.app_name, keeper.spec.name
+    return [app, loop, keeper.key[len(app) + 1 + len(loop):]]
 
 
 class RunnerCollector:
@@ -77,7 +81,7 @@ class RunnerCollector:
         )
 
         now = time.monotonic()
-        labels = ["app", "loop"]
+        labels = ["app", "loop", "member"]
         passes = CounterMetricFamily(
             "ostinato_passes", "Passes finished by this runner, by outcome (worked, idle, failed).",
             labels=[*labels, "outcome"],

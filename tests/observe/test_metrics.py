@@ -34,7 +34,7 @@ def scrape(port: int) -> Samples:
 
 
 def value(samples: Samples, name: str, loop: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset({"app": "obs", "loop": loop, **labels}.items())))
+    return samples.get((name, frozenset({"app": "obs", "loop": loop, "member": "", **labels}.items())))
 
 
 def test_metrics_scraped_and_parsed_match_the_runner(stack: Stack) -> None:

@@ -254,3 +254,16 @@ async def test_a_rolling_change_from_8_to_16_partitions_never_runs_overlapping_p
     assert counts[8] > 0
     assert counts[16] > 0
     assert sorted(r["member"] for r in rows) == sorted(f"#{i}" for i in range(16))
+
+
+async def test_metrics_label_each_member_with_its_loop() -> None:
+    from ostinato.metrics import RunnerCollector
+
+    book = Book()
+    app = partitioned(f"memory://{uuid.uuid4().hex}", 1, book, 3)
+    async with app.running(wait=True) as runner:
+        await until(lambda: len(runner.held()) == 3, 10)
+        samples = [s for metric in RunnerCollector(runner).collect() for s in metric.samples
+                   if s.name == "ostinato_lease_held"]
+    held = {(s.labels["loop"], s.labels["member"]): s.value for s in samples}
+    assert held == {("shard", "#0"): 1.0, ("shard", "#1"): 1.0, ("shard", "#2"): 1.0}
