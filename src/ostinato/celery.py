@@ -27,6 +27,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from ostinato import logs
 from ostinato.app import App, run_sync
 from ostinato.chains import Keeper, KeeperThread, seed
 from ostinato.coordinators.protocol import RunnerInfo
@@ -84,12 +85,13 @@ class Attached:
         return Keeper(self.app, "celery", worker=self.worker, options=self.options, mode=self.mode,
                       enqueue_link=self.enqueue_link, enqueue_pass=self.enqueue_pass)
 
-    def seed(self, name: str, *, wait: Duration = "10s") -> Link | None:
-        """Forge a new chain of loop ``name`` now (the keeper does this by itself; this is for
-        operators and tests): the chain running so far dies out at its next link. Waits up to
-        ``wait`` for the loop's lease to be free; ``None`` if it never was."""
+    def seed(self, name: str, *, wait: Duration = "0s") -> Link | None:
+        """Forge a chain of loop ``name`` now if nothing holds the loop (the keeper does this by
+        itself; this is for operators and tests). A live chain holds the loop all along, so
+        this returns ``None`` then; ``wait`` waits that long for the lease to be free."""
         seconds = parse_duration(wait, what="wait")
-        return run_sync(seed(self.app, name, self.enqueue_link, self.worker, wait=seconds))
+        return run_sync(seed(self.app, name, self.enqueue_link, self.worker, options=self.options,
+                             wait=seconds))
 
 
 def _stopping() -> bool:
@@ -145,6 +147,7 @@ def _keeper_step(attached: Attached) -> type[Any]:
                     f"ostinato cannot host loops on a Celery {pool!r} pool: start the worker with "
                     f"--pool {', --pool '.join(POOLS.values())}"
                 )
+            logs.make_visible()
             self.thread = KeeperThread(attached.keeper())
             self.thread.start()
 

@@ -33,7 +33,7 @@ from datetime import datetime
 from ostinato.app import App
 from ostinato.coordinators.protocol import Coordinator, Denied, LoopRecord, Renewal, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
-from ostinato.links import Enqueue, JobOptions, Link, record_of
+from ostinato.links import Enqueue, JobOptions, Link, hand_over, record_of, successor
 from ostinato.logs import fields
 from ostinato.loop import LoopSpec
 from ostinato.pacing import Outcome, Slot, plan_next
@@ -65,21 +65,25 @@ def keeper_key(app: str, system: str) -> str:
 def overdue(record: LoopRecord | None, now: float, *, patience: float, budget: float) -> bool:
     """Whether the chain of the loop ``record`` describes looks broken at wall time ``now``.
 
-    A loop never seen has no chain yet. A paused loop needs none. A held loop is
-    suspect once nothing has happened for longer than a link runs (``budget``) plus
-    ``patience``: its holder may be dead, and asking for the lease costs nothing
-    when it is not. A free loop is overdue once its planned start, its last start
-    and its last pass end are all more than ``patience`` ago.
+    A loop never seen has no chain yet; a paused loop needs none. Between links the
+    lease is held for the next link (see ``ostinato.links``): once the next start is
+    ``patience`` behind and no link has taken the lease up, the chain is overdue. While
+    a link holds it (or a runner does), the chain is suspect once nothing has happened
+    for longer than a link runs (``budget``) plus ``patience``: its holder may be dead,
+    and asking for the lease costs nothing when it is not. A free loop is overdue once
+    its planned start, its last start and its last pass end are ``patience`` behind.
     """
     if record is None:
         return True
     if record.paused:
         return False
     marks = [t for t in (record.last_end, record.last_start, record.next_start) if t is not None]
-    if record.holder is not None:
-        since = max([*marks, record.held_since if record.held_since is not None else now])
-        return now - since > budget + patience
-    return not marks or now - max(marks) > patience
+    if record.holder is None:
+        return not marks or now - max(marks) > patience
+    planned, since = record.next_start, record.held_since
+    if planned is not None and record.running_since is None and (since is None or since < planned):
+        return now - planned > patience  # handed on, and the next link has not come
+    return now - max([*marks, since if since is not None else now]) > budget + patience
 
 
 def first_start(
@@ -100,21 +104,25 @@ def first_start(
 
 
 async def forge(
-    store: Coordinator, owner: RunnerInfo, app: str, spec: LoopSpec, enqueue: Enqueue,
+    store: Coordinator, owner: RunnerInfo, app: str, spec: LoopSpec, enqueue: Enqueue, patience: float,
 ) -> Link | None:
-    """Start a new generation of loop ``spec``'s chain: take its lease, give it back, enqueue
-    the first link. ``None`` if the lease is held (or the loop paused): nothing was done."""
+    """Start a new generation of loop ``spec``'s chain: take its lease, hand it to the first
+    link, enqueue that link. ``None`` if the lease is held (or the loop paused): nothing done."""
     key = f"{app}:{spec.name}"
     answer = await store.acquire(key, owner, spec.lease)
     if isinstance(answer, Denied):
         return None
     record = await record_of(store, key)
-    await store.release(key, owner, answer.fence)
     now = time.time()
     start, due = first_start(spec, record, now, key)
-    link = Link(spec.name, parent=answer.fence, generation=answer.fence, not_before=start, slot=start,
+    delay = max(0.0, start - now)
+    heir = successor(owner)
+    fence = await hand_over(store, key, owner, answer.fence, heir, delay + patience)
+    if fence is None:
+        return None
+    link = Link(spec.name, owner=heir.id, parent=fence, generation=fence, not_before=start, slot=start,
                 due=None if due is None else (due.at, due.start, due.missed))
-    enqueue(link, max(0.0, start - now))
+    enqueue(link, delay)
     return link
 
 
@@ -138,9 +146,13 @@ class Keeper:
     def __init__(
         self, app: App, system: str, *, worker: RunnerInfo, options: JobOptions, mode: str = "chain",
         enqueue_link: Enqueue | None = None, enqueue_pass: EnqueuePass | None = None,
+        on_tick: Callable[[], object] | None = None,
     ) -> None:
         self.app, self.system, self.worker, self.options, self.mode = app, system, worker, options, mode
         self.enqueue_link, self.enqueue_pass = enqueue_link, enqueue_pass
+        #: Called (in a thread) on every turn of the elected keeper, before it looks at the
+        #: loops: a job system without delays of its own moves the links that are due here.
+        self.on_tick = on_tick
         self.key = keeper_key(app.name, system)
         self.watch = {name: _Watch() for name in app.loops}
         self.elected = False
@@ -150,6 +162,7 @@ class Keeper:
         self._renew_at = 0.0
         self._deadline = 0.0
         self._outage = False
+        self._tick_failing = False
 
     def _fields(self, event: str, loop: str | None = None, fence: int | None = None) -> dict[str, object]:
         return fields(event, loop=loop, fence=fence, runner=self.worker.label)
@@ -170,6 +183,7 @@ class Keeper:
                         await store.report(self.worker, RUNNER_TTL, [])
                         beat = now + HEARTBEAT_EVERY
                     if await self._elect(store):
+                        await self._tick_hook()
                         await self._look(store)
                     if self._outage:
                         log.warning("keeper of %s: coordinator reachable again", self.app.name,
@@ -185,6 +199,19 @@ class Keeper:
                     await asyncio.wait_for(stop.wait(), TICK)
         finally:
             await self._resign(store)
+
+    async def _tick_hook(self) -> None:
+        if self.on_tick is None:
+            return
+        try:
+            await asyncio.to_thread(self.on_tick)
+        except Exception:
+            if not self._tick_failing:
+                log.exception("keeper of %s: moving due links to the queue failed; retrying",
+                              self.app.name, extra=self._fields("keeper_tick_failed"))
+            self._tick_failing = True
+        else:
+            self._tick_failing = False
 
     async def _elect(self, store: Coordinator) -> bool:
         """Take or keep the keeper's lease; whether this keeper acts now."""
@@ -242,7 +269,7 @@ class Keeper:
                                                    budget=self.options.budget):
             return
         assert self.enqueue_link is not None
-        link = await forge(store, self.worker, self.app.name, spec, self.enqueue_link)
+        link = await forge(store, self.worker, self.app.name, spec, self.enqueue_link, patience)
         if link is None:
             return
         first = record is None or (record.last_end is None and record.last_start is None)
@@ -328,16 +355,18 @@ class KeeperThread:
         self._thread = None
 
 
-async def seed(app: App, name: str, enqueue: Enqueue, owner: RunnerInfo, *, wait: float) -> Link | None:
-    """Forge a new generation of loop ``name``'s chain by hand, waiting up to ``wait`` seconds
-    for its lease to be free; the chain running so far dies out at its next link."""
+async def seed(
+    app: App, name: str, enqueue: Enqueue, owner: RunnerInfo, *, options: JobOptions, wait: float
+) -> Link | None:
+    """Forge a chain of loop ``name`` by hand if none holds the loop, waiting up to ``wait``
+    seconds for its lease; ``None`` if it stayed held (a live chain holds it all along)."""
     spec = app.loops[name]
     store = app.connect()
     try:
         await store.open()
         until = time.monotonic() + wait
         while True:
-            link = await forge(store, owner, app.name, spec, enqueue)
+            link = await forge(store, owner, app.name, spec, enqueue, options.patience_for(spec))
             if link is not None or time.monotonic() >= until:
                 return link
             await asyncio.sleep(0.02)

@@ -1,30 +1,26 @@
-"""Loops hosted by job workers (Celery, RQ): one job runs a loop's passes under its lease.
+"""Loops hosted by job workers (Celery, RQ): a loop is a chain of jobs that hand its lease on.
 
-A *link* is one job of a loop's *chain*. It carries the fence its parent held (the
-link that enqueued it, or the keeper that forged the chain). It runs only if no
-lease of the loop was granted since that parent gave it back: it checks the
-coordinator's record first (a duplicate or stale link then ends without taking
-the lease), and its own grant must be exactly one fence above the parent's (a
-grant that slipped in between makes it stale all the same). So two chains of one
-loop cannot both live: the chain whose link took the lease last wins, and every
-other link ends on its next turn without running and without enqueueing. The
-generation a link reports is the fence its chain was forged at.
+A *link* is one job of a loop's *chain*. The loop's lease passes from link to
+link like a baton: a link that has run its passes gives the lease back and, at
+once, takes it again for the next link, under an owner id made for that link
+alone, for as long as the pacing delay plus the keeper's patience; then it
+enqueues the next link with that owner id and the fence of that grant (its
+*parent* fence). So the loop stays held between links: status shows it held,
+and a standby runner does not take it from a live chain.
 
-A link that runs renews the lease in the background, runs passes for up to its
-time budget (so the queue's latency is paid once per budget, not once per pass),
-reports the passes the way a runner does, gives the lease back and enqueues
-exactly one next link, delayed by the loop's pacing (``every=``, ``pause=``,
-``cron=``, the ``IDLE`` and error backoffs). A link that lost its lease while it
-ran enqueues nothing: whoever holds the loop now runs it, and a chain that
-nobody carries on is re-forged by the keeper (``ostinato.chains``).
+The next link takes the baton up by giving it back as that owner, a step that
+succeeds for one copy of a link only, and asks for the lease under an owner id
+of its own: it runs only if that grant is exactly one fence above its parent's.
+A duplicate of a link (the same message delivered twice, at once or later), a
+link of an older chain (re-forged by the keeper after this one looked broken)
+or one whose loop another runner took meanwhile ends without running a pass and
+without enqueueing. A second forge of a live chain finds its lease held and does
+nothing. Safety rests on the lease alone: two passes never run at once while
+both hold valid leases, whatever the queue delivers. The generation a link
+reports is the fence its chain was forged at.
 
-Safety rests on the lease alone: two passes never run at the same time while
-both hold valid leases, whatever the queue delivers twice. The fence arithmetic
-only keeps one chain alive; a fence that jumps (a Redis restarted without
-persistence) ends a chain, which the keeper re-forges.
-
-``run_clock_pass`` is the clock mode's job: one pass under the lease, or none if
-the previous pass still holds it.
+A link that lost its lease enqueues nothing: whoever holds the loop now runs it,
+and a chain that nobody carries on is re-forged by ``ostinato.chains``.
 """
 
 from __future__ import annotations
@@ -33,9 +29,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
-import traceback
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -43,36 +38,23 @@ from typing import Any
 
 from ostinato.app import App, run_sync
 from ostinato.coordinators.memory import MemoryCoordinator
-from ostinato.coordinators.protocol import (
-    Coordinator,
-    Denied,
-    LoopRecord,
-    Renewal,
-    RunnerInfo,
-)
+from ostinato.coordinators.protocol import Coordinator, Denied, LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
-from ostinato.hooks import around_pass, entered
 from ostinato.logs import fields
-from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
-from ostinato.pacing import Outcome, Plan, Slot, plan_next
-from ostinato.runner import RUNNER_TTL
-from ostinato.stats import StatsBook, wall_offset
+from ostinato.loop import LocalLease, LoopSpec
+from ostinato.pacing import Plan, Slot
+from ostinato.turn import Turn
 
 log = logging.getLogger("ostinato.jobs")
 
-#: How often a link reports its passes while it runs (a runner reports every second too).
-REPORT_EVERY = 1.0
 #: A link that arrives more than this before its start goes back to the queue with the rest
-#: of its delay; a shorter wait is spent in the job (a queue without fine delays, such as
-#: RQ's scheduler with its one-second turns, gets short delays enqueued at once).
+#: of its delay; a shorter wait is spent in the job (RQ gets short delays enqueued at once).
 EARLY_WAIT_LIMIT = 5.0
 #: How often a waiting link looks whether its worker is shutting down.
 STOP_POLL = 0.05
 
-#: What the links of this process did, by outcome (``ran``, ``stale``, ``held``, ...).
+#: What the jobs of this process did, by outcome (``ran``, ``stale``, ``skipped``, ...).
 COUNTS: Counter[str] = Counter()
-_books: dict[str, StatsBook] = {}
-_books_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +62,8 @@ class Link:
     """One job of a loop's chain, as it travels through the queue (``encode``/``decode``)."""
 
     loop: str
-    #: The fence the previous link (or the keeper's forge) held: this link runs only
-    #: if its own grant is the next one.
+    #: The owner id the lease is held under for this link, and the fence of that grant.
+    owner: str
     parent: int
     #: The fence the chain was forged at, for logs.
     generation: int
@@ -104,7 +86,7 @@ class Link:
         try:
             due = data.get("due")
             return cls(
-                loop=str(data["loop"]), parent=int(data["parent"]),
+                loop=str(data["loop"]), owner=str(data["owner"]), parent=int(data["parent"]),
                 generation=int(data["generation"]), not_before=float(data.get("not_before", 0.0)),
                 slot=None if data.get("slot") is None else float(data["slot"]),
                 idle_streak=int(data.get("idle_streak", 0)),
@@ -113,6 +95,13 @@ class Link:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigurationError(f"not an ostinato link: {data!r} ({exc})") from None
+
+    def plan(self) -> Plan:
+        """Where the pacing stands when this link starts."""
+        return Plan(not_before=self.not_before, idle_until=self.not_before,
+                    slot=self.not_before if self.slot is None else self.slot,
+                    idle_streak=self.idle_streak, error_streak=self.error_streak,
+                    due=None if self.due is None else Slot(*self.due))
 
 
 #: Puts a link on the queue, to start after the delay (seconds).
@@ -137,8 +126,9 @@ class JobOptions:
 
 def check_hostable(app: App, mode: str) -> None:
     """Refuse, with what to do instead, an app whose loops jobs cannot host."""
-    store = app.connect()
-    if store is app.connect() and not isinstance(store, MemoryCoordinator):
+    # App keeps what it was given; a URL is connected afresh by each app.connect().
+    store = getattr(app, "_coordinator", None)
+    if isinstance(store, Coordinator) and not isinstance(store, MemoryCoordinator):
         raise ConfigurationError(
             f"app {app.name!r} was given a {type(store).__name__} object, but every job and every "
             "worker's keeper opens a connection of its own: give the coordinator as a URL "
@@ -158,15 +148,6 @@ def check_hostable(app: App, mode: str) -> None:
             )
 
 
-def book(key: str, spec: LoopSpec) -> StatsBook:
-    """This process's statistics of loop ``key`` (a forked work horse starts from its parent's)."""
-    with _books_lock:
-        found = _books.get(key)
-        if found is None:
-            found = _books[key] = StatsBook(key, spec.stall_after, spec.fail_after)
-        return found
-
-
 async def record_of(store: Coordinator, key: str) -> LoopRecord | None:
     """What the coordinator knows of loop ``key`` (``None``: nothing yet)."""
     for record in await store.loops():
@@ -175,8 +156,20 @@ async def record_of(store: Coordinator, key: str) -> LoopRecord | None:
     return None
 
 
-def _error_text(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]
+def successor(of: RunnerInfo) -> RunnerInfo:
+    """A new owner id for the next link, held by this process until that link takes it up."""
+    return RunnerInfo(id=uuid.uuid4().hex, host=of.host, pid=of.pid, hosts=of.hosts)
+
+
+async def hand_over(
+    store: Coordinator, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float
+) -> int | None:
+    """Pass the lease of ``key`` from ``holder`` (with ``fence``) to ``heir`` for ``ttl`` seconds;
+    return the heir's fence, or ``None`` if another runner took it in between or it was paused."""
+    if not await store.release(key, holder, fence):
+        return None
+    answer = await store.acquire(key, heir, ttl)
+    return None if isinstance(answer, Denied) else answer.fence
 
 
 def run_link(
@@ -184,7 +177,8 @@ def run_link(
     options: JobOptions, stopping: Callable[[], bool] = lambda: False,
 ) -> str:
     """Run one link of a chain (the body of the Celery task or RQ job); return what it did:
-    ``ran``, ``stale``, ``held``, ``paused``, ``lost`` or ``unreachable``."""
+    ``ran``, ``early`` (back to the queue), ``stale``, ``held``, ``paused``, ``lost`` or
+    ``unreachable``."""
     link = Link.decode(data)
     spec = app.loops.get(link.loop)
     if spec is None:
@@ -192,44 +186,22 @@ def run_link(
             f"app {app.name!r} has no loop named {link.loop!r} (its loops are "
             f"{app.loop_names()}); a link of it was dropped"
         )
-    job = _Job(app, spec, worker, options, stopping)
-    outcome = run_sync(job.link(link, enqueue))
+    outcome = run_sync(_Chain(app, spec, worker, options, stopping).link(link, enqueue))
     COUNTS[outcome] += 1
     return outcome
 
 
-def run_clock_pass(
-    app: App, name: str, slot: float, *, worker: RunnerInfo, options: JobOptions,
-    due: tuple[float, float, int] | None = None,
-) -> str:
-    """Run one pass of loop ``name`` that the clock enqueued for ``slot`` (wall); return ``ran``,
-    or ``skipped`` when its previous pass still holds the lease (never queued behind it)."""
-    spec = app.loops.get(name)
-    if spec is None:
-        raise ConfigurationError(f"app {app.name!r} has no loop named {name!r}")
-    job = _Job(app, spec, worker, dataclasses.replace(options, budget=0.0), lambda: False)
-    outcome = run_sync(job.clock_pass(slot, due))
-    COUNTS[outcome] += 1
-    return outcome
-
-
-class _Job:
-    """One job's turn at a loop: the lease, the passes, the report, the next link."""
+class _Chain:
+    """One link's part in its loop's chain."""
 
     def __init__(self, app: App, spec: LoopSpec, worker: RunnerInfo, options: JobOptions,
                  stopping: Callable[[], bool]) -> None:
         self.app, self.spec, self.worker, self.options = app, spec, worker, options
         self.key = f"{app.name}:{spec.name}"
         self.stopping = stopping
-        self.book = book(self.key, spec)
-        # Wakes the passes' thread: the lease was lost.
-        self._nudge = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _fields(self, event: str, fence: int | None = None) -> dict[str, object]:
         return fields(event, loop=self.key, fence=fence, runner=self.worker.label)
-
-    # -- a chain's link ------------------------------------------------------------
 
     async def link(self, link: Link, enqueue: Enqueue) -> str:
         early = link.not_before - time.time()
@@ -246,50 +218,43 @@ class _Job:
         try:
             enqueue(nxt, max(0.0, nxt.not_before - time.time()))
         except Exception:
-            log.exception("%s: could not enqueue the next link; the keeper re-forges the chain",
-                          self.key, extra=self._fields("enqueue_failed", nxt.parent))
+            log.exception("%s: could not enqueue the next link; the keeper re-forges the chain once "
+                          "its lease runs out", self.key, extra=self._fields("enqueue_failed", nxt.parent))
             return "lost"
         return outcome
 
     async def _turn(self, link: Link) -> tuple[str, Link | None]:
-        """Take the lease if this link is the chain's next, run its passes, give the lease back;
-        return what happened and the next link to enqueue, if any."""
+        """Take the lease up if this link is the chain's next, run its passes, hand the lease
+        on; return what happened and the next link to enqueue, if any."""
         store = self.app.connect()
+        me = RunnerInfo.here(hosts=self.worker.hosts)
+        handed = RunnerInfo(id=link.owner, host=me.host, pid=me.pid, hosts=me.hosts)
         try:
             await store.open()
-            record = await record_of(store, self.key)
-            refused = self._refusal(link, record)
+            refused = await self._refusal(store, handed, link, await record_of(store, self.key))
             if refused is not None:
                 return refused, None
-            owner = RunnerInfo.here(hosts=self.worker.hosts)
+            # Giving back what it was handed is the one step only one copy of a link can take.
+            if not await store.release(self.key, handed, link.parent):
+                self._ends("stale", link, "the lease it was handed is no longer so: a copy of this "
+                           "link took it up, or it ran out and another runner took it")
+                return "stale", None
             sent = time.monotonic()
-            answer = await store.acquire(self.key, owner, self.spec.lease)
+            answer = await store.acquire(self.key, me, self.spec.lease)
             if isinstance(answer, Denied):
-                log.info("%s: a link of generation %d found the lease held: it ends without running",
-                         self.key, link.generation, extra=self._fields("link_duplicate"))
-                return ("paused" if answer.paused else "held"), None
+                self._ends("held", link, f"{answer.holder or 'another runner'} took the lease first")
+                return "held", None
             if answer.fence != link.parent + 1:
-                log.info("%s: a link of generation %d is stale (fence %d granted, %d expected): it "
-                         "ends without running", self.key, link.generation, answer.fence,
-                         link.parent + 1, extra=self._fields("link_stale", answer.fence))
-                await store.release(self.key, owner, answer.fence)
+                self._ends("stale", link, f"fence {answer.fence} granted where {link.parent + 1} was due")
+                await store.release(self.key, me, answer.fence)
                 return "stale", None
             lease = LocalLease(answer.fence, self.spec.lease, max(sent, answer.sent or sent), answer.bound)
-            plan = await self._hold(store, owner, lease, link)
+            turn = Turn(self.app.name, self.spec, store=store, owner=me, worker=self.worker, lease=lease,
+                        budget=self.options.budget, stopping=self.stopping)
+            plan = await turn.run(link.plan())
             if plan is None:
                 return "lost", None
-            if not await store.release(self.key, owner, lease.fence):
-                log.warning("%s: the lease ran out before the link gave it back: no next link; "
-                            "the keeper re-forges the chain", self.key,
-                            extra=self._fields("link_lost", lease.fence))
-                return "lost", None
-            due = plan.due
-            return "ran", Link(
-                self.spec.name, parent=lease.fence, generation=link.generation,
-                not_before=plan.start_at(), slot=plan.slot, idle_streak=plan.idle_streak,
-                error_streak=plan.error_streak,
-                due=None if due is None else (due.at, due.start, due.missed),
-            )
+            return await self._pass_on(store, me, lease, link, plan)
         except CoordinatorUnavailable as exc:
             log.error("%s: a link cannot reach the coordinator (%s): it ends; the keeper re-forges "
                       "the chain once the coordinator is back", self.key, exc,
@@ -299,185 +264,89 @@ class _Job:
             with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
                 await asyncio.wait_for(store.close(), 1.0)
 
-    def _refusal(self, link: Link, record: LoopRecord | None) -> str | None:
+    async def _pass_on(
+        self, store: Coordinator, me: RunnerInfo, lease: LocalLease, link: Link, plan: Plan
+    ) -> tuple[str, Link | None]:
+        delay = max(0.0, plan.start_at() - time.time())
+        heir = successor(me)
+        fence = await hand_over(store, self.key, me, lease.fence, heir,
+                                delay + self.options.patience_for(self.spec))
+        if fence is None:
+            log.warning("%s: the lease could not be handed to the next link (it ran out, was "
+                        "paused, or another runner took it): the chain ends here", self.key,
+                        extra=self._fields("link_lost", lease.fence))
+            return "lost", None
+        due = plan.due
+        return "ran", Link(
+            self.spec.name, owner=heir.id, parent=fence, generation=link.generation,
+            not_before=plan.start_at(), slot=plan.slot, idle_streak=plan.idle_streak,
+            error_streak=plan.error_streak, due=None if due is None else (due.at, due.start, due.missed),
+        )
+
+    async def _refusal(
+        self, store: Coordinator, me: RunnerInfo, link: Link, record: LoopRecord | None
+    ) -> str | None:
         """Why this link must not even ask for the lease, if it must not."""
         if record is None:
-            return None
-        if record.paused:
-            log.info("%s: paused: the chain ends here; the keeper starts it again on resume",
-                     self.key, extra=self._fields("link_paused"))
-            return "paused"
+            return None  # nothing to compare with (forgotten): the grant's fence decides
         if record.fence != link.parent:
-            log.info("%s: a link of generation %d is stale (fence %d since its parent's %d): it ends "
-                     "without running", self.key, link.generation, record.fence, link.parent,
-                     extra=self._fields("link_stale", record.fence))
+            self._ends("stale", link, f"fence {record.fence} granted since its parent's {link.parent}")
             return "stale"
-        if record.holder is not None:
-            log.info("%s: a link of generation %d found the lease held by %s: it ends without running",
-                     self.key, link.generation, record.holder, extra=self._fields("link_duplicate"))
-            return "held"
+        if record.paused:
+            await store.release(self.key, me, link.parent)  # the lease it was handed, if still so
+            log.info("%s: paused: the chain ends here; the keeper starts it again on resume",
+                     self.key, extra=self._fields("link_paused", link.parent))
+            return "paused"
         return None
 
-    # -- a clock's pass ------------------------------------------------------------
+    def _ends(self, outcome: str, link: Link, why: str) -> None:
+        log.info("%s: a link of generation %d ends without running (%s): %s", self.key,
+                 link.generation, outcome, why, extra=self._fields(f"link_{outcome}"))
 
-    async def clock_pass(self, slot: float, due: tuple[float, float, int] | None) -> str:
-        store = self.app.connect()
-        try:
-            await store.open()
-            owner = RunnerInfo.here(hosts=self.worker.hosts)
-            sent = time.monotonic()
-            answer = await store.acquire(self.key, owner, self.spec.lease)
-            if isinstance(answer, Denied):
-                log.warning("%s: the pass due at %s is skipped: %s", self.key,
-                            datetime.fromtimestamp(slot).isoformat(timespec="milliseconds"),
-                            "the loop is paused" if answer.paused else
-                            f"its previous pass still runs ({answer.holder or 'holder unknown'})",
-                            extra=self._fields("pass_skipped"))
-                return "skipped"
-            lease = LocalLease(answer.fence, self.spec.lease, max(sent, answer.sent or sent), answer.bound)
-            link = Link(self.spec.name, parent=lease.fence - 1, generation=lease.fence, not_before=slot,
-                        slot=slot, due=due)
-            await self._hold(store, owner, lease, link)
-            await store.release(self.key, owner, lease.fence)
-            return "ran"
-        except CoordinatorUnavailable as exc:
-            log.error("%s: a pass cannot reach the coordinator (%s): skipped", self.key, exc,
-                      extra=self._fields("coordinator_unreachable"))
-            return "unreachable"
-        finally:
-            with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
-                await asyncio.wait_for(store.close(), 1.0)
 
-    # -- holding the lease while passes run ----------------------------------------
+def run_clock_pass(
+    app: App, name: str, slot: float, *, worker: RunnerInfo, options: JobOptions,
+    due: tuple[float, float, int] | None = None,
+) -> str:
+    """Run one pass of loop ``name`` that the clock enqueued for ``slot`` (wall); return ``ran``,
+    or ``skipped`` when its previous pass still holds the lease (never queued behind it)."""
+    spec = app.loops.get(name)
+    if spec is None:
+        raise ConfigurationError(f"app {app.name!r} has no loop named {name!r}")
+    outcome = run_sync(_clock_pass(app, spec, slot, due, worker))
+    COUNTS[outcome] += 1
+    return outcome
 
-    async def _hold(
-        self, store: Coordinator, owner: RunnerInfo, lease: LocalLease, link: Link
-    ) -> Plan | None:
-        """Renew ``lease`` and report while the passes run in a thread; report once more at the
-        end. Returns the plan for the next link, or ``None`` if the lease was lost."""
-        self._loop = asyncio.get_running_loop()
-        sides = [asyncio.create_task(self._renew(store, owner, lease)),
-                 asyncio.create_task(self._report_forever(store))]
-        try:
-            plan = await asyncio.to_thread(self._passes, lease, link)
-        finally:
-            for task in sides:
-                task.cancel()
-            await asyncio.gather(*sides, return_exceptions=True)
-        if plan is not None:
-            schedule = self.spec.pacing.schedule
-            self.book.zone = None if schedule is None else schedule.zone_name
-            self.book.next_start = plan.start_at()
-        # Reported before the lease is given back: the keeper then knows the next start.
+
+async def _clock_pass(
+    app: App, spec: LoopSpec, slot: float, due: tuple[float, float, int] | None, worker: RunnerInfo
+) -> str:
+    key = f"{app.name}:{spec.name}"
+    store = app.connect()
+    try:
+        await store.open()
+        owner = RunnerInfo.here(hosts=worker.hosts)
+        sent = time.monotonic()
+        answer = await store.acquire(key, owner, spec.lease)
+        if isinstance(answer, Denied):
+            log.warning("%s: the pass due at %s is skipped: %s", key,
+                        datetime.fromtimestamp(slot).isoformat(timespec="milliseconds"),
+                        "the loop is paused" if answer.paused else
+                        f"its previous pass still runs ({answer.holder or 'holder unknown'})",
+                        extra=fields("pass_skipped", loop=key, runner=worker.label))
+            return "skipped"
+        lease = LocalLease(answer.fence, spec.lease, max(sent, answer.sent or sent), answer.bound)
+        turn = Turn(app.name, spec, store=store, owner=owner, worker=worker, lease=lease, budget=0.0,
+                    stopping=lambda: False)
+        start = Link(spec.name, owner.id, lease.fence - 1, lease.fence, not_before=slot, slot=slot,
+                     due=due).plan()
+        await turn.run(start)
+        await store.release(key, owner, lease.fence)
+        return "ran"
+    except CoordinatorUnavailable as exc:
+        log.error("%s: a pass cannot reach the coordinator (%s): skipped", key, exc,
+                  extra=fields("coordinator_unreachable", loop=key, runner=worker.label))
+        return "unreachable"
+    finally:
         with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
-            await asyncio.wait_for(self._report(store), max(0.05, lease.deadline - time.monotonic()))
-        lost = lease.deadline == float("-inf")
-        return None if lost else plan
-
-    async def _renew(self, store: Coordinator, owner: RunnerInfo, lease: LocalLease) -> None:
-        while True:
-            await asyncio.sleep(max(0.0, lease.renew_at - time.monotonic()))
-            sent = time.monotonic()
-            try:
-                answers = await asyncio.wait_for(
-                    store.renew(owner, {self.key: (lease.fence, lease.ttl)}),
-                    max(lease.deadline - sent, 0.001),
-                )
-            except (CoordinatorUnavailable, TimeoutError) as exc:
-                self._lose(lease, f"coordinator unreachable: {exc or 'the renewal timed out'}")
-                return
-            answer = answers.get(self.key, Renewal.LOST)
-            if answer is not Renewal.HELD:
-                why = "the loop was paused" if answer is Renewal.PAUSED else "another holder has it now"
-                self._lose(lease, why)
-                return
-            lease.extend(sent)
-
-    def _lose(self, lease: LocalLease, why: str) -> None:
-        lease.revoke()
-        log.warning("%s: lease lost (fence %d): %s; this link ends without a next one", self.key,
-                    lease.fence, why, extra=self._fields("lease_lost", lease.fence))
-        self._nudge.set()
-
-    async def _report_forever(self, store: Coordinator) -> None:
-        while True:
-            await asyncio.sleep(REPORT_EVERY)
-            with contextlib.suppress(CoordinatorUnavailable):
-                await self._report(store)
-
-    async def _report(self, store: Coordinator) -> None:
-        stats = self.book.pending(wall_offset())
-        await store.report(self.worker, RUNNER_TTL, [] if stats is None else [stats])
-        if stats is not None:
-            self.book.sent(stats)
-
-    # -- the passes, in a thread of their own ----------------------------------------
-
-    def _passes(self, lease: LocalLease, link: Link) -> Plan | None:
-        """Run passes while the lease holds and the budget lasts; return the plan for the next
-        pass (``None``: the lease was lost)."""
-        end_by = time.monotonic() + self.options.budget
-        plan = Plan(not_before=link.not_before, idle_until=link.not_before,
-                    slot=link.not_before if link.slot is None else link.slot,
-                    idle_streak=link.idle_streak, error_streak=link.error_streak,
-                    due=None if link.due is None else Slot(*link.due))
-        number = 0
-        while True:
-            if lease.deadline == float("-inf"):
-                return None
-            now = time.monotonic()
-            wait = plan.start_at() - time.time()
-            if number and (self.stopping() or now + max(wait, 0.0) >= end_by):
-                return plan  # the next pass belongs to the next link
-            if wait > 0:
-                self._nudge.wait(min(wait, STOP_POLL * 4))
-                continue
-            if not lease.holds(now):
-                return None if lease.deadline == float("-inf") or not lease.valid(now) else plan
-            number += 1
-            plan = self._one_pass(lease, number, plan)
-
-    def _one_pass(self, lease: LocalLease, number: int, plan: Plan) -> Plan:
-        spec, stats = self.spec, self.book
-        now = time.monotonic()
-        schedule = spec.pacing.schedule
-        due = plan.due
-        ctx = Pass(spec.name, lease, number, now, app=self.app.name,
-                   scheduled_for=None if due is None or schedule is None
-                   else datetime.fromtimestamp(due.at, schedule.zone),
-                   missed=0 if due is None else due.missed)
-        stats.started(now)
-        try:
-            if hooks := around_pass():
-                with entered(hooks, ctx, spec) as outcomes:
-                    result = self._call(ctx)
-                    for told in outcomes:
-                        told.outcome = "idle" if result is IDLE else "worked"
-            else:
-                result = self._call(ctx)
-        except Exception as exc:
-            end = time.monotonic()
-            outcome = Outcome.FAILED
-            stats.failed(end, _error_text(exc))
-            log.error("%s: pass %d failed", self.key, number, exc_info=exc,
-                      extra=self._fields("pass_failed", lease.fence))
-        else:
-            end = time.monotonic()
-            outcome = Outcome.IDLE if result is IDLE else Outcome.WORKED
-        stats.finished(now, end, outcome.value)
-        wall_end = time.time()
-        return plan_next(spec.pacing, slot=plan.slot, end=wall_end, wall_end=wall_end, outcome=outcome,
-                         idle_streak=plan.idle_streak, error_streak=plan.error_streak, due=due,
-                         seed=self.key)
-
-    def _call(self, ctx: Pass) -> Any:
-        spec = self.spec
-        if not spec.is_async:
-            return spec.body(ctx)
-        assert self._loop is not None
-
-        async def bounded() -> Any:
-            async with asyncio.timeout(spec.timeout):
-                return await spec.body(ctx)
-
-        return asyncio.run_coroutine_threadsafe(bounded(), self._loop).result()
+            await asyncio.wait_for(store.close(), 1.0)

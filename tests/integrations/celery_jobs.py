@@ -9,7 +9,7 @@ from celery import Celery
 
 import ostinato
 import ostinato.celery
-from tests.integrations.jobs_app import BROKER, build
+from tests.integrations.jobs_app import BROKER, build, twice
 
 
 def made(env: Mapping[str, str]) -> tuple[ostinato.App, Celery, ostinato.celery.Attached]:
@@ -19,7 +19,10 @@ def made(env: Mapping[str, str]) -> tuple[ostinato.App, Celery, ostinato.celery.
     # The test's own queue, as the default one: what `celery purge` empties.
     celery.conf.update(broker_connection_retry_on_startup=True,
                        task_default_queue=env.get("JOBS_QUEUE", "celery"))
-    return app, celery, ostinato.celery.attach(app, celery, **options)
+    jobs = ostinato.celery.attach(app, celery, **options)
+    if env.get("JOBS_TWICE"):
+        twice(jobs)
+    return app, celery, jobs
 
 
 app, celery, jobs = made(os.environ)

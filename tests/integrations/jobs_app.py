@@ -4,7 +4,9 @@
 ``JOBS_BROKER`` the Redis the queue lives in, ``JOBS_RECORDS`` the file every pass
 appends to, ``JOBS_MODE`` ``chain`` or ``clock``, ``JOBS_TAKES`` how long a pass
 takes (seconds), ``JOBS_PAUSE`` or ``JOBS_EVERY`` its pacing, ``JOBS_LEASE`` its
-lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience.
+lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience;
+``JOBS_TWICE=1`` makes every link enqueue its next link twice (the article's chain
+that doubles).
 
 Each pass appends ``S pid fence start`` as it starts and ``E pid fence start end`` as
 it ends (``time.monotonic()``, shared by the processes of one host), each line one
@@ -45,6 +47,17 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
     options = {"mode": env.get("JOBS_MODE", "chain"), "budget": env.get("JOBS_BUDGET", "1s"),
                "patience": env.get("JOBS_PATIENCE") or None}
     return app, options
+
+
+def twice(jobs: Any) -> None:
+    """Make every link of ``jobs`` (an ``Attached``) enqueue its next link twice."""
+    once = jobs.enqueue_link
+
+    def double(link: Any, delay: float) -> None:
+        once(link, delay)
+        once(link, delay)
+
+    jobs.enqueue_link = double
 
 
 BROKER = "redis://127.0.0.1:6379/7"

@@ -7,6 +7,7 @@ to a list, so each rule is shown without workers or a broker.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import uuid
 from typing import Any
 
@@ -17,13 +18,16 @@ from ostinato.chains import Keeper, first_start, forge, overdue
 from ostinato.coordinators.protocol import LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError
 from ostinato.links import JobOptions, Link, check_hostable, run_link
+from ostinato.testing import FakeClock, MemoryCoordinator, MemoryStore
 
 WORKER = RunnerInfo.here()
 OPTIONS = JobOptions(budget=0.05)
 
 
-def make_app(**pacing: Any) -> tuple[ostinato.App, list[float]]:
-    app = ostinato.App(f"links{uuid.uuid4().hex[:6]}", coordinator=f"memory://{uuid.uuid4().hex}")
+def make_app(clock: FakeClock | None = None, **pacing: Any) -> tuple[ostinato.App, list[float]]:
+    name = f"links{uuid.uuid4().hex[:6]}"
+    store = MemoryCoordinator(store=MemoryStore(clock=clock)) if clock else f"memory://{name}"
+    app = ostinato.App(name, coordinator=store)
     starts: list[float] = []
 
     @app.loop(lease="2s", **pacing)
@@ -47,29 +51,43 @@ class Queue:
         return link.encode()
 
 
-def seeded(app: ostinato.App, queue: Queue) -> Link:
-    async def go() -> Link:
-        store = app.connect()
-        link = await forge(store, WORKER, app.name, app.loops["tick"], queue)
-        assert link is not None
-        return link
+def forged(app: ostinato.App, queue: Queue) -> Link | None:
+    return asyncio.run(forge(app.connect(), WORKER, app.name, app.loops["tick"], queue, 1.0))
 
-    return asyncio.run(go())
+
+def seeded(app: ostinato.App, queue: Queue) -> Link:
+    link = forged(app, queue)
+    assert link is not None
+    return link
 
 
 def test_a_link_runs_passes_then_enqueues_exactly_one_next_link_with_its_fence() -> None:
     """A forged chain's link runs passes under the next fence and enqueues one link that
-    names that fence as its parent, delayed by the loop's pause."""
+    names the fence of the lease it was handed, delayed by the loop's pause."""
     app, starts = make_app(pause="20ms")
     queue = Queue()
-    forged = seeded(app, queue)
+    first = seeded(app, queue)
     assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "ran"
-    assert starts
-    assert set(starts) == {forged.parent + 1}
+    assert set(starts) == {first.parent + 1}
     [(nxt, delay)] = queue.links
-    assert nxt.parent == forged.parent + 1
-    assert nxt.generation == forged.generation
+    assert nxt.parent == first.parent + 2  # handed on: released and granted to the next owner
+    assert nxt.owner != first.owner
+    assert nxt.generation == first.generation
     assert 0 < delay <= 0.02
+
+
+def test_the_lease_stays_held_between_links_so_a_second_forge_does_nothing() -> None:
+    """Between two links the lease is held for the next one: status shows the loop held, and
+    forging the chain again (a second seed) finds it held and enqueues nothing."""
+    app, _ = make_app(pause="1s")
+    queue = Queue()
+    seeded(app, queue)
+    assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "ran"
+    [row] = app.status()
+    assert row["holder"] == WORKER.label
+    assert row["state"] == "running"
+    assert forged(app, queue) is None
+    assert len(queue.links) == 1
 
 
 def test_a_link_delivered_twice_runs_once_and_the_copy_enqueues_nothing() -> None:
@@ -84,38 +102,58 @@ def test_a_link_delivered_twice_runs_once_and_the_copy_enqueues_nothing() -> Non
     assert (len(starts), len(queue.links)) == (ran, enqueued)
 
 
-def test_a_second_forge_leaves_the_first_chain_stale() -> None:
-    """Two chains forged one after the other: only the newer one's link runs."""
-    app, _ = make_app()
+def test_two_copies_of_a_link_at_once_run_one_turn_and_enqueue_one_link() -> None:
+    """The same message delivered twice at the same moment: one copy runs, the other ends
+    without a pass and without enqueueing, and the chain goes on (one next link)."""
+    app, starts = make_app()
     queue = Queue()
     seeded(app, queue)
+    message = queue.pop()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(
+            lambda _: run_link(app, message, queue, worker=WORKER, options=OPTIONS), range(2)))
+    assert outcomes == ["ran", "stale"]
+    assert len(set(starts)) == 1
+    assert len(queue.links) == 1
+    assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "ran"
+
+
+def test_a_link_of_an_older_chain_ends_without_running() -> None:
+    """A link so late that its lease ran out and the keeper re-forged the chain is stale."""
+    clock = FakeClock()
+    app, starts = make_app(clock)
+    queue = Queue()
     seeded(app, queue)
-    older, newer = queue.pop(), queue.pop()
-    assert run_link(app, older, queue, worker=WORKER, options=OPTIONS) == "stale"
-    assert queue.links == []
-    assert run_link(app, newer, queue, worker=WORKER, options=OPTIONS) == "ran"
+    late = queue.pop()
+    clock.advance(60)  # the lease held for the late link runs out
+    seeded(app, queue)
+    assert run_link(app, late, queue, worker=WORKER, options=OPTIONS) == "stale"
+    assert starts == []
+    assert len(queue.links) == 1
+    assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "ran"
+    assert starts
     assert len(queue.links) == 1
 
 
-def test_a_link_finding_the_lease_held_ends_without_running() -> None:
-    """While someone else holds the loop (a runner, a link of another chain), a link ends."""
+def test_a_link_whose_lease_another_runner_took_ends_without_running() -> None:
+    """Revoked while the link waited (an operator's release) and taken by a runner: it ends."""
     app, starts = make_app()
     queue = Queue()
-    link = seeded(app, queue)
-    other = RunnerInfo.here()
+    seeded(app, queue)
+    app.release("tick")
 
-    async def hold() -> None:
-        await app.connect().acquire(f"{app.name}:tick", other, 5.0)
+    async def take() -> None:
+        await app.connect().acquire(f"{app.name}:tick", RunnerInfo.here(), 5.0)
 
-    asyncio.run(hold())
-    assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) in ("stale", "held")
+    asyncio.run(take())
+    assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "stale"
     assert starts == []
     assert queue.links == []
-    assert link.parent > 0
 
 
 def test_a_paused_loop_ends_its_chain_and_the_keeper_leaves_it_alone() -> None:
-    """A link of a paused loop ends without a next one; the keeper does not forge while paused."""
+    """A link of a paused loop ends without a next one and gives the lease back; the keeper
+    does not forge while the loop is paused."""
     app, starts = make_app()
     queue = Queue()
     seeded(app, queue)
@@ -123,6 +161,9 @@ def test_a_paused_loop_ends_its_chain_and_the_keeper_leaves_it_alone() -> None:
     assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "paused"
     assert starts == []
     assert queue.links == []
+    [row] = app.status()
+    assert row["state"] == "paused"
+    assert row["holder"] is None
     record = LoopRecord(f"{app.name}:tick", 3, True, None, None)
     assert not overdue(record, 1e9, patience=1.0, budget=1.0)
 
@@ -132,8 +173,8 @@ def test_the_keeper_forges_a_chain_at_start_and_again_once_it_is_overdue() -> No
     went missing once its planned start is ``patience`` behind."""
     app, _ = make_app(pause="10ms")
     queue = Queue()
-    keeper = Keeper(app, "test", worker=WORKER, options=JobOptions(budget=0.05, patience=0.5),
-                    enqueue_link=queue)
+    options = JobOptions(budget=0.05, patience=0.5)
+    keeper = Keeper(app, "test", worker=WORKER, options=options, enqueue_link=queue)
 
     async def keep(seconds: float) -> None:
         stop = asyncio.Event()
@@ -145,21 +186,26 @@ def test_the_keeper_forges_a_chain_at_start_and_again_once_it_is_overdue() -> No
     asyncio.run(keep(0.3))
     assert keeper.counts == {"forged": 1}
     assert len(queue.links) == 1
-    assert run_link(app, queue.pop(), queue, worker=WORKER, options=OPTIONS) == "ran"
+    assert run_link(app, queue.pop(), queue, worker=WORKER, options=options) == "ran"
     queue.links.clear()  # the next link is lost
     asyncio.run(keep(1.2))
-    assert keeper.counts["reforged"] >= 1
-    assert len(queue.links) >= 1
-    assert run_link(app, queue.links[-1][0].encode(), queue, worker=WORKER, options=OPTIONS) == "ran"
+    assert keeper.counts["reforged"] == 1
+    assert len(queue.links) == 1
+    assert run_link(app, queue.pop(), queue, worker=WORKER, options=options) == "ran"
 
 
 def test_overdue_waits_for_the_planned_start_plus_patience() -> None:
-    """A free loop is overdue only once its planned start, last start and last end are all
-    more than ``patience`` ago; a held one only once it has held longer than a link runs."""
+    """A free loop, or one handed on to a link that has not come, is overdue once its planned
+    start is ``patience`` behind; one a link holds, once nothing happened for a link's budget
+    plus ``patience``."""
     free = LoopRecord("a:b", 5, False, None, None, last_start=100.0, last_end=100.5, next_start=110.0)
     assert not overdue(free, 111.9, patience=2.0, budget=1.0)
     assert overdue(free, 112.1, patience=2.0, budget=1.0)
-    held = LoopRecord("a:b", 5, False, "h:1", 200.0, last_start=200.1, last_end=None)
+    handed = LoopRecord("a:b", 5, False, "h:1", 100.5, last_start=100.0, last_end=100.5, next_start=110.0)
+    assert not overdue(handed, 111.9, patience=2.0, budget=1.0)
+    assert overdue(handed, 112.1, patience=2.0, budget=1.0)
+    held = LoopRecord("a:b", 5, False, "h:1", 200.0, last_start=200.1, last_end=None,
+                      running_since=200.1)
     assert not overdue(held, 202.9, patience=2.0, budget=1.0)
     assert overdue(held, 203.2, patience=2.0, budget=1.0)
     assert overdue(None, 0.0, patience=2.0, budget=1.0)
