@@ -1,0 +1,193 @@
+"""Loops on real ``rq worker -w ostinato.rq.Worker`` processes: the chain neither breaks nor doubles.
+
+Each test's queue lives in a redis-server of its own (``rq suspend`` holds every worker of a
+Redis database, so a shared one would reach other runs' workers); the coordinator is the
+local Redis, under the test's own prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integrations.jobs_harness import (
+    VENV_BIN,
+    descendants,
+    environment,
+    gaps,
+    no_overlap,
+    passes,
+    redis_answers,
+    wait_until,
+    workers,
+)
+from tests.servers import ThrowawayRedis
+
+pytest.importorskip("rq")
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.integrations.rq_jobs:app"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[str]:
+    redis_answers()
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def rq_worker(env: dict[str, str], worker: str = "Worker") -> list[str]:
+    return [str(VENV_BIN / "rq"), "worker", "-w", f"ostinato.rq.{worker}", "--url", env["JOBS_BROKER"],
+            env["JOBS_QUEUE"]]
+
+
+def rq_cli(env: dict[str, str], *args: str) -> None:
+    subprocess.run([str(VENV_BIN / "rq"), *args, "--url", env["JOBS_BROKER"]], env=env, check=True,
+                   capture_output=True, timeout=30)
+
+
+def rq_env(tmp_path: Path, broker: str, **settings: str) -> dict[str, str]:
+    return environment(tmp_path, JOBS_BROKER=broker, OSTINATO_APP=APP, **settings)
+
+
+def test_a_chain_on_two_workers_runs_paced_passes_that_never_overlap(tmp_path: Path, broker: str) -> None:
+    """Two forking workers, nothing seeded: passes start by themselves, never overlap, keep
+    the pause between them (one chain), and status shows the loop running with its passes."""
+    import ostinato
+
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="400ms", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*rq_worker(env))
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(passes(env)) >= 12, 20), running.logs()
+        rows = ostinato.App(env["JOBS_APP"], coordinator=env["JOBS_COORDINATOR"]).status()
+    records = passes(env)
+    no_overlap(records)
+    assert all(gap >= 0.395 for gap in gaps(records)), sorted(gaps(records))[:5]
+    assert max(gaps(records)) < 1.0, sorted(gaps(records))[-3:]  # the delayed links came on time
+    [row] = rows
+    assert row["state"] == "running", row
+    assert row["passes"] >= 8, row
+
+
+def test_a_chain_whose_every_link_enqueues_two_stays_one_chain(tmp_path: Path, broker: str) -> None:
+    """Every link enqueues its next link twice (the article's doubling chain), and the chain
+    is seeded twice more by hand: one copy of each link runs, the others end, so passes keep
+    the loop's pause (a doubled chain would halve the gaps) and never overlap."""
+    from tests.integrations.rq_jobs import made
+
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="150ms", JOBS_TAKES="0.02", JOBS_TWICE="1")
+    with workers(tmp_path, env) as running:
+        running.start(*rq_worker(env))
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(passes(env)) >= 5, 20), running.logs()
+        _, _, jobs = made(env)
+        assert jobs.seed("tick") is None  # the live chain holds the loop
+        assert jobs.seed("tick") is None
+        seeded = time.monotonic()
+        assert wait_until(lambda: passes(env)[-1].start > seeded + 2.5, 10), running.logs()
+        logs = running.logs()
+    records = passes(env)
+    no_overlap(records)
+    assert min(gaps(records)) >= 0.145, sorted(gaps(records))[:5]
+    assert max(gaps(records)) < 0.6, sorted(gaps(records))[-5:]  # and the chain never broke
+    assert logs.count("ends without running (stale)") >= len({r.fence for r in records}) - 2
+    assert "re-forged" not in logs
+
+
+def test_an_emptied_queue_re_forms_the_chain_within_patience(tmp_path: Path, broker: str) -> None:
+    """Workers suspended (``rq suspend``), the pending link removed (``rq empty``), workers
+    resumed: the keeper re-forges the chain, within twice the patience (see the Celery test),
+    the pause, RQ's one-second poll of its suspension, and a second."""
+    from redis import Redis
+
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="100ms", JOBS_TAKES="0.02", JOBS_PATIENCE="1s")
+    queue = Redis.from_url(broker)
+    with workers(tmp_path, env) as running:
+        running.start(*rq_worker(env))
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
+        rq_cli(env, "suspend")
+        assert wait_until(lambda: queue.llen(f"rq:queue:{env['JOBS_QUEUE']}") >= 1, 10), running.logs()
+        emptied = time.monotonic()
+        rq_cli(env, "empty", env["JOBS_QUEUE"])
+        rq_cli(env, "resume")
+        assert wait_until(lambda: passes(env)[-1].start > emptied, 10), running.logs()
+        resumed = next(r.start for r in passes(env) if r.start > emptied) - emptied
+        logs = running.logs()
+    print(f"resumed {resumed:.2f}s after rq empty")
+    assert resumed < 2 * 1.0 + 0.1 + 1.0 + 1.0
+    assert "chain re-forged" in logs
+    no_overlap(passes(env))
+
+
+def test_kill9_of_a_worker_mid_pass_resumes_on_the_other_within_the_lease(
+    tmp_path: Path, broker: str
+) -> None:
+    """kill -9 of a whole worker and its work horse in the middle of a pass: the other worker
+    takes the loop on within the lease TTL plus a second, and no passes overlap."""
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="50ms", JOBS_TAKES="0.3", JOBS_LEASE="2s",
+                 JOBS_PATIENCE="1s")
+    with workers(tmp_path, env) as running:
+        first = running.start(*rq_worker(env))
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(passes(env)) >= 4, 20), running.logs()
+        victims: list[int] = []
+
+        def mid_pass_in_one_worker() -> bool:
+            last = passes(env)[-1]
+            group = descendants(first.pid)
+            if last.end is None and last.pid in group and time.monotonic() - last.start < 0.2:
+                victims[:] = [first.pid, *group]
+                return True
+            return False
+
+        assert wait_until(mid_pass_in_one_worker, 20, step=0.01), running.logs()
+        killed = time.monotonic()
+        for pid in victims:  # the work horse has a process group of its own
+            os.kill(pid, signal.SIGKILL)
+        first.wait(5)
+        assert wait_until(lambda: passes(env)[-1].start > killed, 10), running.logs()
+        resumed = next(r.start for r in passes(env) if r.start > killed) - killed
+        assert wait_until(lambda: len([r for r in passes(env) if r.start > killed]) >= 3, 10)
+    print(f"resumed {resumed:.2f}s after kill -9")
+    assert resumed < 2.0 + 1.0
+    no_overlap(passes(env), killed_at=killed, pids=tuple(victims))
+
+
+@pytest.mark.parametrize("worker", ["SimpleWorker", "Worker"])
+def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(
+    tmp_path: Path, broker: str, worker: str
+) -> None:
+    """SIGTERM to a worker in the middle of a pass: the pass finishes, the worker exits 0,
+    and the other worker carries the same chain on with no break (no re-forge needed)."""
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="100ms", JOBS_TAKES="0.3", JOBS_PATIENCE="5s")
+    with workers(tmp_path, env) as running:
+        first = running.start(*rq_worker(env, worker))
+        running.start(*rq_worker(env, worker))
+        assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
+        assert wait_until(lambda: passes(env)[-1].end is None
+                          and passes(env)[-1].pid in (first.pid, *descendants(first.pid)), 20,
+                          step=0.01), running.logs()
+        stopped = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: first.poll() is not None, 15), running.logs()
+        assert first.returncode == 0, running.logs()
+        assert wait_until(lambda: len([r for r in passes(env) if r.start > stopped + 0.5]) >= 3, 10)
+        logs = running.logs()
+    records = passes(env)
+    no_overlap(records)
+    assert all(r.end is not None for r in records[:-1])
+    assert max(gaps(records)) < 1.5, sorted(gaps(records))[-3:]
+    assert "re-forged" not in logs
