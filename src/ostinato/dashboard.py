@@ -31,7 +31,7 @@ import socket
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,9 @@ RATE_WINDOW = 60.0
 MIN_SPAN = 5.0
 #: Passes per minute over less than a full window are shown only once this many were counted.
 MIN_PASSES = 10
+
+#: At most this many members of an expanded loop made of partitions or keys are listed.
+MEMBERS_SHOWN = 500
 
 #: The page's buttons; ``release`` (``control.release``) is the fourth.
 ACTIONS: dict[str, Callable[[Coordinator, str], Awaitable[str]]] = {
@@ -183,7 +186,7 @@ class Board:
                 if not self._opened:
                     await self.coordinator.open()
                     self._opened = True
-                records = await self.coordinator.loops()
+                records = await control.listed(self.coordinator, await self.coordinator.loops())
             except OstinatoError as exc:
                 if self.error is None:
                     log.error("cannot read the coordinator, will retry: %s", exc)
@@ -201,16 +204,28 @@ class Board:
             await self.sample()
             await asyncio.sleep(max(0.05, self.every - (time.monotonic() - started)))
 
-    def snapshot(self) -> dict[str, Any]:
-        """What ``api/loops`` answers."""
+    def snapshot(self, expand: Collection[str] = ()) -> dict[str, Any]:
+        """What ``api/loops`` answers: a loop made of partitions or keys is one entry with
+        ``group`` set, followed by its members (``parent`` set, at most ``MEMBERS_SHOWN``)
+        when it is in ``expand``."""
         now = time.time()
-        loops = []
+        rows = []
         for record in self.records:
             row = control.describe(record, now)
             per_minute, error_rate = self.history.rates(record.key)
             row.update(key=record.key, per_minute=per_minute, error_rate=error_rate,
                        held_since=record.held_since, series=self.history.series(record.key, now))
-            loops.append(row)
+            rows.append(row)
+        loops: list[dict[str, Any]] = []
+        for own, members in control.group(rows):
+            if not members:
+                loops.append(own or {})
+                continue
+            family = members[0]["family"]
+            opened = family in expand
+            loops.append(_family_row(family, own, members, expanded=opened))
+            if opened:
+                loops.extend({**row, "parent": family} for row in members[:MEMBERS_SHOWN])
         return {
             "coordinator": self.coordinator.display_url,
             "control": self.token is not None,
@@ -243,6 +258,62 @@ class Board:
         return answer
 
 
+def _family_row(family: str, own: dict[str, Any] | None, members: list[dict[str, Any]], *,
+                expanded: bool) -> dict[str, Any]:
+    """One entry for a loop made of members: their states counted, their numbers added up."""
+    kind = "partitions" if members[0]["member"].startswith("#") else "keys"
+    states: dict[str, int] = {}
+    for row in members:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    order = ("failing", "stalled", "no runner", "paused", "running", "idle")
+    worst = next((state for state in order if state in states), members[0]["state"])
+    summary = ", ".join(f"{states[state]} {state}" for state in order if state in states)
+    if own is not None and own["state"] in ("failing", "stalled"):
+        worst, summary = own["state"], f"key source {own['state']}; {summary}"
+    holders = {row["holder"] for row in members if row["holder"]}
+    rates = [row["per_minute"] for row in members if row["per_minute"] is not None]
+    errors = [(row["error_rate"], row["per_minute"] or 0.0) for row in members
+              if row["error_rate"] is not None]
+    weight = sum(w for _, w in errors)
+    failed = max((row for row in members if row["last_error"]), default=None,
+                 key=lambda row: row["last_error_at"] or 0.0)
+    app, _, loop = family.partition(":")
+    return {
+        "key": family, "app": app, "loop": loop, "family": family, "member": None,
+        "group": {"kind": kind, "count": len(members), "shown": min(len(members), MEMBERS_SHOWN),
+                  "states": states},
+        "expanded": expanded, "state": worst, "summary": summary,
+        "holder": next(iter(holders)) if len(holders) == 1 else f"{len(holders)} runners",
+        "fence": None, "passes": sum(row["passes"] for row in members),
+        "errors": sum(row["errors"] for row in members),
+        "per_minute": sum(rates) if rates else None,
+        "error_rate": (sum(r * w for r, w in errors) / weight if weight else errors[0][0])
+        if errors else None,
+        "last_error": failed["last_error"] if failed else None,
+        "last_error_at": failed["last_error_at"] if failed else None,
+        "p50": max((row["p50"] for row in members if row["p50"] is not None), default=None),
+        "p99": max((row["p99"] for row in members if row["p99"] is not None), default=None),
+        "next_start": None, "next_start_iso": None, "zone": None,
+        "series": _merged([row["series"] for row in members]),
+    }
+
+
+def _merged(series: list[list[dict[str, float | None]]]) -> list[dict[str, float | None]]:
+    """Members' chart points added up per moment: passes per minute summed, the slowest mean
+    duration kept (every member is sampled at the same moments)."""
+    points: dict[float, dict[str, float | None]] = {}
+    for points_of_one in series:
+        for point in points_of_one:
+            at = round(point["ago"] or 0.0)
+            merged = points.setdefault(at, {"ago": point["ago"], "per_minute": None, "duration": None})
+            rate, duration = point["per_minute"], point["duration"]
+            if rate is not None:
+                merged["per_minute"] = rate + (merged["per_minute"] or 0.0)
+            if duration is not None:
+                merged["duration"] = max(duration, merged["duration"] or 0.0)
+    return sorted(points.values(), key=lambda p: -(p["ago"] or 0.0))
+
+
 def create_app(board: Board) -> Starlette:
     """The Starlette application serving the page, its assets and its small JSON API."""
     require()
@@ -261,7 +332,8 @@ def create_app(board: Board) -> Starlette:
         return FileResponse(STATIC / "index.html", headers=headers)
 
     async def loops(request: Request) -> Response:
-        return JSONResponse(board.snapshot(), headers=headers)
+        expand = request.query_params.getlist("expand")
+        return JSONResponse(board.snapshot(expand), headers=headers)
 
     async def act(request: Request) -> Response:
         action, key = request.path_params["action"], request.path_params["key"]

@@ -201,7 +201,7 @@ def staff_sees_the_page(tmp: Path) -> dict[str, Any]:
             "css": answer(staff.get("/ostinato/static/dashboard.css")),
             "session_js": answer(staff.get("/ostinato/static/django.js")),
             "missing": answer(staff.get("/ostinato/static/nothing.js")),
-            "loops": answer(staff.get("/ostinato/api/loops")),
+            "loops": answer(staff.get("/ostinato/api/loops", {"expand": "site:sync"})),
             "coordinator": loops(),
         }
 

@@ -42,8 +42,13 @@ def test_a_staff_user_gets_the_page_its_files_and_the_loops_under_the_prefix(tmp
     assert answer["control"] is True
     assert answer["coordinator"] == f"sqlite:///{tmp_path}/ostinato.db"
     rows = {row["key"]: row for row in answer["loops"]}
-    assert set(rows) == {*django_site.KEYS, django_site.ODD}
+    # The key is a member of its loop: one row for the loop, then the member (expand=site:sync).
+    assert set(rows) == {*django_site.KEYS, "site:sync", django_site.ODD}
+    assert rows["site:sync"]["group"]["count"] == 1
+    assert rows[django_site.ODD]["parent"] == "site:sync"
     for key, row in rows.items():
+        if key == "site:sync":
+            continue
         assert row["holder"] == seen["coordinator"][key]["holder"]
         assert row["fence"] == seen["coordinator"][key]["fence"]
 

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from ostinato.app import run_sync
 from ostinato.coordinators import LoopRecord
 from ostinato.dashboard import Board, History
 from tests.observe.conftest import Scripted, Stack, get, served, wait_for
@@ -321,3 +322,67 @@ def test_the_page_fits_1400_px_with_long_fences_and_tells_rates_honestly(
         finally:
             page.close()
     assert errors == []
+
+
+def many_members(started: float) -> list[LoopRecord]:
+    """A loop of 2,000 keys (3 of them failing), one of 4 partitions, and a plain loop."""
+    keyed = [
+        LoopRecord(f"shop:sync[tenant-{i:04d}]", fence=i + 1, paused=False, holder=f"web-{i % 3}:1",
+                   held_since=started, passes=10, errors=5 if i < 3 else 0,
+                   last_outcome="failed" if i < 3 else "worked", fail_streak=5 if i < 3 else 0,
+                   fail_after=3, last_error="ValueError: bad tenant" if i < 3 else None,
+                   last_error_at=started if i < 3 else None)
+        for i in range(2000)
+    ]
+    shards = [LoopRecord(f"shop:drain#{i}", fence=7, paused=False, holder="web-0:1",
+                         held_since=started, passes=3, last_outcome="worked") for i in range(4)]
+    plain = [LoopRecord("shop:tick", fence=1, paused=False, holder="web-0:1", held_since=started,
+                        passes=1, last_outcome="worked")]
+    return sorted([*keyed, *shards, *plain], key=lambda r: r.key)  # as coordinators list them
+
+
+def test_the_api_sends_a_loop_of_members_as_one_entry_until_it_is_expanded() -> None:
+    started = time.time()
+    board = Board("memory://scripted", coordinator=Scripted(lambda now: many_members(started)))
+    run_sync(board.sample())  # (in a thread of its own if the browser's event loop runs here)
+    closed = board.snapshot()["loops"]
+    assert [row["key"] for row in closed] == ["shop:drain", "shop:sync", "shop:tick"]
+    sync = closed[1]
+    assert sync["group"] == {"kind": "keys", "count": 2000, "shown": 500,
+                             "states": {"failing": 3, "running": 1997}}
+    assert (sync["state"], sync["summary"], sync["passes"]) == ("failing", "3 failing, 1997 running", 20000)
+    assert sync["holder"] == "3 runners"
+    opened = board.snapshot(["shop:drain"])["loops"]
+    assert [row["key"] for row in opened][:6] == ["shop:drain", *(f"shop:drain#{i}" for i in range(4)),
+                                                   "shop:sync"]
+    assert {row.get("parent") for row in opened[1:5]} == {"shop:drain"}
+
+
+@pytest.mark.browser
+def test_the_page_shows_a_loop_of_2000_keys_as_one_row_that_expands(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    started = time.time()
+    board = Board("memory://scripted", every=0.25,
+                  coordinator=Scripted(lambda now: many_members(started)))
+    with served(board) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            page.goto(f"{base}/")
+            sync = page.locator('tr[data-key="shop:sync"]')
+            expect(sync.locator("td.loop")).to_contain_text("shop:sync (2000 keys)")
+            expect(sync.locator("td.state")).to_have_text("3 failing, 1997 running")
+            expect(page.locator("#loops tbody tr")).to_have_count(3)
+            sync.locator("button.expand").click()
+            expect(page.locator("#loops tbody tr")).to_have_count(3 + 500)
+            expect(sync.locator("td.loop")).to_contain_text("first 500 shown")
+            member = page.locator('tr[data-key="shop:sync[tenant-0001]"]')
+            expect(member.locator("td.loop")).to_have_text("[tenant-0001]")
+            expect(member.locator("td.state")).to_have_text("failing")
+            sync.locator("button.expand").click()
+            expect(page.locator("#loops tbody tr")).to_have_count(3)
+            assert errors == []
+        finally:
+            page.close()

@@ -9,6 +9,8 @@
   const NONE = "\u2014"; // an em dash: nothing to show, or not known yet
   const $ = (selector) => document.querySelector(selector);
   const rows = new Map();
+  // Loops made of partitions or keys whose members are listed (the server sends them only then).
+  const expanded = new Set();
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
   let control = false;
   let timer = null;
@@ -145,9 +147,29 @@
     }
     const c = row.cells;
     const state = loop.state;
-    c.loop.textContent = loop.key;
-    c.loop.title = loop.key;
-    c.state.textContent = state;
+    c.loop.replaceChildren();
+    c.loop.classList.toggle("member", Boolean(loop.parent));
+    c.loop.classList.toggle("group", Boolean(loop.group));
+    if (loop.group) {
+      // One row for the loop: its members counted by state; the arrow lists them.
+      const open = document.createElement("button");
+      open.className = "expand";
+      open.textContent = loop.expanded ? "\u25be" : "\u25b8";
+      open.title = loop.expanded ? "hide the members" : `list the ${loop.group.kind}`;
+      open.addEventListener("click", () => {
+        if (expanded.has(loop.key)) expanded.delete(loop.key);
+        else expanded.add(loop.key);
+        refresh();
+      });
+      const more = loop.expanded && loop.group.shown < loop.group.count
+        ? `, first ${loop.group.shown} shown` : "";
+      c.loop.append(open, `${loop.key} (${loop.group.count} ${loop.group.kind}${more})`);
+      c.loop.title = `${loop.key}: ${loop.group.count} ${loop.group.kind}`;
+    } else {
+      c.loop.textContent = loop.parent ? loop.member : loop.key;
+      c.loop.title = loop.key;
+    }
+    c.state.textContent = loop.group ? loop.summary : state;
     c.state.className = `state ${stateClass(state)}`;
     // The next planned start, in the schedule's own zone (the ISO time carries its offset).
     const showNext = loop.next_start_iso && loop.next_start > data.now + 1
@@ -162,7 +184,7 @@
     row.tr.dataset.state = state;
     c.holder.textContent = loop.holder || NONE;
     c.holder.title = loop.holder || "";
-    c.fence.textContent = String(loop.fence);
+    c.fence.textContent = loop.fence === null ? NONE : String(loop.fence);
     c.passes.textContent = String(loop.passes);
     c.per_minute.textContent = fmtRate(loop.per_minute);
     c.error_rate.textContent = fmtPercent(loop.error_rate);
@@ -242,7 +264,9 @@
   async function refresh() {
     clearTimeout(timer);
     try {
-      const response = await fetch("api/loops", { cache: "no-store" });
+      const query = new URLSearchParams([...expanded].map((key) => ["expand", key]));
+      const url = expanded.size ? `api/loops?${query}` : "api/loops";
+      const response = await fetch(url, { cache: "no-store" });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       render(await response.json());
     } catch (err) {

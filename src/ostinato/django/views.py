@@ -186,7 +186,7 @@ def asset(request: HttpRequest, name: str) -> HttpResponse:
 def loops(request: HttpRequest) -> HttpResponse:
     """``api/loops``: every loop of the coordinator, as the standalone dashboard answers."""
     try:
-        answer = watch().snapshot()
+        answer = watch().snapshot(request.GET.getlist("expand"))
     except OstinatoError as exc:  # no coordinator can be made (a system check says so too)
         return JsonResponse({"error": str(exc)}, status=503, headers=HEADERS)
     answer["control"] = may_control(request)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 from ostinato.app import run_sync
@@ -56,10 +56,11 @@ class Watch:
         self.error: str | None = None
         self.lock = threading.Lock()
 
-    def snapshot(self) -> dict[str, Any]:
-        """What ``api/loops`` answers: the standalone dashboard's answer, sampled if due."""
+    def snapshot(self, expand: Collection[str] = ()) -> dict[str, Any]:
+        """What ``api/loops`` answers: the standalone dashboard's answer, sampled if due, with
+        the members of the loops in ``expand`` listed."""
         with self.lock:
-            return call(lambda store: self._on(store, None), open_first=False)
+            return call(lambda store: self._on(store, None, expand), open_first=False)
 
     def act(self, action: str, key: str) -> dict[str, Any]:
         """Run a dashboard action (``pause``, ``resume``, ``wake``, ``release``) on loop ``key``
@@ -67,7 +68,8 @@ class Watch:
         with self.lock:
             return call(lambda store: self._on(store, (action, key)), open_first=False)
 
-    async def _on(self, store: Coordinator, action: tuple[str, str] | None) -> dict[str, Any]:
+    async def _on(self, store: Coordinator, action: tuple[str, str] | None,
+                  expand: Collection[str] = ()) -> dict[str, Any]:
         """A ``Board`` on ``store`` holding this process's history and last sample: run
         ``action`` on it, or answer its snapshot (sampled first if due); keep what it sampled.
         The board opens ``store`` when it samples, so an outage is shown on the page."""
@@ -78,7 +80,7 @@ class Watch:
             if action is None:
                 if self.sampled_at is None or time.time() - self.sampled_at >= self.every * 0.9:
                     await board.sample()
-                return board.snapshot()
+                return board.snapshot(expand)
             await board.sample()  # reads the loops; an outage is kept in board.error, not raised
             if board.error is not None:
                 raise CoordinatorUnavailable(board.error)
