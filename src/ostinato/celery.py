@@ -77,9 +77,11 @@ class Attached:
     def enqueue_link(self, link: Link, delay: float) -> None:
         self.link_task.apply_async(args=[link.encode()], **self._route(delay))
 
-    def enqueue_pass(self, name: str, slot: float, due: tuple[float, float, int] | None) -> None:
+    def enqueue_pass(
+        self, name: str, slot: float, delay: float, due: tuple[float, float, int] | None
+    ) -> None:
         self.pass_task.apply_async(args=[name, slot, None if due is None else list(due)],
-                                   **self._route(0.0))
+                                   **self._route(delay))
 
     def keeper(self) -> Keeper:
         return Keeper(self.app, "celery", worker=self.worker, options=self.options, mode=self.mode,

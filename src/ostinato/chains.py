@@ -14,8 +14,11 @@ grant moved is the new generation, so every link of an older chain is stale
 from then on (see ``ostinato.links``). It then enqueues the first link.
 
 In clock mode it enqueues one pass per slot of the loop's ``every=`` or
-``cron=`` schedule, unless the previous pass still holds the lease: that slot is
-skipped (logged and counted), never queued behind it.
+``cron=`` schedule, delayed to the slot; a pass whose previous one still ran at
+its slot (so it would start behind it), or that comes later than the keeper's
+patience, is skipped (logged and counted by the job), never queued behind it. A
+keeper that takes over plans the slots from the loop's last recorded start, and
+a pass whose slot already ran is skipped too.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ BACKOFF_LIMIT = 5
 #: How far ahead of now a forged chain's first link may be planned, at most.
 FORGE_HORIZON = 3600.0
 
-#: Enqueues one clock pass of a loop: (name, slot as wall time, cron slot or None).
-EnqueuePass = Callable[[str, float, "tuple[float, float, int] | None"], None]
+#: Enqueues one clock pass of a loop: (name, slot as wall time, delay, cron slot or None).
+EnqueuePass = Callable[[str, float, float, "tuple[float, float, int] | None"], None]
 
 
 def keeper_key(app: str, system: str) -> str:
@@ -156,7 +159,7 @@ class Keeper:
         self.key = keeper_key(app.name, system)
         self.watch = {name: _Watch() for name in app.loops}
         self.elected = False
-        #: Chains forged (``forged``, ``reforged``) and clock slots ``skipped``, since start.
+        #: Chains forged (``forged``, ``reforged``) since start.
         self.counts: Counter[str] = Counter()
         self._fence = 0
         self._renew_at = 0.0
@@ -290,24 +293,26 @@ class Keeper:
     # -- clock mode ------------------------------------------------------------------
 
     async def _tick(self, spec: LoopSpec, key: str, record: LoopRecord | None, now: float) -> None:
+        """Enqueue the pass of the loop's next slot a turn ahead, delayed to the slot: the job
+        itself skips it if the previous pass still holds the lease (see ``run_clock_pass``)."""
         watch = self.watch[spec.name]
+        if record is not None and record.paused:
+            watch.next_slot = None  # planned again from the records once resumed
+            return
         if watch.next_slot is None:
             last = None if record is None else record.last_start
             watch.next_slot, watch.due = spec.pacing.first(now=now, wall_now=now, last_start_wall=last,
                                                            seed=key)
-        if now < watch.next_slot or (record is not None and record.paused):
+        if now < watch.next_slot - TICK:
             return
         slot, due = watch.next_slot, watch.due
-        plan = plan_next(spec.pacing, slot=slot, end=now, wall_end=now, outcome=Outcome.WORKED,
+        at = max(now, slot)
+        plan = plan_next(spec.pacing, slot=slot, end=at, wall_end=at, outcome=Outcome.WORKED,
                          idle_streak=0, error_streak=0, due=due, seed=key)
         watch.next_slot, watch.due = plan.start_at(), plan.due
-        if record is not None and record.holder is not None:
-            self.counts["skipped"] += 1
-            log.warning("%s: the pass due at %s is skipped: the previous one still runs (%s)", key,
-                        _clock(slot), record.holder, extra=self._fields("pass_skipped", key))
-            return
         assert self.enqueue_pass is not None
-        self.enqueue_pass(spec.name, slot, None if due is None else (due.at, due.start, due.missed))
+        self.enqueue_pass(spec.name, slot, max(0.0, slot - now),
+                          None if due is None else (due.at, due.start, due.missed))
 
 
 def _clock(wall: float) -> str:

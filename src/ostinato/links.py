@@ -308,20 +308,33 @@ def run_clock_pass(
     app: App, name: str, slot: float, *, worker: RunnerInfo, options: JobOptions,
     due: tuple[float, float, int] | None = None,
 ) -> str:
-    """Run one pass of loop ``name`` that the clock enqueued for ``slot`` (wall); return ``ran``,
-    or ``skipped`` when its previous pass still holds the lease (never queued behind it)."""
+    """Run one pass of loop ``name`` that the clock enqueued for ``slot`` (wall), at that time;
+    return ``ran``, or ``skipped`` when its previous pass still holds the lease or still ran at
+    ``slot`` (it would start behind it), when it comes later than the keeper's patience, or
+    when a pass of that slot already ran (a keeper that took over enqueued it again)."""
     spec = app.loops.get(name)
     if spec is None:
         raise ConfigurationError(f"app {app.name!r} has no loop named {name!r}")
-    outcome = run_sync(_clock_pass(app, spec, slot, due, worker))
+    outcome = run_sync(_clock_pass(app, spec, slot, due, worker, options.patience_for(spec)))
     COUNTS[outcome] += 1
     return outcome
 
 
 async def _clock_pass(
-    app: App, spec: LoopSpec, slot: float, due: tuple[float, float, int] | None, worker: RunnerInfo
+    app: App, spec: LoopSpec, slot: float, due: tuple[float, float, int] | None, worker: RunnerInfo,
+    late_after: float,
 ) -> str:
     key = f"{app.name}:{spec.name}"
+    at = datetime.fromtimestamp(slot).isoformat(timespec="milliseconds")
+
+    def skipped(why: str) -> str:
+        log.warning("%s: the pass due at %s is skipped: %s", key, at, why,
+                    extra=fields("pass_skipped", loop=key, runner=worker.label))
+        return "skipped"
+
+    await asyncio.sleep(min(max(0.0, slot - time.time()), EARLY_WAIT_LIMIT))
+    if (late := time.time() - slot) > late_after:
+        return skipped(f"it comes {late:.1f}s late (the queue was busy)")
     store = app.connect()
     try:
         await store.open()
@@ -329,12 +342,16 @@ async def _clock_pass(
         sent = time.monotonic()
         answer = await store.acquire(key, owner, spec.lease)
         if isinstance(answer, Denied):
-            log.warning("%s: the pass due at %s is skipped: %s", key,
-                        datetime.fromtimestamp(slot).isoformat(timespec="milliseconds"),
-                        "the loop is paused" if answer.paused else
-                        f"its previous pass still runs ({answer.holder or 'holder unknown'})",
-                        extra=fields("pass_skipped", loop=key, runner=worker.label))
-            return "skipped"
+            return skipped("the loop is paused" if answer.paused else
+                           f"its previous pass still runs ({answer.holder or 'holder unknown'})")
+        record = await record_of(store, key)
+        last_end = None if record is None else record.last_end
+        if (answer.last_start is not None and answer.last_start >= slot) or (
+            last_end is not None and last_end > slot
+        ):
+            await store.release(key, owner, answer.fence)
+            return skipped("a pass of that slot already ran" if last_end is None or last_end <= slot
+                           else "its previous pass still ran at its time (it would queue behind it)")
         lease = LocalLease(answer.fence, spec.lease, max(sent, answer.sent or sent), answer.bound)
         turn = Turn(app.name, spec, store=store, owner=owner, worker=worker, lease=lease, budget=0.0,
                     stopping=lambda: False)

@@ -84,9 +84,11 @@ class Attached:
         self._enqueue(LINK, (self.app.name, link.encode(), self.target), delay,
                       f"ostinato link {self.app.name}:{link.loop} (generation {link.generation})")
 
-    def enqueue_pass(self, name: str, slot: float, due: tuple[float, float, int] | None) -> None:
+    def enqueue_pass(
+        self, name: str, slot: float, delay: float, due: tuple[float, float, int] | None
+    ) -> None:
         self._enqueue(CLOCK_JOB, (self.app.name, name, slot, None if due is None else list(due),
-                                   self.target), 0.0, f"ostinato pass {self.app.name}:{name}")
+                                   self.target), delay, f"ostinato pass {self.app.name}:{name}")
 
     def move_due(self) -> int:
         """Move ostinato's jobs that are due from the queue's scheduled registry to the queue

@@ -159,3 +159,24 @@ def descendants(pid: int) -> list[int]:
                     out.append(int(child))
                     todo.append(int(child))
     return out
+
+
+def keeper_pid(env: dict[str, str], system: str) -> int | None:
+    """The pid of the worker whose keeper holds the keeper's lease (``APP.keeper:SYSTEM``)."""
+    import asyncio
+
+    import ostinato
+    from ostinato.chains import keeper_key
+
+    async def look() -> int | None:
+        store = ostinato.from_url(env["JOBS_COORDINATOR"])
+        try:
+            await store.open()
+            for record in await store.loops():
+                if record.key == keeper_key(env["JOBS_APP"], system) and record.holder:
+                    return int(record.holder.rpartition(":")[2])
+            return None
+        finally:
+            await store.close()
+
+    return asyncio.run(look())

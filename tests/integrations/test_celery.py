@@ -15,6 +15,7 @@ from tests.integrations.jobs_harness import (
     descendants,
     environment,
     gaps,
+    keeper_pid,
     no_overlap,
     passes,
     redis_answers,
@@ -125,14 +126,17 @@ def test_a_purged_queue_re_forms_the_chain_within_patience(tmp_path: Path) -> No
     no_overlap(passes(env))
 
 
-def test_kill9_of_a_worker_mid_pass_resumes_on_the_other_within_the_lease(tmp_path: Path) -> None:
-    """kill -9 of a whole worker (its pool process included) in the middle of a pass: the
-    other worker takes the loop on within the lease TTL plus a second, and no passes overlap."""
+def test_kill9_of_the_keepers_worker_mid_pass_resumes_on_the_other_within_the_lease(tmp_path: Path) -> None:
+    """kill -9 of the whole worker (its pool process included) that hosts the elected keeper,
+    in the middle of a pass: the other worker's keeper takes over and the loop goes on within
+    the lease TTL plus a second, and no passes overlap."""
     env = environment(tmp_path, JOBS_PAUSE="50ms", JOBS_TAKES="0.3", JOBS_LEASE="2s", JOBS_PATIENCE="1s")
     with workers(tmp_path, env) as running:
-        first = running.start(*celery_worker(env, "a"))
-        running.start(*celery_worker(env, "b"))
-        assert wait_until(lambda: len({r.pid for r in passes(env)}) >= 1 and len(passes(env)) >= 4, 20)
+        started = [running.start(*celery_worker(env, "a")), running.start(*celery_worker(env, "b"))]
+        assert wait_until(lambda: len(passes(env)) >= 4, 20), running.logs()
+        keeper = keeper_pid(env, "celery")
+        [first] = [proc for proc in started if proc.pid == keeper]
+        [other] = [proc for proc in started if proc is not first]
         victims: list[int] = []
 
         def mid_pass_in_one_worker() -> bool:
@@ -150,6 +154,7 @@ def test_kill9_of_a_worker_mid_pass_resumes_on_the_other_within_the_lease(tmp_pa
         assert wait_until(lambda: passes(env)[-1].start > killed, 10), running.logs()
         resumed = next(r.start for r in passes(env) if r.start > killed) - killed
         assert wait_until(lambda: len([r for r in passes(env) if r.start > killed]) >= 3, 10)
+        assert wait_until(lambda: keeper_pid(env, "celery") == other.pid, 5), running.logs()
     print(f"resumed {resumed:.2f}s after kill -9")
     assert resumed < 2.0 + 1.0
     no_overlap(passes(env), killed_at=killed, pids=tuple(victims))
@@ -178,3 +183,35 @@ def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(tmp_path: P
     assert all(r.end is not None for r in records[:-1])
     assert max(gaps(records)) < 1.5, sorted(gaps(records))[-3:]
     assert "re-forged" not in logs
+
+
+def test_clock_mode_skips_a_pass_whose_previous_still_runs_and_survives_its_keeper(
+    tmp_path: Path,
+) -> None:
+    """mode="clock", every=300ms, passes of 0.5 s: the elected keeper enqueues a pass per slot,
+    a slot whose previous pass still runs is skipped (never queued behind it, so no pass starts
+    at the previous one's end), and kill -9 of the keeper's worker hands the clock over."""
+    env = environment(tmp_path, JOBS_MODE="clock", JOBS_EVERY="300ms", JOBS_TAKES="0.5",
+                      JOBS_PATIENCE="1s")
+    with workers(tmp_path, env) as running:
+        started = [running.start(*celery_worker(env, "a")), running.start(*celery_worker(env, "b"))]
+        assert wait_until(lambda: len(passes(env)) >= 5, 20), running.logs()
+        keeper = keeper_pid(env, "celery")
+        [first] = [proc for proc in started if proc.pid == keeper]
+        [other] = [proc for proc in started if proc is not first]
+        victims = [first.pid, *descendants(first.pid)]
+        killed = time.monotonic()
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(5)
+        assert wait_until(lambda: len([r for r in passes(env) if r.start > killed + 0.5]) >= 3, 15), \
+            running.logs()
+        assert keeper_pid(env, "celery") == other.pid
+        logs = running.logs()
+    records = passes(env)
+    no_overlap(records, killed_at=killed, pids=tuple(victims))
+    before = [r for r in records if r.start < killed]
+    assert min(gaps(before)) > 0.05, sorted(gaps(before))[:3]  # the next slot, not the end
+    assert "is skipped: its previous pass still runs" in logs
+    resumed = next(r.start for r in records if r.start > killed) - killed
+    print(f"clock resumed {resumed:.2f}s after kill -9 of its keeper")
+    assert resumed < 2.0 + 1.0
