@@ -1,0 +1,227 @@
+"""Where bundles and windows live: SQLite (WAL) under ``$PIPELINE_DATA``, or PostgreSQL.
+
+``$PIPELINE_STORE`` picks the store: unset, ``sqlite:///path.db`` or
+``postgresql://...`` (tables in the schema ``$PIPELINE_SCHEMA``, default
+``pipeline``). One ``Store`` serves both tiers: the ingest tier adds bundles in
+batches (``add``), the loops drain, roll up and prune inside transactions that
+``ostinato.fenced`` guards (``fenced``), and the read endpoints ask for totals,
+windows and stats. A connection belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from examples.pipeline import sql
+from examples.pipeline.model import ROLLUP, WINDOW, Bundle, Fold, Window, fold, merged, window_start
+
+import ostinato
+from ostinato.coordinators import redact
+from ostinato.fencing import Fenced
+
+DEFAULT_SCHEMA = "pipeline"
+
+
+def data_dir() -> Path:
+    """``$PIPELINE_DATA`` (default ``./pipeline-data``): the store's and the coordinator's folder.
+    ``serve`` makes it; nothing else does, so a mistyped path is an error, not a new folder."""
+    return Path(os.environ.get("PIPELINE_DATA", "pipeline-data"))
+
+
+def store_url() -> str:
+    return os.environ.get("PIPELINE_STORE") or f"sqlite:///{data_dir() / 'pipeline.db'}"
+
+
+def display(url: str) -> str:
+    """``url`` fit to print: a password is never shown."""
+    return redact(url)
+
+
+class Store:
+    """The pipeline's tables in one database, and every statement run on them."""
+
+    def __init__(self, url: str | None = None, schema: str | None = None) -> None:
+        self.url = url or store_url()
+        scheme = self.url.split("://", 1)[0]
+        if scheme == "sqlite":
+            self.dialect = "sqlite"
+            self.q = sql.SQLITE
+            self.path = self.url.removeprefix("sqlite:///")
+        elif scheme in ("postgresql", "postgres"):
+            self.dialect = "postgresql"
+            self.q = sql.POSTGRES
+        else:
+            raise ValueError(f"$PIPELINE_STORE must be sqlite:///path.db or postgresql://..., not "
+                             f"{display(self.url)!r}")
+        self.schema = schema or os.environ.get("PIPELINE_SCHEMA", DEFAULT_SCHEMA)
+        self._ready = False
+
+    def connect(self) -> Any:
+        """A new connection, in autocommit mode (transactions are begun explicitly), tables made."""
+        conn: Any
+        if self.dialect == "sqlite":
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a bundle answered 202 survives a power cut, not only a crash; the
+            # ingest tier's group commit pays the fsync once per batch.
+            conn.execute("PRAGMA synchronous=FULL")
+            if not self._ready:
+                conn.executescript(sql.SQLITE_SCHEMA)
+        else:
+            import psycopg
+
+            conn = psycopg.connect(self.url, autocommit=True)
+            if not self._ready:
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            conn.execute(f'SET search_path TO "{self.schema}"')
+            if not self._ready:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(7068)")  # one creator at a time
+                    conn.execute(sql.POSTGRES_SCHEMA)
+        self._ready = True
+        return conn
+
+    def fenced(self, conn: Any, ctx: ostinato.Pass) -> Fenced:
+        """The pass's transaction: commits only if no newer fence of its lease was recorded."""
+        return ostinato.fenced(conn, ctx, schema=self.schema if self.dialect == "postgresql" else None)
+
+    def _list(self, values: Sequence[int]) -> object:
+        return json.dumps(list(values)) if self.dialect == "sqlite" else list(values)
+
+    # -- the ingest tier -------------------------------------------------------------------
+
+    def add(self, conn: Any, bundles: Sequence[tuple[Bundle, float]]) -> None:
+        """Store ``(bundle, received)`` pairs in one transaction: all of them, or none."""
+        rows = [(b.slot, b.app, b.source, received, len(b.samples), b.samples_json())
+                for b, received in bundles]
+        if self.dialect == "sqlite":
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(self.q["insert"], rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        else:
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(self.q["insert"], rows)
+
+    # -- the loops, each inside a fenced transaction ---------------------------------------
+
+    def has_pending(self, conn: Any, slots: Sequence[int]) -> bool:
+        """Whether any bundle of ``slots`` waits (a plain read, outside any transaction)."""
+        return conn.execute(self.q["has_pending"], (self._list(slots),)).fetchone() is not None
+
+    def drain(self, conn: Any, slots: Sequence[int], fence: int, part: int, limit: int) -> Fold | None:
+        """Fold up to ``limit`` pending bundles of ``slots`` into their windows and totals and
+        mark them drained by ``fence``; None when there were none. Call inside ``fenced``."""
+        rows = conn.execute(self.q["pending"], (self._list(slots), limit)).fetchall()
+        if not rows:
+            return None
+        now = time.time()
+        ids = [r[0] for r in rows]
+        marked = conn.execute(self.q["drained"], (now, fence, self._list(ids))).rowcount
+        if marked != len(ids):
+            # Never expected: the fenced transaction keeps every other drainer out.
+            raise RuntimeError(f"{len(ids) - marked} of {len(ids)} bundles were drained meanwhile")
+        folded = fold((app, json.loads(samples)) for _, app, _, samples in rows)
+        for (app, start), window in sorted(folded.windows.items()):
+            self._merge_into(conn, WINDOW, app, start, window)
+        for app in sorted(folded.bundles):
+            conn.execute(self.q["add_totals"], (app, folded.bundles[app], folded.samples[app]))
+        lag = Window()
+        for row in rows:
+            lag.add(max(0.0, (now - row[2]) * 1000.0))
+        start = window_start(now)
+        old = conn.execute(self.q["lag"], (start, part)).fetchone()
+        if old is not None:
+            lag.merge(Window.decode(*old))
+        conn.execute(self.q["put_lag"], (start, part, lag.count, lag.max, lag.encode()))
+        return folded
+
+    def _merge_into(self, conn: Any, width: int, app: str, start: int, window: Window) -> None:
+        old = conn.execute(self.q["window"], (width, app, start)).fetchone()
+        if old is not None:
+            window.merge(Window.decode(*old))
+        conn.execute(self.q["put_window"], (width, app, start, window.count, window.max, window.encode()))
+
+    def rollup(self, conn: Any, limit: int = 500) -> int:
+        """Recompute the minutes whose 10-second windows changed since they were last rolled up;
+        how many. Call inside ``fenced``."""
+        minutes = conn.execute(self.q["unrolled"], (limit,)).fetchall()
+        for app, minute in minutes:
+            rows = conn.execute(self.q["minute"], (app, minute, minute + ROLLUP)).fetchall()
+            total = merged(Window.decode(count, max_ms, buckets) for _, count, max_ms, buckets, _ in rows)
+            conn.execute(self.q["put_window"], (ROLLUP, app, minute, total.count, total.max, total.encode()))
+            for start, _, _, _, version in rows:
+                conn.execute(self.q["rolled"], (version, app, start, version))
+        return len(minutes)
+
+    def prune(self, conn: Any, now: float, raw: float, tens: float, minutes: float) -> int:
+        """Delete drained bundles older than ``raw`` seconds, rolled-up 10-second windows and
+        lags older than ``tens``, minutes older than ``minutes``; rows deleted."""
+        deleted = conn.execute(self.q["prune_bundles"], (now - raw,)).rowcount
+        deleted += conn.execute(self.q["prune_windows"], (WINDOW, int(now - tens))).rowcount
+        deleted += conn.execute(self.q["prune_minutes"], (int(now - minutes),)).rowcount
+        deleted += conn.execute(self.q["prune_lags"], (int(now - tens),)).rowcount
+        return int(deleted)
+
+    # -- reads: committed aggregates only --------------------------------------------------
+
+    def totals(self, conn: Any) -> dict[str, int]:
+        bundles, samples = conn.execute(self.q["totals"]).fetchone()
+        return {"bundles": int(bundles), "samples": int(samples)}
+
+    def apps(self, conn: Any) -> dict[str, dict[str, int]]:
+        return {app: {"bundles": int(b), "samples": int(s)}
+                for app, b, s in conn.execute(self.q["apps"]).fetchall()}
+
+    def windows(self, conn: Any, app: str, width: int, since: float) -> list[dict[str, Any]]:
+        rows = conn.execute(self.q["windows"], (width, app, int(since))).fetchall()
+        return [{"start": int(start), **Window.decode(count, max_ms, buckets).summary()}
+                for start, count, max_ms, buckets in rows]
+
+    def recent(self, conn: Any, since: float) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for app, start, count, max_ms, buckets in conn.execute(self.q["recent_windows"], (int(since),)):
+            out.setdefault(app, []).append(
+                {"start": int(start), **Window.decode(count, max_ms, buckets).summary()})
+        return out
+
+    def depth(self, conn: Any) -> int:
+        return int(conn.execute(self.q["depth"]).fetchone()[0])
+
+    def lags(self, conn: Any, since: float) -> list[dict[str, Any]]:
+        """Per 10 s of commit time: how long the bundles drained then had waited (ms)."""
+        by_start: dict[int, Window] = {}
+        for start, count, max_ms, buckets in conn.execute(self.q["lags"], (int(since),)).fetchall():
+            by_start.setdefault(int(start), Window()).merge(Window.decode(count, max_ms, buckets))
+        return [{"start": start, **window.summary()} for start, window in sorted(by_start.items())]
+
+    def lag_total(self, conn: Any, since: float) -> Window:
+        """Every drained bundle's wait since ``since``, as one histogram (for the benchmark)."""
+        rows = conn.execute(self.q["lags"], (int(since),)).fetchall()
+        return merged(Window.decode(count, max_ms, buckets) for _, count, max_ms, buckets in rows)
+
+
+def with_conn(store: Store, job: Any) -> Any:
+    """``job(conn)`` on a connection of its own, closed after."""
+    with closing(store.connect()) as conn:
+        return job(conn)
+
+
+def drained_by(conn: Any, fence: int) -> int:
+    """How many bundles a pass under ``fence`` marked drained (for the stale-holder test)."""
+    return int(conn.execute(f"SELECT COUNT(*) FROM bundles WHERE drained_by = {int(fence)}").fetchone()[0])  # noqa: S608
+
+
+def pending_ids(conn: Any) -> Iterable[int]:
+    return [r[0] for r in conn.execute("SELECT id FROM bundles WHERE drained_at IS NULL ORDER BY id")]
