@@ -83,6 +83,18 @@ class Runner:
         return time.monotonic()
 
 
+    def catches(self, sig: int) -> bool:
+        """Whether the process has a handler for ``sig`` installed (SigCgt in /proc)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return False
+        for line in status.splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+        return False
+
+
 def _state(stat: Path) -> str:
     try:
         return stat.read_text().rsplit(")", 1)[1].split()[0]
@@ -203,9 +215,19 @@ class Cluster:
                 open_passes.discard(parts[1])
         return bool(open_passes)
 
-    def stop_all(self, grace: float = 12.0) -> None:
-        """SIGCONT and SIGTERM every live runner; SIGKILL those still there after ``grace``."""
+    def stop_all(self, grace: float = 12.0, start: float = 10.0) -> None:
+        """SIGCONT and SIGTERM every live runner; SIGKILL those still there after ``grace``.
+
+        A runner started late in the run (one replacing a killed one) may still be importing;
+        SIGTERM would kill it before it can stop gracefully, so each is first given up to
+        ``start`` seconds to install its handler."""
         live = self.live()
+        deadline = time.monotonic() + start
+        for runner in live:
+            while not runner.catches(signal.SIGTERM) and runner.proc.poll() is None \
+                    and time.monotonic() < deadline:
+                os.kill(runner.pid, signal.SIGCONT)  # a stopped one cannot get further
+                time.sleep(0.01)
         for runner in live:
             try:
                 os.kill(runner.pid, signal.SIGCONT)
