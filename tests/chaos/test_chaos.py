@@ -5,13 +5,24 @@ and the faults that once broke them (the full matrix is ``make chaos``); and a
 few cross-host cells, each runner on a simulated host of its own (root only).
 Each cell must keep every guarantee the checker knows, and show the fault it
 was given actually happened.
+
+A cell spends most of its time waiting (on its runners' start, on the fault,
+on the recovery after it) and keeps about a third of a core busy, so the cells
+run in three lanes side by side, each lane one cell at a time on backends of
+its own: the SQLite cells; the server cells (some restart their server); the
+cross-host cells (the simulated hosts). The lanes start with the module's first
+test, with the cells the session selected; each test waits for its own cell's
+outcome and checks it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,81 +65,152 @@ def loud_skip(why: str, *, backend: bool = False) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Callable[[str], Backend]]:
-    """Backends opened once for the module (the suite's own Redis server among them)."""
-    opened: dict[str, Backend] = {}
+class Backends:
+    """Backends opened on first use and kept for the module (the suite's own servers among
+    them); ``hosts``: each server also listening on the simulated coordinator host's address."""
 
-    def get(name: str) -> Backend:
-        if name not in opened:
+    def __init__(self, hosts: Net | None = None) -> None:
+        self.hosts = hosts
+        self.opened: dict[str, Backend] = {}
+
+    def get(self, name: str) -> Backend:
+        if name not in self.opened:
             made = BACKENDS[name]()
+            if self.hosts is not None:
+                made.serve_hosts(self.hosts.coordinator_address)
             try:
                 made.open()
             except Unavailable as exc:
-                loud_skip(f"chaos tests on {name}: {exc}", backend=True)
-            opened[name] = made
-        return opened[name]
+                where = "cross-host chaos tests" if self.hosts is not None else "chaos tests"
+                loud_skip(f"{where} on {name}: {exc}", backend=True)
+            self.opened[name] = made
+        return self.opened[name]
 
-    yield get
-    for made in opened.values():
-        made.close()
+    def close(self) -> None:
+        for made in self.opened.values():
+            made.close()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the short matrix, as a test asks for it."""
+
+    coordinator: str
+    fault: str
+    plant: str = ""
+    work_ms: float = 10.0
+    hosts: bool = False
+
+    @property
+    def lane(self) -> str:
+        if self.hosts:
+            return "hosts"
+        return "sqlite" if self.coordinator == "sqlite" else "servers"
+
+
+def cell_of(item: pytest.Item) -> Cell | None:
+    """The cell a test of this module checks, from its parameters (None: not a cell's test)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    name = getattr(item, "originalname", "")
+    if name == "test_sqlite_keeps_its_guarantees_under":
+        return Cell("sqlite", params["fault"])
+    if name == "test_server_backend_keeps_its_guarantees_under":
+        return Cell(params["coordinator"], params["fault"])
+    if name == "test_server_backend_keeps_its_guarantees_across_hosts_under":
+        return Cell(params["coordinator"], params["fault"], hosts=True)
+    if name == "test_the_checker_catches_a_planted_bug":
+        # Passes longer than the pause between them, so two holders cannot miss each other.
+        return Cell("sqlite", "stop_long", params["plant"], work_ms=100.0)
+    return None
+
+
+class Lanes:
+    """The selected cells, run in lanes side by side; ``outcome`` waits for one of them."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.backends = Backends()
+        self.net: Net | None = None
+        self.host_backends: Backends | None = None
+        self.net_lock = threading.Lock()
+        self.pools: dict[str, ThreadPoolExecutor] = {}
+        self.cells: dict[Cell, Future[Outcome]] = {}
+
+    def start(self, cell: Cell) -> Future[Outcome]:
+        if cell not in self.cells:
+            if cell.lane not in self.pools:
+                self.pools[cell.lane] = ThreadPoolExecutor(1, thread_name_prefix=f"chaos-{cell.lane}")
+            self.cells[cell] = self.pools[cell.lane].submit(self._run, cell)
+        return self.cells[cell]
+
+    def outcome(self, item: pytest.Item) -> Outcome:
+        """The outcome of the cell the test ``item`` checks, once its lane has run it."""
+        cell = cell_of(item)
+        assert cell is not None, item.nodeid
+        return self.start(cell).result()
+
+    def _hosts(self) -> tuple[Net, Backends]:
+        """Three simulated hosts (root only), and the servers that listen on their network."""
+        with self.net_lock:
+            if self.net is None:
+                net = Net(3)
+                try:
+                    net.open()
+                except NetUnavailable as exc:
+                    loud_skip(f"the cross-host chaos tests: {exc}")
+                self.net, self.host_backends = net, Backends(net)
+            assert self.host_backends is not None
+            return self.net, self.host_backends
+
+    def _run(self, cell: Cell) -> Outcome:
+        net, backends = self._hosts() if cell.hosts else (None, self.backends)
+        workdir = self.workdir / cell.lane
+        workdir.mkdir(exist_ok=True)
+        return run_outcome(backends.get, workdir, cell.coordinator, cell.fault, cell.plant,
+                           cell.work_ms, net)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.backends.close()
+        if self.host_backends is not None:
+            self.host_backends.close()
+        if self.net is not None:
+            self.net.close()
 
 
 @pytest.fixture(scope="module")
-def hosts() -> Iterator[Net]:
-    """Three simulated hosts for the module (root only)."""
-    net = Net(3)
-    try:
-        net.open()
-    except NetUnavailable as exc:
-        loud_skip(f"the cross-host chaos tests: {exc}")
-    yield net
-    net.close()
+def lanes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lanes]:
+    """The lanes, started at once with every cell of this module the session selected."""
+    made = Lanes(tmp_path_factory.mktemp("chaos"))
+    for item in request.session.items:
+        cell = cell_of(item) if getattr(item, "module", None) is request.module else None
+        if cell is not None:
+            made.start(cell)
+    yield made
+    made.close()
 
 
-@pytest.fixture(scope="module")
-def host_backend(hosts: Net) -> Iterator[Callable[[str], Backend]]:
-    """Servers of the suite's own that listen on the coordinator host's simulated address too."""
-    opened: dict[str, Backend] = {}
-
-    def get(name: str) -> Backend:
-        if name not in opened:
-            made = BACKENDS[name]()
-            made.serve_hosts(hosts.coordinator_address)
-            try:
-                made.open()
-            except Unavailable as exc:
-                loud_skip(f"cross-host chaos tests on {name}: {exc}", backend=True)
-            opened[name] = made
-        return opened[name]
-
-    yield get
-    for made in opened.values():
-        made.close()
-
-
-def run_outcome(get: Callable[[str], Backend], tmp_path: Path, coordinator: str, fault: str,
+def run_outcome(get: Callable[[str], Backend], workdir: Path, coordinator: str, fault: str,
                 plant: str = "", work_ms: float = 10.0, net: Net | None = None) -> Outcome:
     scenario = Scenario(coordinator, fault, SEED, SECONDS, runners=3, loops=10, ttl=TTL, plant=plant,
                         work_ms=work_ms)
-    outcome: Outcome = run_scenario(scenario, get(coordinator), tmp_path, net)
+    outcome: Outcome = run_scenario(scenario, get(coordinator), workdir, net)
     if outcome.report is None:
         loud_skip(f"{fault} on {coordinator}: {outcome.skipped}")
-    assert outcome.report is not None
-    assert outcome.injections >= 1
-    assert outcome.report.passes > 0
     return outcome
 
 
-def run_cell(get: Callable[[str], Backend], tmp_path: Path, coordinator: str, fault: str,
-             plant: str = "", work_ms: float = 10.0) -> Report:
-    report = run_outcome(get, tmp_path, coordinator, fault, plant, work_ms).report
-    assert report is not None
-    return report
+def checked(outcome: Outcome) -> Report:
+    """The report of a cell whose fault was injected and whose runners ran passes."""
+    assert outcome.report is not None
+    assert outcome.injections >= 1
+    assert outcome.report.passes > 0
+    return outcome.report
 
 
-def holds_up(report: Report) -> str:
-    return "\n".join(report.problems) or "ok"
+def holds_up(report: Report, outcome: Outcome) -> str:
+    return "\n".join([*report.problems, f"(the run directory: {outcome.run})"])
 
 
 def shows_its_fault(fault: str, report: Report) -> None:
@@ -155,37 +237,36 @@ def shows_its_fault(fault: str, report: Report) -> None:
 
 
 @pytest.mark.parametrize("fault", SQLITE_FAULTS)
-def test_sqlite_keeps_its_guarantees_under(
-    fault: str, backend: Callable[[str], Backend], tmp_path: Path,
-) -> None:
+def test_sqlite_keeps_its_guarantees_under(fault: str, lanes: Lanes, request: pytest.FixtureRequest) -> None:
     """Runners on one SQLite file: no overlap, no stale write, no spurious takeover, no silent stop."""
-    report = run_cell(backend, tmp_path, "sqlite", fault)
-    assert report.ok, holds_up(report)
+    outcome = lanes.outcome(request.node)
+    report = checked(outcome)
+    assert report.ok, holds_up(report, outcome)
     shows_its_fault(fault, report)
 
 
 @pytest.mark.backend
 @pytest.mark.parametrize(("coordinator", "fault"), SERVER_CELLS)
 def test_server_backend_keeps_its_guarantees_under(
-    coordinator: str, fault: str, backend: Callable[[str], Backend], tmp_path: Path,
+    coordinator: str, fault: str, lanes: Lanes, request: pytest.FixtureRequest,
 ) -> None:
     """Faults of the servers and the network between, through the proxy: the same guarantees."""
-    report = run_cell(backend, tmp_path, coordinator, fault)
-    assert report.ok, holds_up(report)
+    outcome = lanes.outcome(request.node)
+    report = checked(outcome)
+    assert report.ok, holds_up(report, outcome)
     shows_its_fault(fault, report)
 
 
 @pytest.mark.backend
 @pytest.mark.parametrize(("coordinator", "fault"), CROSS_HOST_CELLS)
 def test_server_backend_keeps_its_guarantees_across_hosts_under(
-    coordinator: str, fault: str, hosts: Net, host_backend: Callable[[str], Backend], tmp_path: Path,
+    coordinator: str, fault: str, lanes: Lanes, request: pytest.FixtureRequest,
 ) -> None:
     """Each runner on a simulated host of its own, one holder's link or process at fault: the
     same guarantees, and every loop taken from it starts elsewhere only after it stopped."""
-    outcome = run_outcome(host_backend, tmp_path, coordinator, fault, net=hosts)
-    report = outcome.report
-    assert report is not None
-    assert report.ok, holds_up(report)
+    outcome = lanes.outcome(request.node)
+    report = checked(outcome)
+    assert report.ok, holds_up(report, outcome)
     assert report.failover_s, "the fault took no loop from its holder"
     assert report.handover_margins
     assert report.stopped_first == len(report.handover_margins), report.handover_margins
@@ -212,12 +293,9 @@ def test_server_backend_keeps_its_guarantees_across_hosts_under(
 
 
 @pytest.mark.parametrize("plant", ["skip_lease_check", "skip_lease_check,unfenced_store"])
-def test_the_checker_catches_a_planted_bug(
-    plant: str, backend: Callable[[str], Backend], tmp_path: Path,
-) -> None:
+def test_the_checker_catches_a_planted_bug(plant: str, lanes: Lanes, request: pytest.FixtureRequest) -> None:
     """A runner that skips the lease check overlaps the new holder; unfenced, its writes get in."""
-    # Passes longer than the pause between them, so two holders cannot miss each other.
-    report = run_cell(backend, tmp_path, "sqlite", "stop_long", plant, work_ms=100)
+    report = checked(lanes.outcome(request.node))
     assert not report.ok
     assert report.overlaps > 0
     assert report.fence_violations > 0  # the stale holder starts passes after the new one did
