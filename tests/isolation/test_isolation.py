@@ -55,8 +55,10 @@ class Run:
         return {row["loop"]: row for row in json.loads(out.stdout)["loops"]}
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Run]:
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """One runner of ``isoapp`` for the module: each test watches loops of its own."""
+    tmp_path = tmp_path_factory.mktemp("iso")
     records = tmp_path / "records"
     records.mkdir()
     env = {**os.environ, "OSTINATO_TEST_RECORDS": str(records),
