@@ -1,0 +1,183 @@
+"""The loops' passes on a real store (SQLite, PostgreSQL): drained exactly once, fenced, rolled up, pruned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from examples.pipeline import loops
+from examples.pipeline.model import Bundle, Window, partition_of, window_start
+from examples.pipeline.store import Store, drained_by, pending_ids
+
+import ostinato
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS = ["shop", "blog", "api", "docs", "admin", "search"]
+
+
+def add(store: Store, count: int, now: float | None = None, apps: list[str] = APPS) -> list[Bundle]:
+    now = time.time() if now is None else now
+    bundles = [Bundle(apps[i % len(apps)], "web", tuple((now - (i % 7), float(i % 50 + 1)) for _ in range(3)))
+               for i in range(count)]
+    with closing(store.connect()) as conn:
+        store.add(conn, [(b, now) for b in bundles])
+    return bundles
+
+
+def drain(fence: int, partition: int = 0, partitions: int = 1) -> object:
+    return loops.aggregate(ostinato.Pass("aggregate", app="pipeline", fence=fence,
+                                         partition=partition, partitions=partitions))
+
+
+def snapshot(store: Store) -> dict[str, Any]:
+    with closing(store.connect()) as conn:
+        return {"totals": store.totals(conn), "apps": store.apps(conn), "pending": list(pending_ids(conn)),
+                "windows": {app: store.windows(conn, app, 10, 0) for app in APPS}}
+
+
+def test_a_pass_drains_its_bundles_into_windows_and_totals(store: Store) -> None:
+    """After one pass every bundle is in a window, counted once, and the next pass is IDLE."""
+    bundles = add(store, 500)
+    assert drain(fence=1) is None
+    seen = snapshot(store)
+    assert seen["pending"] == []
+    assert seen["totals"] == {"bundles": 500, "samples": 1500}
+    for app in APPS:
+        mine = [ms for b in bundles if b.app == app for _, ms in b.samples]
+        assert sum(w["count"] for w in seen["windows"][app]) == len(mine)
+        assert max(w["max"] for w in seen["windows"][app]) == max(mine)
+    assert drain(fence=1) is ostinato.IDLE
+    assert snapshot(store) == seen
+
+
+def test_each_partition_drains_only_its_own_applications(store: Store) -> None:
+    """Partition p of 4 leaves other partitions' bundles pending; all four together drain everything."""
+    add(store, 240)
+    mine = {app for app in APPS if partition_of(app, 4) == 1}
+    drain(fence=1, partition=1, partitions=4)
+    seen = snapshot(store)
+    assert set(seen["apps"]) == mine
+    for p in (0, 2, 3):
+        drain(fence=1, partition=p, partitions=4)
+    assert snapshot(store)["totals"] == {"bundles": 240, "samples": 720}
+
+
+def test_a_stale_holder_changes_nothing(store: Store) -> None:
+    """Once fence 2 has committed a pass, a pass under fence 1 raises StaleFence and leaves every
+    table as it was: no bundle marked, no window or total touched."""
+    add(store, 100)
+    drain(fence=2)
+    add(store, 50)
+    before = snapshot(store)
+    assert len(before["pending"]) == 50
+    with pytest.raises(ostinato.StaleFence):
+        drain(fence=1)
+    assert snapshot(store) == before
+    with closing(store.connect()) as conn:
+        assert drained_by(conn, 1) == 0
+    assert drain(fence=3) is None
+    assert snapshot(store)["totals"] == {"bundles": 150, "samples": 450}
+
+
+def test_a_pass_that_fails_midway_leaves_nothing_behind(
+    store: Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error after the bundles were marked (before the windows were written) rolls the marks back."""
+    add(store, 30)
+    before = snapshot(store)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("the pass died here")
+
+    monkeypatch.setattr(Store, "_merge_into", broken)
+    with pytest.raises(RuntimeError, match="died here"):
+        drain(fence=1)
+    assert snapshot(store) == before
+    monkeypatch.undo()
+    drain(fence=1)
+    assert snapshot(store)["totals"] == {"bundles": 30, "samples": 90}
+
+
+def test_rollup_makes_minutes_of_the_ten_second_windows_and_redoes_a_minute_that_changed(
+    store: Store,
+) -> None:
+    """A minute is the merge of its six 10-second windows, and a late bundle re-rolls its minute."""
+    now = float(window_start(time.time(), 60) - 60)  # a whole minute in the past
+    add(store, 120, now=now + 59)
+    drain(fence=1)
+    loops.rollup(ostinato.Pass("rollup", app="pipeline", fence=1))
+    with closing(store.connect()) as conn:
+        for app in APPS:
+            tens = store.windows(conn, app, 10, now)
+            (minute,) = [w for w in store.windows(conn, app, 60, now) if w["start"] == now]
+            assert minute["count"] == sum(w["count"] for w in tens if now <= w["start"] < now + 60)
+            assert minute["max"] == max(w["max"] for w in tens if now <= w["start"] < now + 60)
+    add(store, 6, now=now + 59)
+    drain(fence=1)
+    loops.rollup(ostinato.Pass("rollup", app="pipeline", fence=1))
+    with closing(store.connect()) as conn:
+        minutes = [w for app in APPS for w in store.windows(conn, app, 60, now) if w["start"] == now]
+        assert sum(m["count"] for m in minutes) == 126 * 3
+        unrolled = "SELECT COUNT(*) FROM windows WHERE width = 10 AND rolled < version"
+        assert conn.execute(unrolled).fetchone()[0] == 0
+
+
+def test_prune_deletes_old_drained_bundles_but_never_pending_ones(store: Store) -> None:
+    """Drained bundles past their age go; pending ones stay however old; totals are kept."""
+    add(store, 20)
+    drain(fence=1)
+    add(store, 5)
+    with closing(store.connect()) as conn:
+        conn.execute("UPDATE bundles SET received = received - 3000")
+        with store.fenced(conn, ostinato.Pass("prune", app="pipeline", fence=1)):
+            store.prune(conn, time.time() + 3600, raw=60, tens=10**9, minutes=10**9)
+        assert conn.execute("SELECT COUNT(*) FROM bundles").fetchone()[0] == 5
+        assert len(list(pending_ids(conn))) == 5
+        assert store.totals(conn) == {"bundles": 20, "samples": 60}
+
+
+def test_lags_are_recorded_per_drained_bundle(store: Store) -> None:
+    """Each drained bundle's wait since it was received is in the lag histogram."""
+    add(store, 40, now=time.time() - 2.0)
+    drain(fence=1)
+    with closing(store.connect()) as conn:
+        lag: Window = store.lag_total(conn, 0)
+    assert lag.count == 40
+    assert 1500 < lag.quantile(0.5) < 60_000
+
+
+@pytest.mark.slow
+def test_a_kill_9_before_any_statement_of_a_pass_loses_nothing_and_counts_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """A pass killed by SIGKILL just before each of its SQL statements in turn (SQLite): after
+    every kill, each bundle is either pending or in the totals, never both, never neither; a pass
+    that then runs to the end counts every bundle exactly once."""
+    db = tmp_path / "pipeline.db"
+    store = Store(f"sqlite:///{db}")
+    add(store, 60, apps=["shop", "blog"])  # two applications: fewer statements, a shorter test
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_DATA": str(tmp_path)}
+
+    def attempt(k: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tests.pipeline.killed_pass", str(db), str(k)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    k = 1
+    while (done := attempt(k)).returncode == -signal.SIGKILL:
+        with closing(store.connect()) as conn:
+            pending = len(list(pending_ids(conn)))
+            totals = store.totals(conn)
+        assert totals["bundles"] + pending == 60, (k, totals, pending)
+        assert totals["bundles"] in (0, 60), (k, totals)
+        k += 1
+    assert done.returncode == 0, done.stderr
+    assert k > 10, "the pass ran fewer statements than expected: was the kill ever inside it?"
+    with closing(store.connect()) as conn:
+        assert store.totals(conn) == {"bundles": 60, "samples": 180}
