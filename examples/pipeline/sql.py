@@ -86,8 +86,8 @@ CREATE TABLE IF NOT EXISTS lags (
 );
 """
 
-# Written with '?' placeholders; PostgreSQL's copy swaps them for '%s' (none of the text
-# holds a literal '?' or '%').
+# Written with '?' placeholders; PostgreSQL's copy doubles each '%' (the modulo operator) and
+# swaps each '?' for '%s' (no text holds a literal '?').
 COMMON = {
     "insert": "INSERT INTO bundles (slot, app, source, received, n, samples) VALUES (?, ?, ?, ?, ?, ?)",
     "window": "SELECT count, max, buckets FROM windows WHERE width = ? AND app = ? AND start = ?",
@@ -149,7 +149,7 @@ SQLITE = {
 }
 
 POSTGRES = {
-    **{name: text.replace("?", "%s") for name, text in COMMON.items()},
+    **{name: text.replace("%", "%%").replace("?", "%s") for name, text in COMMON.items()},
     "pending": (
         "SELECT id, app, received, samples FROM bundles WHERE drained_at IS NULL"
         " AND slot = ANY(%s) ORDER BY id LIMIT %s"
