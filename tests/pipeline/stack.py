@@ -35,7 +35,7 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "") 
     while True:
         try:
             value = condition()
-        except OSError:
+        except (OSError, KeyError):  # not up yet, or not recorded yet
             value = None  # type: ignore[assignment]
         if value:
             return value
