@@ -51,8 +51,6 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
-# The pipeline: ingest tier, two runners, 1,000 bundles/s, a kill -9, a minute (ARGS=--forever:
-# until Ctrl-C). The older two-runner story is still there: $(BIN)/python examples/demo.py
 demo: $(STAMP)
 	$(BIN)/python -m examples.pipeline demo $(ARGS)
 
