@@ -26,7 +26,7 @@ from ostinato.errors import CoordinatorUnavailable
 from ostinato.hooks import PassOutcome, around_pass, entered
 from ostinato.isolation import IsolatedBody, PassError
 from ostinato.logs import fields
-from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass, member_suffix
+from ostinato.loop import IDLE, REVOKED, LocalLease, LoopSpec, Pass, member_suffix
 from ostinato.pacing import Outcome, Plan, Slot, plan_next
 from ostinato.stats import StatsBook
 
@@ -53,6 +53,16 @@ def _settle(outcomes: list[PassOutcome], result: object) -> None:
     """Tell the hooks around a pass how it ended."""
     for outcome in outcomes:
         outcome.outcome = "idle" if result is IDLE else "worked"
+
+
+async def _signalled(signal: asyncio.Event, within: float) -> None:
+    """Wait until ``signal`` is set, or ``within`` seconds have passed (then it is set, and the
+    caller clears it): one timer and no task, where ``wait_for`` makes a task per wait."""
+    timer = asyncio.get_running_loop().call_later(within, signal.set)
+    try:
+        await signal.wait()
+    finally:
+        timer.cancel()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -132,7 +142,7 @@ class LoopKeeper:
         the first go at it rather than asking for it back at once.
         """
         lease = self.lease
-        if lease is None or lease.deadline == float("-inf"):
+        if lease is None or lease.deadline == REVOKED:
             return
         self._step_aside = self._step_aside or step_aside
         lease.revoke()
@@ -146,7 +156,7 @@ class LoopKeeper:
         pass in flight if it can be stopped (a standby may take the lease if the session
         ended). New passes wait by themselves (``LocalLease.suspended``)."""
         lease = self.lease
-        if lease is None or lease.deadline == float("-inf"):
+        if lease is None or lease.deadline == REVOKED:
             return
         log.warning("%s: passes wait (fence %d): the coordinator's session holding the lease "
                     "went unheard", self.key, lease.fence, extra=self._fields("lease_suspended", lease.fence))
@@ -297,14 +307,14 @@ class LoopKeeper:
         finally:
             self.lease = None
             if (
-                lease.deadline != float("-inf") and not self.runner.stopping
+                lease.deadline != REVOKED and not self.runner.stopping
                 and not self._handing_over and not lease.holds()
             ):
                 # No renewal answered in time: say so, as lose() would have.
                 self.losses += 1
                 log.warning("%s: lease lost (fence %d): it ran out before a renewal answered",
                             self.key, lease.fence, extra=self._fields("lease_lost", lease.fence))
-            if finished and lease.deadline != float("-inf"):
+            if finished and lease.deadline != REVOKED:
                 await self._record_start()
                 await self.runner.give_back(self.key, lease)
             if self._handing_over:
@@ -374,7 +384,9 @@ class LoopKeeper:
                 idle_until = now
             start_at = not_before if not_before > idle_until else idle_until
             if now < start_at:
-                signal.wait(min(start_at - now, lease.ttl))
+                # No cap at the lease's TTL: whatever ends the lease (a failed renewal, a
+                # revocation, a pause, the runner stopping) also sets the signal.
+                signal.wait(start_at - now)
                 # Cleared after the wait, then every flag is read again at the top,
                 # so a notice that arrives in between is not lost.
                 signal.clear()
@@ -486,13 +498,11 @@ class LoopKeeper:
                     idle_until = now
                 start_at = max(not_before, idle_until)
                 if now < start_at:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(signal.wait(), min(start_at - now, lease.ttl))
+                    await _signalled(signal, start_at - now)
                     continue
                 if not lease.holds(now):
                     if lease.suspended(now):
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(signal.wait(), SUSPENDED_POLL)
+                        await _signalled(signal, SUSPENDED_POLL)
                         continue
                     return
                 number += 1

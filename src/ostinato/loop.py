@@ -83,6 +83,10 @@ def check_key(value: object) -> str:
     return value
 
 
+#: The deadline of a lease that was lost: no time is ever before it.
+REVOKED: Final = float("-inf")
+
+
 class LocalLease:
     """This runner's view of a lease: its fence and its deadline on the local monotonic clock.
 
@@ -108,7 +112,7 @@ class LocalLease:
         self.renew_at = sent_at + self.ttl / 3
 
     def revoke(self) -> None:
-        self.deadline = float("-inf")
+        self.deadline = REVOKED
 
     def holds(self, now: float | None = None) -> bool:
         if now is None:

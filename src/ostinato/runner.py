@@ -25,7 +25,7 @@ from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 from ostinato.families import KeySet, PartitionGuard
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
-from ostinato.loop import LocalLease, LoopSpec
+from ostinato.loop import REVOKED, LocalLease, LoopSpec
 from ostinato.stats import wall_offset
 
 log = logging.getLogger("ostinato.runner")
@@ -38,6 +38,9 @@ FAREWELL = 0.4
 ACQUIRE_BATCH = 1000
 #: How often statistics and the heartbeat are sent.
 REPORT_EVERY = 1.0
+#: The watchdog looks at every loop (not only those with a timeout or stall_after) once in
+#: this many rounds.
+SWEEP_EVERY = 10
 #: A runner whose heartbeat is older than this counts as gone (for balancing only:
 #: leases, not heartbeats, decide who runs a loop).
 RUNNER_TTL = 5.0
@@ -96,6 +99,8 @@ class Runner:
         self.guards: dict[str, PartitionGuard] = {}
         self.key_sets: dict[str, KeySet] = {}
         self._keeper_tasks: dict[str, asyncio.Task[None]] = {}
+        #: The loops the watchdog looks at on every round (``None``: to be listed again).
+        self._watched: list[LoopKeeper] | None = None
         self._renew_now = asyncio.Event()
         self._granted = asyncio.Event()
         #: When the renewer's next round is due (monotonic).
@@ -146,6 +151,7 @@ class Runner:
         """Host one more loop (a key's member); started at once if the runner runs."""
         keeper.stats.on_failing = self._failing_changed(keeper)
         self.keepers[keeper.key] = keeper
+        self._watched = None
         if self.connected.is_set() and not self.stopping:
             self._start_keeper(keeper)
 
@@ -157,6 +163,7 @@ class Runner:
     def _keeper_ended(self, keeper: LoopKeeper) -> None:
         if keeper.retired and self.keepers.get(keeper.key) is keeper:
             del self.keepers[keeper.key]
+            self._watched = None
             self._keeper_tasks.pop(keeper.key, None)
 
     # -- life cycle ----------------------------------------------------------------
@@ -398,7 +405,7 @@ class Runner:
         return {
             key: (keeper, keeper.lease)
             for key, keeper in self.keepers.items()
-            if keeper.lease is not None and keeper.lease.deadline != float("-inf")
+            if keeper.lease is not None and keeper.lease.deadline != REVOKED
         }
 
     async def renew_once(self) -> None:
@@ -515,13 +522,22 @@ class Runner:
             s for k in self.keepers.values() for s in (k.spec.timeout, k.spec.stall_after) if s
         ]
         interval = min(1.0, max(0.05, min(limits) / 4)) if limits else 1.0
+        rounds = 0
         while not self.stopping:
-            self.check_passes(time.monotonic())
+            self.check_passes(time.monotonic(), everything=rounds % SWEEP_EVERY == 0)
+            rounds += 1
             await self._sleep(interval)
 
-    def check_passes(self, now: float) -> None:
-        """Log passes over their timeout (every timeout again) and stalls as they start and end."""
-        for keeper in self.keepers.values():
+    def check_passes(self, now: float, *, everything: bool = True) -> None:
+        """Log passes over their timeout (every timeout again) and stalls as they start and end.
+
+        A loop's statistics tell the runner at once when it starts or stops failing; the
+        watchdog looks at every loop only on ``everything`` rounds, as a backstop, and at
+        loops with a ``timeout`` or ``stall_after`` on each round."""
+        if everything or self._watched is None:
+            self._watched = [k for k in self.keepers.values()
+                             if k.spec.timeout is not None or k.spec.stall_after is not None]
+        for keeper in self.keepers.values() if everything else self._watched:
             spec, stats = keeper.spec, keeper.stats
             running = stats.running_since
             in_thread = not spec.is_async and not spec.isolated  # the others are cancelled or killed

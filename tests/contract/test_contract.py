@@ -85,18 +85,27 @@ async def test_renew_of_an_expired_lease_is_lost(make: Make) -> None:
 
 
 async def test_renew_many_at_once(make: Make) -> None:
-    """One renewal call answers for every lease in it, each on its own merits."""
-    a = await make()
-    ra = runner(1)
+    """One renewal call answers for every lease in it, each on its own merits: held ones are
+    extended by their own TTL, a wrong fence or a lapsed lease is lost, a paused loop's lease
+    is given up."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
     fences = {}
-    for key in ("app:one", "app:two", "app:three"):
-        grant = await a.acquire(key, ra, 5.0)
+    ttls = {"app:one": 0.4, "app:two": 5.0, "app:three": 0.4, "app:four": 5.0, "app:five": 0.2}
+    for key, ttl in ttls.items():
+        grant = await a.acquire(key, ra, ttl)
         assert isinstance(grant, Grant)
         fences[key] = grant.fence
+    await a.set_paused("app:four", True)
+    await asyncio.sleep(0.25)  # app:five has lapsed
     request = {key: (fence, 5.0) for key, fence in fences.items()}
     request["app:two"] = (fences["app:two"] + 7, 5.0)
     answers = await a.renew(ra, request)
-    assert answers == {"app:one": Renewal.HELD, "app:two": Renewal.LOST, "app:three": Renewal.HELD}
+    assert answers == {"app:one": Renewal.HELD, "app:two": Renewal.LOST, "app:three": Renewal.HELD,
+                       "app:four": Renewal.PAUSED, "app:five": Renewal.LOST}
+    await asyncio.sleep(0.3)  # past the first TTL of app:one and app:three: only the renewal keeps them
+    assert isinstance(await b.acquire("app:one", rb, 5.0), Denied)
+    assert isinstance(await b.acquire("app:three", rb, 5.0), Denied)
 
 
 async def test_release_checks_owner_and_fence(make: Make) -> None:

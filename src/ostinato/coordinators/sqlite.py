@@ -89,6 +89,10 @@ def sqlite_path(url: str) -> Path:
     return path
 
 
+#: Whether this SQLite extends many leases in one statement (UPDATE ... FROM, RETURNING).
+BATCH_RENEWAL = sqlite3.sqlite_version_info >= (3, 35)
+
+
 class SQLiteCoordinator(Coordinator):
     """Leases in a SQLite database shared by the processes of one host."""
 
@@ -242,7 +246,15 @@ class SQLiteCoordinator(Coordinator):
             answers: dict[str, Renewal] = {}
             with self._write(conn):
                 now = time.monotonic()
+                if BATCH_RENEWAL and len(leases) > 1:
+                    batch = json.dumps([[key, fence, ttl] for key, (fence, ttl) in leases.items()])
+                    extended = conn.execute(SQL["extend_many"], {
+                        "now": now, "batch": batch, "owner": runner.id, "boot": self._boot,
+                    }).fetchall()
+                    answers = dict.fromkeys((row[0] for row in extended), Renewal.HELD)
                 for key, (fence, ttl) in leases.items():
+                    if key in answers:
+                        continue
                     row = conn.execute(SQL["claim"], (key,)).fetchone()
                     if (
                         row is None or row["owner"] != runner.id or row["fence"] != fence

@@ -79,6 +79,15 @@ SQL = {
     "claim": "SELECT owner, fence, boot, expires, paused FROM ostinato_loops"
              " WHERE key = ?",
     "extend": "UPDATE ostinato_loops SET expires = ? WHERE key = ?",
+    # Every lease of a renewal that still holds, extended in one statement: the batch is a
+    # JSON list of [key, fence, ttl]; the keys returned were extended, the others are looked
+    # at one by one (lost, or paused).
+    "extend_many": "UPDATE ostinato_loops SET expires = :now + batch.ttl"
+                   " FROM (SELECT json_extract(value, '$[0]') AS key, json_extract(value, '$[1]') AS fence,"
+                   " json_extract(value, '$[2]') AS ttl FROM json_each(:batch)) AS batch"
+                   " WHERE ostinato_loops.key = batch.key AND ostinato_loops.fence = batch.fence"
+                   " AND owner = :owner AND boot = :boot AND expires > :now AND paused = 0"
+                   " RETURNING ostinato_loops.key",
     # Ends whoever's claim: a paused loop's at renewal, or an operator's revoke.
     "unclaim": "UPDATE ostinato_loops SET owner = NULL, holder = NULL,"
                " holder_pid = NULL, expires = NULL WHERE key = ?",
