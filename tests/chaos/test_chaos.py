@@ -8,11 +8,11 @@ was given actually happened.
 
 A cell spends most of its time waiting (on its runners' start, on the fault,
 on the recovery after it) and keeps about a third of a core busy, so the cells
-run in three lanes side by side, each lane one cell at a time on backends of
-its own: the SQLite cells; the server cells (some restart their server); the
-cross-host cells (the simulated hosts). The lanes start with the module's first
-test, with the cells the session selected; each test waits for its own cell's
-outcome and checks it.
+run in four lanes side by side, each lane one cell at a time: the SQLite
+cells; the Redis cells (some restart the server) and the planted bugs; the
+PostgreSQL cells; the cross-host cells (the simulated hosts). The lanes start
+with the module's first test, with the cells the session selected; each test
+waits for its own cell's outcome and checks it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,13 @@ class Backends:
     def __init__(self, hosts: Net | None = None) -> None:
         self.hosts = hosts
         self.opened: dict[str, Backend] = {}
+        self.lock = threading.Lock()
 
     def get(self, name: str) -> Backend:
+        with self.lock:
+            return self._get(name)
+
+    def _get(self, name: str) -> Backend:
         if name not in self.opened:
             made = BACKENDS[name]()
             if self.hosts is not None:
@@ -103,9 +108,12 @@ class Cell:
 
     @property
     def lane(self) -> str:
+        """Cells of one lane run one after another: those of one server (some restart it),
+        those on the simulated hosts. The planted-bug cells (SQLite, no server) go with Redis's
+        three to even out the lanes."""
         if self.hosts:
             return "hosts"
-        return "sqlite" if self.coordinator == "sqlite" else "servers"
+        return "redis" if self.plant else self.coordinator
 
 
 def cell_of(item: pytest.Item) -> Cell | None:
