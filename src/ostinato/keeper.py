@@ -462,6 +462,7 @@ class LoopKeeper:
         schedule = pacing.schedule
         self.stats.zone = None if schedule is None else schedule.zone_name
         self.stats.next_start = wall if schedule is not None or pacing.every is not None else None
+        self.stats.touch()
 
     async def _record_start(self) -> None:
         """Before a ``catchup=`` loop's lease is given back, record its last start at once:

@@ -26,7 +26,7 @@ from ostinato.families import KeySet, PartitionGuard
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
 from ostinato.loop import REVOKED, LocalLease, LoopSpec
-from ostinato.stats import wall_offset
+from ostinato.stats import StatsBook, wall_offset
 
 log = logging.getLogger("ostinato.runner")
 
@@ -99,6 +99,8 @@ class Runner:
         self.guards: dict[str, PartitionGuard] = {}
         self.key_sets: dict[str, KeySet] = {}
         self._keeper_tasks: dict[str, asyncio.Task[None]] = {}
+        #: The statistics with something new to report.
+        self._changed: set[StatsBook] = set()
         #: The loops the watchdog looks at on every round (``None``: to be listed again).
         self._watched: list[LoopKeeper] | None = None
         self._renew_now = asyncio.Event()
@@ -150,6 +152,8 @@ class Runner:
     def add_keeper(self, keeper: LoopKeeper) -> None:
         """Host one more loop (a key's member); started at once if the runner runs."""
         keeper.stats.on_failing = self._failing_changed(keeper)
+        keeper.stats.changed = self._changed
+        self._changed.add(keeper.stats)
         self.keepers[keeper.key] = keeper
         self._watched = None
         if self.connected.is_set() and not self.stopping:
@@ -471,8 +475,10 @@ class Runner:
         self._candidates = {key: count + 1 for key, count in candidates.items()}
         self.live_runners = 1 + others
         self.live_ids = {record.id for record in runners}
+        if self.live_runners <= 1:
+            return
         held = self.held()
-        if self.live_runners <= 1 or len(held) <= self.fair_share():
+        if len(held) <= self.fair_share():
             return
         now = time.monotonic()
         movable = [
@@ -504,14 +510,20 @@ class Runner:
 
     async def _report(self) -> None:
         self.wall_offset = offset = wall_offset()
-        batch = [
-            (keeper, stats)
-            for keeper in self.keepers.values()
-            if (stats := keeper.stats.pending(offset)) is not None
-        ]
-        await self.coordinator.report(self.info, RUNNER_TTL, [stats for _, stats in batch])
-        for keeper, stats in batch:
-            keeper.stats.sent(stats)
+        books = []
+        with contextlib.suppress(KeyError):
+            while True:  # one pop at a time: a pass's thread may add a book meanwhile
+                books.append(self._changed.pop())
+        batch = [(book, stats) for book in books if (stats := book.pending(offset)) is not None]
+        try:
+            await self.coordinator.report(self.info, RUNNER_TTL, [stats for _, stats in batch])
+        except BaseException:
+            self._changed.update(books)  # sent with the next report
+            raise
+        for book, stats in batch:
+            book.sent(stats)
+            if book.running_since is not None:
+                self._changed.add(book)  # a pass in flight is reported every time
         if not self.stopping:
             await self.balance()
 

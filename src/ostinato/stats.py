@@ -57,9 +57,19 @@ class StatsBook:
         self._sent_errors = 0
         self._sent_end: float | None = None
         self._sent_next: float | None = None
+        #: Where the book puts itself when it has something new to report (the runner's
+        #: set of changed books), so a report need not look at every loop.
+        self.changed: set[StatsBook] | None = None
+
+    def touch(self) -> None:
+        """Note that there is something new to report (``set.add`` is atomic, so a pass's
+        thread may call it)."""
+        if self.changed is not None:
+            self.changed.add(self)
 
     def started(self, start: float) -> None:
         self.last_start = self.running_since = start
+        self.touch()
 
     def finished(self, start: float, end: float, outcome: str) -> None:
         took = end - start
@@ -83,11 +93,13 @@ class StatsBook:
         ):
             self.on_failing()
         self.passes += 1
+        self.touch()
 
     def failed(self, at: float, error: str) -> None:
         self.errors += 1
         self.last_error = error
         self.last_error_at = at
+        self.touch()
 
     def pending(self, wall_offset: float) -> LoopStats | None:
         """What to report now, or ``None`` when nothing changed."""
