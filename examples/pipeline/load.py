@@ -8,7 +8,8 @@ The HTTP/1.1 client is a few lines over asyncio streams: a general client
 would cost more CPU than the server under test at 5,000 requests a second.
 
 It prints one JSON summary: ``sent``, ``accepted`` (202), ``samples_accepted``,
-``rejected`` (any other answer), ``errors`` (no answer), ``latency_ms``
+``rejected`` (any other answer), ``errors`` (the connection failed), ``unanswered``
+(still waiting 30 s after the last one was sent), ``latency_ms``
 (``p50``, ``p99``, ``max``) and ``behind_ms`` (how late the generator itself
 sent, which must stay small for the numbers to mean anything).
 """
@@ -47,6 +48,7 @@ class Tally:
         return {
             "sent": self.sent, "accepted": self.accepted, "samples_accepted": self.samples_accepted,
             "rejected": self.rejected, "errors": self.errors,
+            "unanswered": self.sent - self.accepted - self.rejected - self.errors,
             "latency_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)},
             "behind_ms": round(self.behind * 1000, 3), "rate": rate, "seconds": round(seconds, 3),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
