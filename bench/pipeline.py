@@ -232,7 +232,7 @@ def kills(pipe: Pipeline, count: int, rate: float = 1000.0) -> dict[str, Any]:
         pipe.runners.pop(victim).kill()
         killed = time.monotonic()
         pipe.runner()
-        pipe.wait("the takeover", lambda v=victim, h=held, m=mine: all(  # type: ignore[misc]
+        pipe.wait("the takeover", lambda v=victim, h=held, m=mine: all(
             (now := pipe.holders())[k][0] not in (None, v) and now[k][1] > h[k][1] for k in m[v]))
         takeovers.append(round(time.monotonic() - killed, 3))
     out, _ = load.communicate(timeout=120)

@@ -209,8 +209,8 @@ load: {args.rate:.0f} bundles/s {'until Ctrl-C' if args.forever else f'for {args
         store = Store(f"sqlite:///{self.work / 'pipeline.db'}")
         with contextlib.closing(store.connect()) as conn:
             lag = store.lag_total(conn, 0)
-        agree = (totals["samples"] == summary["samples_accepted"]
-                 and totals["bundles"] == summary["accepted"])
+        agree = bool(totals["samples"] == summary["samples_accepted"]
+                     and totals["bundles"] == summary["accepted"])
         print(f"""
 === summary ===
   sent {summary['sent']} bundles in {summary['seconds']:.0f}s; accepted (202) {summary['accepted']},

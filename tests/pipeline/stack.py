@@ -35,10 +35,10 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "") 
     while True:
         try:
             value = condition()
+            if value:
+                return value
         except (OSError, KeyError):  # not up yet, or not recorded yet
-            value = None  # type: ignore[assignment]
-        if value:
-            return value
+            pass
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(0.05)
