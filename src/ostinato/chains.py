@@ -36,7 +36,7 @@ from datetime import datetime
 from ostinato.app import App
 from ostinato.coordinators.protocol import Coordinator, Denied, LoopRecord, Renewal, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
-from ostinato.links import Enqueue, JobOptions, Link, hand_over, record_of, successor
+from ostinato.links import Enqueue, JobOptions, Link, record_of, successor
 from ostinato.logs import fields
 from ostinato.loop import LoopSpec
 from ostinato.pacing import Outcome, Slot, plan_next
@@ -107,11 +107,16 @@ def first_start(
 
 
 async def forge(
-    store: Coordinator, owner: RunnerInfo, app: str, spec: LoopSpec, enqueue: Enqueue, patience: float,
+    store: Coordinator, owner: RunnerInfo, app: App, spec: LoopSpec, enqueue: Enqueue, patience: float,
 ) -> Link | None:
-    """Start a new generation of loop ``spec``'s chain: take its lease, hand it to the first
-    link, enqueue that link. ``None`` if the lease is held (or the loop paused): nothing done."""
-    key = f"{app}:{spec.name}"
+    """Start a new generation of loop ``spec``'s chain: take its lease as ``owner``, hand it to
+    the first link, enqueue that link. ``None`` if the lease is held (or the loop paused).
+
+    ``store`` asks for the lease, so a long-lived one (the keeper's) can take a claim it has
+    seen expire; the lease for the first link is granted on a connection of its own, closed
+    at once, so that no process keeps the liveness lock of an id it handed on.
+    """
+    key = f"{app.name}:{spec.name}"
     answer = await store.acquire(key, owner, spec.lease)
     if isinstance(answer, Denied):
         return None
@@ -120,11 +125,19 @@ async def forge(
     start, due = first_start(spec, record, now, key)
     delay = max(0.0, start - now)
     heir = successor(owner)
-    fence = await hand_over(store, key, owner, answer.fence, heir, delay + patience)
-    if fence is None:
+    if not await store.release(key, owner, answer.fence):
         return None
-    link = Link(spec.name, owner=heir.id, parent=fence, generation=fence, not_before=start, slot=start,
-                due=None if due is None else (due.at, due.start, due.missed))
+    handing = app.connect()
+    try:
+        await handing.open()
+        granted = await handing.acquire(key, heir, delay + patience)
+    finally:
+        with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+            await asyncio.wait_for(handing.close(), 1.0)
+    if isinstance(granted, Denied):
+        return None
+    link = Link(spec.name, owner=heir.id, parent=granted.fence, generation=granted.fence,
+                not_before=start, slot=start, due=None if due is None else (due.at, due.start, due.missed))
     enqueue(link, delay)
     return link
 
@@ -272,7 +285,7 @@ class Keeper:
                                                    budget=self.options.budget):
             return
         assert self.enqueue_link is not None
-        link = await forge(store, self.worker, self.app.name, spec, self.enqueue_link, patience)
+        link = await forge(store, self.worker, self.app, spec, self.enqueue_link, patience)
         if link is None:
             return
         first = record is None or (record.last_end is None and record.last_start is None)
@@ -371,7 +384,7 @@ async def seed(
         await store.open()
         until = time.monotonic() + wait
         while True:
-            link = await forge(store, owner, app.name, spec, enqueue, options.patience_for(spec))
+            link = await forge(store, owner, app, spec, enqueue, options.patience_for(spec))
             if link is not None or time.monotonic() >= until:
                 return link
             await asyncio.sleep(0.02)

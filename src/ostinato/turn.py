@@ -4,9 +4,9 @@ A job of a job worker (a link of a chain, a clock's pass) that was granted the
 lease builds a ``Turn``: the lease is renewed in the background (about every
 third of its TTL, as a runner does), the passes run in a thread of their own for
 up to the turn's budget, and the statistics are reported the way a runner
-reports them (every second, and once more at the end), under the worker's
-``RunnerInfo``, so status, the page and the metrics show job-hosted loops like
-any other. A renewal that fails stops the passes at once.
+reports them (every second, and once more at the end), as the worker process
+it runs in (``reporter``), so status, the page and the metrics show job-hosted
+loops like any other. A renewal that fails stops the passes at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 import traceback
@@ -52,6 +53,14 @@ def book(key: str, spec: LoopSpec) -> StatsBook:
         return found
 
 
+def reporter(worker: RunnerInfo) -> RunnerInfo:
+    """Who a job reports as: the worker's process it runs in (a pool process, a work horse, or
+    the worker's own), under an id of its own: a coordinator may lock a runner's id for as
+    long as one connection reports under it (SQLite), so two processes never share one."""
+    pid = os.getpid()
+    return RunnerInfo(id=f"{worker.id}.{pid}", host=worker.host, pid=pid, hosts=worker.hosts)
+
+
 def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]
 
@@ -63,7 +72,8 @@ class Turn:
         self, app: str, spec: LoopSpec, *, store: Coordinator, owner: RunnerInfo, worker: RunnerInfo,
         lease: LocalLease, budget: float, stopping: Callable[[], bool],
     ) -> None:
-        self.app, self.spec, self.store, self.owner, self.worker = app, spec, store, owner, worker
+        self.app, self.spec, self.store, self.owner = app, spec, store, owner
+        self.worker = reporter(worker)
         self.lease, self.budget, self.stopping = lease, budget, stopping
         self.key = f"{app}:{spec.name}"
         self.book = book(self.key, spec)

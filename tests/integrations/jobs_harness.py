@@ -47,6 +47,11 @@ def forget_keys(env: dict[str, str]) -> None:
     import redis
 
     name = env["JOBS_APP"]
+    if env["JOBS_COORDINATOR"].startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(env["JOBS_COORDINATOR"].partition("?")[0], autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
     for url, pattern in ((BROKER, f"*{name}*"), (f"{REDIS}/8", f"{name}:*")):
         client = redis.Redis.from_url(url)
         try:
@@ -54,6 +59,19 @@ def forget_keys(env: dict[str, str]) -> None:
                 client.delete(key)
         finally:
             client.close()
+
+
+def coordinator_url(kind: str, tmp_path: Path, name: str) -> str:
+    """A coordinator of ``kind`` for the test's app (SQLite in the test's folder, PostgreSQL
+    in a schema named after the test, dropped by ``forget_keys``)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'coordinator.db'}"
+    if kind == "postgresql":
+        pytest.importorskip("psycopg")
+        from tests.servers import postgres_url
+
+        return f"{postgres_url()}?schema={name}"
+    return f"{REDIS}/8?prefix={name}"
 
 
 def environment(tmp_path: Path, **settings: str) -> dict[str, str]:

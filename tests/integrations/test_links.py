@@ -52,7 +52,7 @@ class Queue:
 
 
 def forged(app: ostinato.App, queue: Queue) -> Link | None:
-    return asyncio.run(forge(app.connect(), WORKER, app.name, app.loops["tick"], queue, 1.0))
+    return asyncio.run(forge(app.connect(), WORKER, app, app.loops["tick"], queue, 1.0))
 
 
 def seeded(app: ostinato.App, queue: Queue) -> Link:
