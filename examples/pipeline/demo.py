@@ -214,7 +214,7 @@ load: {args.rate:.0f} bundles/s {'until Ctrl-C' if args.forever else f'for {args
         print(f"""
 === summary ===
   sent {summary['sent']} bundles in {summary['seconds']:.0f}s; accepted (202) {summary['accepted']},
-  rejected {summary['rejected']}, no answer {summary['errors']}
+  rejected {summary['rejected']}, failed connections {summary['errors']}, unanswered {summary['unanswered']}
   ingest latency p50 {summary['latency_ms']['p50']:.1f} ms, p99 {summary['latency_ms']['p99']:.1f} ms, \
 max {summary['latency_ms']['max']:.1f} ms (from when each POST was due)
   lag from receipt to a committed window: p50 {lag.quantile(0.5):.0f} ms, p99 {lag.quantile(0.99):.0f} ms
@@ -246,6 +246,8 @@ def _exit_on(signum: int, frame: FrameType | None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on)
+    # Ctrl-C even where the demo was started with SIGINT ignored (a shell's background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="pipeline-demo-"))
     demo = Demo(work, args)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -79,3 +80,39 @@ def test_the_demo_kills_a_holder_and_shows_the_numbers_agree(tmp_path: Path) -> 
     assert totals is not None
     assert counted.groups() == totals.groups()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_demo_run_forever_with_its_summary(tmp_path: Path) -> None:
+    """--forever runs until SIGINT, then stops the load, drains, prints the agreeing summary,
+    exits 0 and removes its folder; the processes it started are gone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OSTINATO_", "PIPELINE_"))}
+    env.update(TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.pipeline", "demo", "--forever", "--rate", "200", "--port", "0",
+         "--kill-after", "2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("  (a new runner started in its place"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "Ctrl-C: stopping the load" in out
+    assert "they agree: nothing lost, nothing counted twice" in out
+    assert list(tmp_path.iterdir()) == []
+    pids = [int(p) for p in re.findall(r"^started runner \S+:(\d+)$", out, re.M)]
+    assert len(pids) == 3, out
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
