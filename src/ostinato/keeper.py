@@ -1,10 +1,12 @@
 """One loop inside a runner: win its lease, run its passes while the lease holds, give it back.
 
 The decisions (when to start, whether the lease still holds) come from
-``pacing`` and ``LocalLease``; this module only drives them. Sync bodies run
-in a thread of their own per loop, so a slow loop never delays another and a
-pass costs no hand-off between threads; ``async def`` bodies run on the event
-loop.
+``pacing`` and ``LocalLease``; this module only drives them. A sync body runs
+its passes in a thread (from ``ostinato.workers``, which starts one whenever
+none is free) for as long as it has work, so a slow loop never delays another
+and back-to-back passes cost no hand-off between threads; when its next pass is
+more than ``PARK_AFTER`` away it gives the thread back and waits on the event
+loop. ``async def`` bodies run on the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ostinato.logs import fields
 from ostinato.loop import IDLE, REVOKED, LocalLease, LoopSpec, Pass, member_suffix
 from ostinato.pacing import Outcome, Plan, Slot, plan_next
 from ostinato.stats import StatsBook
+from ostinato.workers import WORKERS
 
 if TYPE_CHECKING:
     from ostinato.families import PartitionGuard
@@ -44,6 +47,8 @@ YIELD_DELAY = 0.25
 SUSPENDED_POLL = 0.01
 #: How long a runner whose lease was revoked or taken waits before asking again.
 STEP_ASIDE = 0.5
+#: A sync loop whose next pass is further off than this gives its thread back meanwhile.
+PARK_AFTER = 1.0
 #: A loop handed over for balance that nobody else took is not handed over
 #: again for this long (the other runners cannot or will not run it).
 BALANCE_COOLDOWN = 60.0
@@ -63,6 +68,18 @@ async def _signalled(signal: asyncio.Event, within: float) -> None:
         await signal.wait()
     finally:
         timer.cancel()
+
+
+@dataclasses.dataclass
+class _Course:
+    """Where a sync loop's passes are between two stretches in a thread."""
+
+    slot: float
+    not_before: float
+    idle_until: float = 0.0
+    idle_streak: int = 0
+    error_streak: int = 0
+    number: int = 0
 
 
 def _error_text(exc: BaseException) -> str:
@@ -321,69 +338,95 @@ class LoopKeeper:
                 self._handing_over = False
                 self._handed_over_fence = lease.fence
 
-    # -- sync bodies: a thread per held lease -----------------------------------
+    # -- sync bodies: a thread while there is work ------------------------------
 
     async def _run_thread(self, lease: LocalLease, first: float) -> bool:
-        """Run passes in a thread; return whether it has finished (False: still in a pass)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        """Run passes in a thread; return whether they have finished (False: still in a pass).
 
-        def settle(exc: BaseException | None) -> None:
+        A plain sync loop gives its thread back whenever its next pass is more than
+        ``PARK_AFTER`` away, and waits on the event loop meanwhile (``_park``); an isolated
+        loop keeps a thread of its own for as long as it holds the lease.
+        """
+        course = _Course(slot=first, not_before=first)
+        park = not self.spec.isolated
+        signal = self._async_signal = asyncio.Event()
+        try:
+            while True:
+                signal.clear()  # before the stretch: a notice from here on ends the park
+                done = self._stretch(lease, course, park)
+                try:
+                    resume_at = await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    # The runner gave up waiting: a sync pass cannot be interrupted, so the
+                    # lease is left to expire rather than handed to a standby mid-pass.
+                    return done.done()
+                except Exception:
+                    log.exception("%s: the pass driver failed; starting it again", self.key,
+                                  extra=self._fields("driver_failed", lease.fence))
+                    return True
+                if resume_at is None:
+                    return True
+                await _signalled(signal, resume_at - time.monotonic())
+        finally:
+            self._async_signal = None
+
+    def _stretch(self, lease: LocalLease, course: _Course, park: bool) -> asyncio.Future[float | None]:
+        """Passes in a pooled thread until the lease is done with (``None``) or, with ``park``,
+        until the next pass is far off (when it is due)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[float | None] = loop.create_future()
+
+        def settle(result: float | None, exc: BaseException | None) -> None:
             if not done.done():
                 if exc is None:
-                    done.set_result(None)
+                    done.set_result(result)
                 else:
                     done.set_exception(exc)
 
-        def target() -> None:
+        def job() -> None:
             try:
-                self._passes_in_thread(lease, first)
+                result = self._passes_in_thread(lease, course, park)
             except BaseException as exc:  # a bug here must not end the loop silently
-                loop.call_soon_threadsafe(settle, exc)
+                loop.call_soon_threadsafe(settle, None, exc)
             else:
-                loop.call_soon_threadsafe(settle, None)
+                loop.call_soon_threadsafe(settle, result, None)
 
-        thread = threading.Thread(target=target, name=f"ostinato:{self.spec.name}", daemon=True)
-        thread.start()
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            # The runner gave up waiting: a sync pass cannot be interrupted, so the
-            # lease is left to expire rather than handed to a standby mid-pass.
-            return not thread.is_alive()
-        except Exception:
-            log.exception("%s: the pass driver failed; starting it again", self.key,
-                          extra=self._fields("driver_failed", lease.fence))
-        return True
+        WORKERS.run(job)
+        return done
 
-    def _passes_in_thread(self, lease: LocalLease, first: float) -> None:
+    def _passes_in_thread(self, lease: LocalLease, course: _Course, park: bool) -> float | None:
         spec = self.spec
         body: Callable[[Pass], Any] = spec.body
         if spec.isolated:
             isolated = IsolatedBody(self, lease)
             try:
-                self._passes(lease, first, isolated.call)
+                return self._passes(lease, course, isolated.call, park=False)
             finally:
                 isolated.close()
-            return
-        self._passes(lease, first, body)
+        return self._passes(lease, course, body, park=park)
 
-    def _passes(self, lease: LocalLease, first: float, body: Callable[[Pass], Any]) -> None:
+    def _passes(
+        self, lease: LocalLease, course: _Course, body: Callable[[Pass], Any], *, park: bool
+    ) -> float | None:
         spec, stats, signal, runner = self.spec, self.stats, self._signal, self.runner
         pacing = spec.pacing
         back_to_back = pacing.every is None and pacing.pause is None and pacing.cron is None
-        slot = not_before = first
-        idle_until = 0.0
-        idle_streak = error_streak = number = 0
+        slot, not_before, idle_until = course.slot, course.not_before, course.idle_until
+        idle_streak, error_streak, number = course.idle_streak, course.error_streak, course.number
         while True:
             if runner.stopping or self._leaving():
-                return
+                return None
             now = time.monotonic()
             if self._woken:
                 self._woken = False
                 idle_until = now
             start_at = not_before if not_before > idle_until else idle_until
             if now < start_at:
+                if park and start_at - now > PARK_AFTER:
+                    course.slot, course.not_before, course.idle_until = slot, not_before, idle_until
+                    course.idle_streak, course.error_streak = idle_streak, error_streak
+                    course.number = number
+                    return start_at
                 # No cap at the lease's TTL: whatever ends the lease (a failed renewal, a
                 # revocation, a pause, the runner stopping) also sets the signal.
                 signal.wait(start_at - now)
@@ -396,7 +439,7 @@ class LoopKeeper:
                     signal.wait(SUSPENDED_POLL)
                     signal.clear()
                     continue
-                return
+                return None
             number += 1
             stats.started(now)
             try:
