@@ -1,7 +1,7 @@
 """The example pipeline (examples/pipeline) under load: ingest latency, aggregation capacity and lag,
 and exactly-once accounting across kill -9s of the aggregator's holder.
 
-    .venv/bin/python bench/pipeline.py [--stores sqlite,postgresql] [--seconds 15] [--kills 10]
+    .venv/bin/python bench/pipeline.py [--stores sqlite,postgresql,redis] [--seconds 15] [--kills 10]
 
 For each store it starts the ingest tier and two runners on this machine and:
 
@@ -16,7 +16,9 @@ For each store it starts the ingest tier and two runners on this machine and:
    partitions ``--kills`` times, starting a new runner after each, then compares the load
    generator's count of accepted bundles and samples with ``/v1/totals``.
 
-The coordinator is SQLite in the scratch folder for every store. The load generator,
+The coordinator is SQLite in the scratch folder for every store; the Redis store uses
+``$PIPELINE_BENCH_REDIS`` (default database 9 of the local server) under a prefix of its
+own, deleted at the end. The load generator,
 the ingest tier and the runners share this machine's CPUs (and with anything else
 running): the load average is recorded beside every figure. Results go to
 ``bench/results/pipeline.json``.
@@ -50,11 +52,13 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from examples.pipeline.model import Bundle  # noqa: E402
 from examples.pipeline.store import Store  # noqa: E402
+from examples.pipeline.store_redis import RedisStore  # noqa: E402
 
 from ostinato.coordinators import from_url  # noqa: E402
 
 RESULTS = BENCH / "results" / "pipeline.json"
 POSTGRES = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("PIPELINE_BENCH_REDIS", "redis://127.0.0.1:6379/9")
 GOALS: dict[str, common.Goal] = {
     "ingest_p99_ms_at_1000": ("<", 10.0),
     "aggregation_bundles_per_s": (">=", 5000.0),
@@ -85,7 +89,12 @@ class Pipeline:
                         PYTHONPATH=str(ROOT))
         if store_url:
             self.env["PIPELINE_STORE"] = store_url
-        self.store = Store(store_url or f"sqlite:///{tmp / 'pipeline.db'}", schema=schema)
+        self.store: Store | RedisStore
+        if store_url and store_url.startswith("redis"):
+            self.env["PIPELINE_REDIS_PREFIX"] = schema
+            self.store = RedisStore(store_url, prefix=schema)
+        else:
+            self.store = Store(store_url or f"sqlite:///{tmp / 'pipeline.db'}", schema=schema)
         self.coordinator = f"sqlite:///{tmp / 'ostinato.db'}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.runners: dict[str, subprocess.Popen[bytes]] = {}
@@ -270,7 +279,7 @@ def wake_cost(pipe: Pipeline) -> dict[str, Any]:
 def run_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{kind}-"))
     schema = f"bench_pipeline_{uuid.uuid4().hex[:8]}"
-    pipe = Pipeline(tmp, POSTGRES if kind == "postgresql" else None, schema)
+    pipe = Pipeline(tmp, {"postgresql": POSTGRES, "redis": REDIS}.get(kind), schema)
     result: dict[str, Any] = {"store": kind}
     try:
         pipe.serve()
@@ -293,6 +302,11 @@ def run_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
             with contextlib.suppress(Exception), psycopg.connect(POSTGRES, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        if isinstance(pipe.store, RedisStore):
+            client = pipe.store.connect()
+            for key in client.scan_iter(match=f"{schema}:*", count=1000):
+                client.delete(key)
+            client.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return result
 
@@ -324,7 +338,7 @@ def report(result: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
-    parser.add_argument("--stores", default="sqlite,postgresql")
+    parser.add_argument("--stores", default="sqlite,postgresql,redis")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[250.0, 1000.0, 5000.0])

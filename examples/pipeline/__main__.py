@@ -19,11 +19,11 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from examples.pipeline import loops
     from examples.pipeline.ingest import create_app
-    from examples.pipeline.store import Store, data_dir, display
+    from examples.pipeline.store import data_dir, display, open_store
 
     if not os.environ.get("PIPELINE_STORE"):
         data_dir().mkdir(parents=True, exist_ok=True)
-    store = Store()
+    store = open_store()
     coordinator = None if args.no_wake else loops.coordinator_url()
     web = create_app(store, coordinator, loops.app.name, loops.PARTITIONS)
     print(f"pipeline ingest on http://{args.host}:{args.port}/ storing in {display(store.url)}"

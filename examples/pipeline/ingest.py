@@ -27,6 +27,7 @@ from typing import Any
 
 from examples.pipeline.model import MAX_BODY, ROLLUP, WINDOW, BadBundle, Bundle, parse_bundle
 from examples.pipeline.store import Store, display
+from examples.pipeline.store_redis import RedisStore
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -48,7 +49,7 @@ PAGE = Path(__file__).with_name("page.html")
 class Writer:
     """One thread storing queued bundles in batches; ``put`` returns once its batch committed."""
 
-    def __init__(self, store: Store, stored: Callable[[list[Bundle]], None]) -> None:
+    def __init__(self, store: Store | RedisStore, stored: Callable[[list[Bundle]], None]) -> None:
         self.store = store
         self._stored = stored
         self._queue: list[tuple[Bundle, float, asyncio.Future[None]]] = []
@@ -173,7 +174,7 @@ class Waker:
 class Reader:
     """One connection for the read endpoints, used by one thread at a time."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store | RedisStore) -> None:
         self.store = store
         self._conn: Any = None
         self._lock = threading.Lock()
@@ -197,7 +198,7 @@ class Reader:
 class Ingest:
     """The ingest tier's state: the store, its writer, the waker and the counters."""
 
-    def __init__(self, store: Store, coordinator: str | None, app: str = "pipeline",
+    def __init__(self, store: Store | RedisStore, coordinator: str | None, app: str = "pipeline",
                  partitions: int = 4) -> None:
         self.store = store
         self.writer = Writer(store, self._stored)
@@ -325,7 +326,7 @@ class IngestApp:
             await self.web(scope, receive, send)
 
 
-def create_app(store: Store, coordinator: str | None, app: str = "pipeline",
+def create_app(store: Store | RedisStore, coordinator: str | None, app: str = "pipeline",
                partitions: int = 4) -> IngestApp:
     """The ingest tier as an ASGI app; ``coordinator`` None sends no wake-ups."""
     ingest = Ingest(store, coordinator, app, partitions)

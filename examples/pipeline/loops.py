@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from examples.pipeline.model import SLOTS, slots_of
-from examples.pipeline.store import Store, data_dir
+from examples.pipeline.store import Store, data_dir, open_store
+from examples.pipeline.store_redis import RedisStore
 
 import ostinato
 from ostinato.durations import parse_duration
@@ -53,16 +54,16 @@ def coordinator_url() -> str:
 
 app = ostinato.App("pipeline", coordinator=coordinator_url())
 
-_store: Store | None = None
+_store: Store | RedisStore | None = None
 _conns: dict[str, Any] = {}
 _lock = threading.Lock()
 
 
-def store() -> Store:
+def store() -> Store | RedisStore:
     global _store  # one store per process, made on first use
     with _lock:
         if _store is None:
-            _store = Store()
+            _store = open_store()
         return _store
 
 
@@ -89,8 +90,12 @@ def aggregate(ctx: ostinato.Pass) -> object:
     with connection(ctx.lease_name) as conn:
         if not db.has_pending(conn, slots):  # a read: no write lock taken for an empty pass
             return ostinato.IDLE
-        with db.fenced(conn, ctx):
-            folded = db.drain(conn, slots, ctx.fence, part, BATCH)
+        if isinstance(db, RedisStore):
+            # One script checks the fence and drains, atomically (see store_redis.py).
+            folded = db.drain(conn, ctx, slots, part, BATCH)
+        else:
+            with db.fenced(conn, ctx):
+                folded = db.drain(conn, slots, ctx.fence, part, BATCH)
     return ostinato.IDLE if folded is None else None
 
 
@@ -98,13 +103,21 @@ def aggregate(ctx: ostinato.Pass) -> object:
 def rollup(ctx: ostinato.Pass) -> None:
     """Recompute the 1-minute windows whose 10-second windows changed."""
     db = store()
-    with connection(ctx.lease_name) as conn, db.fenced(conn, ctx):
-        db.rollup(conn)
+    with connection(ctx.lease_name) as conn:
+        if isinstance(db, RedisStore):
+            db.rollup(conn, ctx)
+            return
+        with db.fenced(conn, ctx):
+            db.rollup(conn)
 
 
 @app.loop(every="30s", lease="30s", stall_after="5m")
 def prune(ctx: ostinato.Pass) -> None:
     """Delete drained bundles and windows past their retention (pending bundles never)."""
     db = store()
-    with connection(ctx.lease_name) as conn, db.fenced(conn, ctx):
-        db.prune(conn, time.time(), RETAIN_RAW, RETAIN_10S, RETAIN_1M)
+    with connection(ctx.lease_name) as conn:
+        if isinstance(db, RedisStore):
+            db.prune(conn, ctx, time.time(), RETAIN_10S, RETAIN_1M)
+            return
+        with db.fenced(conn, ctx):
+            db.prune(conn, time.time(), RETAIN_RAW, RETAIN_10S, RETAIN_1M)

@@ -2,12 +2,12 @@
 
 ``$PIPELINE_STORE`` picks the store: unset, ``sqlite:///path.db`` or
 ``postgresql://...`` (tables in the schema ``$PIPELINE_SCHEMA``, default
-``pipeline``). One ``Store`` serves both tiers: the ingest tier adds bundles in
-batches (``add``), the loops drain, roll up and prune inside transactions that
-``ostinato.fenced`` guards (``fenced``), and the read endpoints ask for totals,
-windows and stats. A connection belongs to one thread.
+``pipeline``); ``redis://...`` is ``examples.pipeline.store_redis``. One
+``Store`` serves both tiers: the ingest tier adds bundles in batches (``add``),
+the loops drain, roll up and prune inside transactions that ``ostinato.fenced``
+guards (``fenced``), and the read endpoints ask for totals, windows and stats.
+A connection belongs to one thread.
 """
-
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from examples.pipeline import sql
 from examples.pipeline.model import ROLLUP, WINDOW, Bundle, Fold, Window, fold, merged, window_start
@@ -25,6 +25,9 @@ from examples.pipeline.model import ROLLUP, WINDOW, Bundle, Fold, Window, fold, 
 import ostinato
 from ostinato.coordinators import redact
 from ostinato.fencing import Fenced
+
+if TYPE_CHECKING:
+    from examples.pipeline.store_redis import RedisStore
 
 DEFAULT_SCHEMA = "pipeline"
 
@@ -44,6 +47,16 @@ def display(url: str) -> str:
     return redact(url)
 
 
+def open_store(url: str | None = None) -> Store | RedisStore:
+    """The store ``url`` (default ``$PIPELINE_STORE``, else SQLite in ``$PIPELINE_DATA``) names."""
+    url = url or store_url()
+    if url.split("://", 1)[0] in ("redis", "rediss"):
+        from examples.pipeline.store_redis import RedisStore
+
+        return RedisStore(url)
+    return Store(url)
+
+
 class Store:
     """The pipeline's tables in one database, and every statement run on them."""
 
@@ -58,8 +71,8 @@ class Store:
             self.dialect = "postgresql"
             self.q = sql.POSTGRES
         else:
-            raise ValueError(f"$PIPELINE_STORE must be sqlite:///path.db or postgresql://..., not "
-                             f"{display(self.url)!r}")
+            raise ValueError("$PIPELINE_STORE must be sqlite:///path.db, postgresql://... or "
+                             f"redis://..., not {display(self.url)!r}")
         self.schema = schema or os.environ.get("PIPELINE_SCHEMA", DEFAULT_SCHEMA)
         self._ready = False
 
@@ -195,6 +208,11 @@ class Store:
             out.setdefault(app, []).append(
                 {"start": int(start), **Window.decode(count, max_ms, buckets).summary()})
         return out
+
+    def unrolled(self, conn: Any) -> int:
+        """How many 10-second windows changed since their minute was last rolled up."""
+        return int(conn.execute("SELECT COUNT(*) FROM windows WHERE width = 10 AND rolled < version")
+                   .fetchone()[0])
 
     def depth(self, conn: Any) -> int:
         return int(conn.execute(self.q["depth"]).fetchone()[0])

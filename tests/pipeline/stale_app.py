@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from examples.pipeline import loops
+from examples.pipeline.store import Store
 
 import ostinato
 
@@ -26,6 +27,7 @@ def aggregate(ctx: ostinato.Pass) -> object:
     slots = list(range(64))
     if not (DATA / "hold").exists():
         return loops.aggregate(ctx)
+    assert isinstance(db, Store), "the held pass is written for the SQL stores"
     with loops.connection(ctx.lease_name) as conn:
         if not db.has_pending(conn, slots):
             return ostinato.IDLE
