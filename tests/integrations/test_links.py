@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -242,3 +244,24 @@ def test_process_isolation_and_clock_mode_without_a_schedule_are_refused() -> No
     paced, _ = make_app(pause="1s")
     with pytest.raises(ConfigurationError, match="give it every= or cron="):
         check_hostable(paced, "clock")
+
+
+def test_the_core_imports_without_celery_and_rq_and_each_names_its_install() -> None:
+    """Without celery and rq installed, ostinato imports, and each integration names its extra."""
+    code = (
+        "import sys\n"
+        "sys.modules['celery'] = sys.modules['rq'] = None\n"
+        "import ostinato, ostinato.links, ostinato.chains\n"
+        "from ostinato import MissingExtraError\n"
+        "for name in ('ostinato.celery', 'ostinato.rq'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except MissingExtraError as exc:\n"
+        "        print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert done.stdout.splitlines() == [
+        f"ostinato.{name} needs an optional dependency: run  pip install 'ostinato[{name}]'"
+        for name in ("celery", "rq")
+    ]
