@@ -18,6 +18,10 @@ and ``xact_commit`` of the database. SQLite has no server: its work is done in
 the runner's own process and counted there. Leases lost are the runner's own
 ``lease lost`` log lines.
 
+``--shapes`` adds, at the largest size, the same number of sync loops (``def``
+bodies, to count the runner's threads), one loop of that many keys (``keys=``) and
+one of that many partitions (``partitions=``).
+
 Goals, from the issue that set them, for 10,000 loops: all held within 30 s of
 the start; no fence changes during the steady window; runner CPU under 5 % of
 one core; RSS under 150 MB.
@@ -70,12 +74,26 @@ import os
 import ostinato
 
 app = ostinato.App("scale", grace="5s")
+size, shape = int(os.environ["SCALE_LOOPS"]), os.environ["SCALE_SHAPE"]
 
-for i in range(int(os.environ["SCALE_LOOPS"])):
-    async def idle(ctx):
-        return ostinato.IDLE
-    app.loop(name=f"l{i}", idle=("1s", "30s"))(idle)
+async def idle(ctx):
+    return ostinato.IDLE
+
+def idle_sync(ctx):
+    return ostinato.IDLE
+
+if shape == "keys":
+    app.loop(name="keyed", keys=lambda: [f"k{i}" for i in range(size)], idle=("1s", "30s"))(idle)
+elif shape == "partitions":
+    app.loop(name="parted", partitions=size, idle=("1s", "30s"))(idle)
+else:
+    for i in range(size):
+        app.loop(name=f"l{i}", idle=("1s", "30s"))(idle_sync if shape == "sync" else idle)
 '''
+#: How the loops are made: ``plain`` (N async loops), ``sync`` (N sync loops), ``keys`` (one
+#: loop of N keys), ``partitions`` (one loop of N partitions). Shapes other than ``plain`` run
+#: at the largest size only.
+SHAPES = ("plain", "sync", "keys", "partitions")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,11 +145,12 @@ async def read_fences(url: str) -> dict[str, tuple[int, str | None]]:
         await coordinator.close()
 
 
-def measure(backend: str, size: int, url: str, folder: Path, steady: float) -> dict[str, Any]:
+def measure(backend: str, size: int, url: str, folder: Path, steady: float,
+            shape: str = "plain") -> dict[str, Any]:
     app = folder / "scale_app.py"
     app.write_text(APP)
-    log_path = folder / f"{backend}-{size}.log"
-    env = {**os.environ, "SCALE_LOOPS": str(size)}
+    log_path = folder / f"{backend}-{size}-{shape}.log"
+    env = {**os.environ, "SCALE_LOOPS": str(size), "SCALE_SHAPE": shape}
     began = time.monotonic()
     with log_path.open("wb") as out:
         runner = subprocess.Popen(
@@ -139,7 +158,8 @@ def measure(backend: str, size: int, url: str, folder: Path, steady: float) -> d
              "--log-level", "warning"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder,
         )
-    result: dict[str, Any] = {"backend": backend, "loops": size, "runner_pid": runner.pid}
+    result: dict[str, Any] = {"backend": backend, "loops": size, "shape": shape,
+                              "runner_pid": runner.pid}
     try:
         held_within = None
         held = 0
@@ -187,7 +207,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["loops"] != max(SIZES):
             continue
-        name = f"{row['backend']} {row['loops']}"
+        name = f"{row['backend']} {row['loops']} {row.get('shape', 'plain')}"
         checks = [
             ("all held within 30 s", row.get("held_within_s"), "<=", HELD_WITHIN_S),
             ("fence changes in the steady window", row.get("fence_changes"), "==", 0),
@@ -203,7 +223,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(result: dict[str, Any]) -> str:
-    head = f"{'backend':9} {'loops':>6} {'held in':>8} {'fences moved':>13} {'lost':>6} " \
+    head = f"{'backend':9} {'shape':10} {'loops':>6} {'held in':>8} {'fences moved':>13} {'lost':>6} " \
            f"{'cpu %':>6} {'rss MB':>7} {'threads':>7} {'server cpu %':>12} {'server ops/s':>12}"
     lines = [head]
     for r in result["runs"]:
@@ -213,7 +233,7 @@ def table(result: dict[str, Any]) -> str:
             return "-" if value is None else format(value, fmt)
 
         lines.append(
-            f"{r['backend']:9} {r['loops']:>6} {f('held_within_s', '.1f'):>8} "
+            f"{r['backend']:9} {r.get('shape', 'plain'):10} {r['loops']:>6} {f('held_within_s', '.1f'):>8} "
             f"{f('fence_changes', 'd'):>13} {r['leases_lost']:>6} {f('runner_cpu_pct', '.1f'):>6} "
             f"{f('rss_mb', '.0f'):>7} {f('threads', 'd'):>7} {f('server_cpu_pct', '.1f'):>12} "
             f"{f('server_ops_per_s', '.0f'):>12}"
@@ -231,6 +251,8 @@ def main() -> int:
     parser.add_argument("--steady", type=float, default=60.0, help="seconds of steady state")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="plain runs at every size; the others at the largest only")
     args = parser.parse_args()
     set_up_process()
     logging.getLogger("ostinato").setLevel(logging.WARNING)
@@ -239,7 +261,8 @@ def main() -> int:
         "timestamp": timestamp(),
         "machine": base_machine_facts(),
         "settings": {"steady_s": args.steady, "idle": ["1s", "30s"], "lease": "10s",
-                     "body": "async def, returns ostinato.IDLE"},
+                     "body": "returns ostinato.IDLE (async def; def for the sync shape)",
+                     "shapes": args.shapes.split(",")},
         "runs": [],
     }
     cleanup: dict[str, Any] = {}
@@ -248,10 +271,13 @@ def main() -> int:
         spaces = Namespaces(tmp)
         stack.callback(lambda: cleanup.update(spaces.drop()))
         for backend in args.backends.split(","):
-            for size in (int(s) for s in args.sizes.split(",")):
-                url = spaces.url(backend, f"s{size}")
-                log.info("%s, %d loops", backend, size)
-                row = measure(backend, size, url, tmp, args.steady)
+            sizes = [int(s) for s in args.sizes.split(",")]
+            runs = [(size, "plain") for size in sizes if "plain" in args.shapes.split(",")]
+            runs += [(max(sizes), shape) for shape in args.shapes.split(",") if shape != "plain"]
+            for size, shape in runs:
+                url = spaces.url(backend, f"s{size}{shape[0]}")
+                log.info("%s, %d loops, %s", backend, size, shape)
+                row = measure(backend, size, url, tmp, args.steady, shape)
                 log.info("%s", row)
                 result["runs"].append(row)
     result["cleanup"] = cleanup

@@ -48,7 +48,7 @@ SUSPENDED_POLL = 0.01
 #: How long a runner whose lease was revoked or taken waits before asking again.
 STEP_ASIDE = 0.5
 #: A sync loop whose next pass is further off than this gives its thread back meanwhile.
-PARK_AFTER = 1.0
+PARK_AFTER = 0.25
 #: A loop handed over for balance that nobody else took is not handed over
 #: again for this long (the other runners cannot or will not run it).
 BALANCE_COOLDOWN = 60.0

@@ -1,7 +1,7 @@
 """Threads for sync passes: started when every thread is busy, ended after a while idle.
 
 A sync loop runs its passes in a thread while it has work, and gives the thread back
-when its next pass is far off (see ``LoopKeeper``), so ten thousand idle sync loops
+when its next pass is more than a quarter second off (see ``LoopKeeper``), so ten thousand idle sync loops
 hold a handful of threads, not ten thousand. A job never waits for a thread to free up
 for long: up to ``SOFT_CAP`` threads are started at once as needed; past that, a job
 waits in a queue for the next thread to free up, and while jobs wait, new threads are
