@@ -94,12 +94,14 @@ from ostinato.coordinators.redis_lua import (
     HEARTBEAT,
     LIVE_RUNNERS,
     RELEASE,
-    RENEW,
+    RENEW_MANY,
     REVOKE,
     WRITE_SETTING,
 )
 
 log = logging.getLogger("ostinato.redis")
+#: The most leases one renewal script call extends.
+RENEW_CHUNK = 500
 
 # Seconds a freshly (re)started server waits before granting a lease it has no fence
 # for, time for holders of leases it forgot to hear ``dropped`` and stop starting
@@ -128,7 +130,7 @@ class RedisCoordinator(RedisConnections):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._acquire = self._client.register_script(ACQUIRE)
-        self._renew = self._client.register_script(RENEW)
+        self._renew_many = self._client.register_script(RENEW_MANY)
         self._release = self._client.register_script(RELEASE)
         self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
@@ -250,34 +252,42 @@ class RedisCoordinator(RedisConnections):
     ) -> dict[str, Renewal]:
         if not leases:
             return {}
-        calls = {
-            key: (self._key("lease", key), self._key("loop", key), runner.id, str(fence), _ms(ttl),
-                  LINGER_MS)
-            for key, (fence, ttl) in leases.items()
-        }
+        # Up to RENEW_CHUNK leases per script call (the server runs each call alone, so a
+        # chunk keeps it short), every chunk in one pipeline: one round trip in all.
+        keys = list(leases)
+        chunks = [keys[i:i + RENEW_CHUNK] for i in range(0, len(keys), RENEW_CHUNK)]
+        calls = []
+        for chunk in chunks:
+            names = [name for key in chunk for name in (self._key("lease", key), self._key("loop", key))]
+            values: list[str | int] = [runner.id, LINGER_MS]
+            for key in chunk:
+                fence, ttl = leases[key]
+                values += [str(fence), _ms(ttl)]
+            calls.append((chunk, names, values))
         answers: dict[str, Renewal] = {}
         with self._reaching():
             # EVALSHA straight into one pipeline: redis-py's script-aware pipeline would
             # spend a SCRIPT EXISTS round trip first on every renewal.
             for _ in range(2):
                 pipe = self._client.pipeline(transaction=False)
-                for args in calls.values():
-                    pipe.evalsha(self._renew.sha, 2, *args)
+                for _chunk, names, values in calls:
+                    pipe.evalsha(self._renew_many.sha, len(names), *names, *values)
                 results = await pipe.execute(raise_on_error=False)
-                missing = {}
-                for (key, args), result in zip(calls.items(), results, strict=True):
+                missing = []
+                for call, result in zip(calls, results, strict=True):
                     if isinstance(result, NoScriptError):
-                        missing[key] = args
-                    elif isinstance(result, BaseException):
+                        missing.append(call)
+                        continue
+                    if isinstance(result, BaseException):
                         raise result
-                    else:
-                        answers[key] = Renewal(result)
+                    for key, said in zip(call[0], result, strict=True):
+                        answers[key] = Renewal(said)
                         if answers[key] is not Renewal.HELD:
                             self._held.pop(key, None)
                             self._unwatched.discard(key)
                 if not missing:
                     break
-                self._renew.sha = await self._client.script_load(RENEW)
+                self._renew_many.sha = await self._client.script_load(RENEW_MANY)
                 calls = missing
         return answers
 

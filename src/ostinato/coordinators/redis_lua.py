@@ -45,23 +45,33 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[11]))
 return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
 """
 
-# KEYS: lease, loop hash. ARGV: owner, fence, ttl ms, linger ms. A renewal after the claim
-# ended by the server's clock is refused, and changes nothing.
-RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'lost' end
+# Extends many leases in one call. A renewal after the claim ended by the server's clock is
+# refused, and changes nothing; a paused loop's lease is given up. KEYS: the lease and loop hash of
+# each lease, in pairs. ARGV: owner, linger ms, then the fence and ttl ms of each lease.
+# Returns 'held', 'lost' or 'paused' for each lease, in order.
+RENEW_MANY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
-if ends and ends <= now then return 'lost' end
-if redis.call('HGET', KEYS[2], 'paused') == '1' then
-  redis.call('DEL', KEYS[1])
-  return 'paused'
+local linger = tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS / 2 do
+  local lease, loop = KEYS[2 * i - 1], KEYS[2 * i]
+  local fence, ttl = ARGV[2 * i + 1], tonumber(ARGV[2 * i + 2])
+  local held = redis.call('HMGET', lease, 'owner', 'fence', 'ends')
+  local ends = tonumber(held[3] or '')
+  if held[1] ~= ARGV[1] or held[2] ~= fence or (ends and ends <= now) then
+    out[i] = 'lost'
+  elseif redis.call('HGET', loop, 'paused') == '1' then
+    redis.call('DEL', lease)
+    out[i] = 'paused'
+  else
+    redis.call('HINCRBY', lease, 'beat', 1)
+    redis.call('HSET', lease, 'ttl', ARGV[2 * i + 2], 'ends', string.format('%d', now + ttl))
+    redis.call('PEXPIRE', lease, ttl + linger)
+    out[i] = 'held'
+  end
 end
-redis.call('HINCRBY', KEYS[1], 'beat', 1)
-redis.call('HSET', KEYS[1], 'ttl', ARGV[3], 'ends', string.format('%d', now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
-return 'held'
+return out
 """
 
 # KEYS: lease. ARGV: owner, fence.
