@@ -61,17 +61,26 @@ local function add_window(key, w)
 end
 """
 
-# ARGV: fence, prefix, JSON {entries: [[slot, id]...], windows: [[app, start, count, max, {b: n}]...],
-# totals: [[app, bundles, samples]...], lag: [start, part, count, max, {b: n}]}.
+# ARGV: fence, prefix, JSON {slots: [[slot, [id...]]...], windows: [[app, start, count, max, {b: n}]...],
+# totals: [[app, bundles, samples]...], lag: [start, part, count, max, {b: n}]}. Each slot's ids are
+# the head of its stream as read: they must still be exactly what the stream holds between them.
 DRAIN = _FENCE + _ADD_WINDOW + """
 local p, job = ARGV[2], cjson.decode(ARGV[3])
-for _, e in ipairs(job.entries) do
-  if #redis.call('XRANGE', p .. ':inbox:' .. e[1], e[2], e[2]) == 0 then
-    return {2, e[2]}
+for _, s in ipairs(job.slots) do
+  local ids = s[2]
+  local still = redis.call('XRANGE', p .. ':inbox:' .. s[1], ids[1], ids[#ids])
+  if #still ~= #ids then return {2, ids[1]} end
+  for i, entry in ipairs(still) do
+    if entry[1] ~= ids[i] then return {2, ids[i]} end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-for _, e in ipairs(job.entries) do redis.call('XDEL', p .. ':inbox:' .. e[1], e[2]) end
+for _, s in ipairs(job.slots) do
+  local ids = s[2]
+  for i = 1, #ids, 1000 do
+    redis.call('XDEL', p .. ':inbox:' .. s[1], unpack(ids, i, math.min(i + 999, #ids)))
+  end
+end
 for _, w in ipairs(job.windows) do
   add_window(p .. ':win:10:' .. w[1] .. ':' .. w[2], w)
   redis.call('ZADD', p .. ':wins:10:' .. w[1], w[2], w[2])
@@ -190,8 +199,11 @@ class RedisStore:
         lag = Window()
         for _, _, fields in entries:
             lag.add(max(0.0, (now - float(fields[b"received"])) * 1000.0))
+        by_slot: dict[int, list[str]] = {}
+        for slot, eid, _ in entries:
+            by_slot.setdefault(slot, []).append(eid.decode())
         job = {
-            "entries": [[slot, eid.decode()] for slot, eid, _ in entries],
+            "slots": [[slot, ids] for slot, ids in by_slot.items()],
             "windows": [_job(app, start, w) for (app, start), w in sorted(folded.windows.items())],
             "totals": [[app, folded.bundles[app], folded.samples[app]] for app in sorted(folded.bundles)],
             "lag": [window_start(now), part, lag.count, lag.max, {str(b): n for b, n in lag.buckets.items()}],

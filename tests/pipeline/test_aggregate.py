@@ -218,3 +218,30 @@ def test_a_kill_9_before_any_statement_of_a_pass_loses_nothing_and_counts_nothin
     assert k > 10, "the pass ran fewer statements than expected: was the kill ever inside it?"
     with closing(store.connect()) as conn:
         assert store.totals(conn) == {"bundles": 60, "samples": 180}
+
+
+def test_a_redis_drain_whose_bundle_went_meanwhile_writes_nothing(
+    store: AnyStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If a bundle the pass read is gone by the time its script runs, the script writes nothing:
+    no fence, no window, no total, no deleted bundle."""
+    if not isinstance(store, RedisStore):
+        pytest.skip("the SQL stores read and write inside one locked transaction")
+    add(store, 20)
+    run = RedisStore._run
+
+    def meanwhile(self: RedisStore, conn: Any, script: str, ctx: ostinato.Pass, job: Any) -> list[Any]:
+        slot, ids = job["slots"][0]
+        conn.xdel(f"{self.p}:inbox:{slot}", ids[-1])
+        return run(self, conn, script, ctx, job)
+
+    monkeypatch.setattr(RedisStore, "_run", meanwhile)
+    with pytest.raises(RuntimeError, match="drained meanwhile"):
+        drain(fence=1)
+    seen = snapshot(store)
+    assert (seen["totals"], seen["pending"]) == ({"bundles": 0, "samples": 0}, 19)
+    with closing(store.connect()) as conn:
+        assert conn.get(f"{store.p}:fence:pipeline:aggregate#0") is None
+    monkeypatch.undo()
+    drain(fence=1)
+    assert snapshot(store)["totals"] == {"bundles": 19, "samples": 57}
