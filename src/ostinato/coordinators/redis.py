@@ -69,7 +69,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from redis.exceptions import NoScriptError
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from ostinato.coordinators.network import RECONNECT_MIN
 from ostinato.coordinators.protocol import (
@@ -95,6 +95,7 @@ from ostinato.coordinators.redis_lua import (
     LIVE_RUNNERS,
     RELEASE,
     RENEW_MANY,
+    REPORT,
     REVOKE,
     WRITE_SETTING,
 )
@@ -131,6 +132,7 @@ class RedisCoordinator(RedisConnections):
         super().__init__(url)
         self._acquire = self._client.register_script(ACQUIRE)
         self._renew_many = self._client.register_script(RENEW_MANY)
+        self._report = self._client.register_script(REPORT)
         self._release = self._client.register_script(RELEASE)
         self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
@@ -319,24 +321,20 @@ class RedisCoordinator(RedisConnections):
                 [self._key("runners"), self._key("runner-labels"), self._key("runner-hosts")],
                 [runner.id, runner.label, repr(float(ttl)), hosts_text(runner)],
             )
-            if not stats:
-                return
-            pipe = self._client.pipeline(transaction=True)
-            for item in stats:
-                loop = self._key("loop", item.key)
-                pipe.sadd(self._key("loops"), item.key)
-                pipe.hincrby(loop, "passes", item.passes)
-                pipe.hincrby(loop, "errors", item.errors)
-                fields = stats_fields(item)
-                stored: dict[FieldT, EncodableT] = {
-                    name: json.dumps(value) for name, value in fields.items() if value is not None
-                }
-                if stored:
-                    pipe.hset(loop, mapping=stored)
-                cleared = [name for name, value in fields.items() if value is None]
-                if cleared:
-                    pipe.hdel(loop, *cleared)
-            await pipe.execute()
+            # Up to RENEW_CHUNK loops per script call, one round trip in all.
+            items = list(stats)
+            for start in range(0, len(items), RENEW_CHUNK):
+                chunk = items[start:start + RENEW_CHUNK]
+                entries = []
+                for item in chunk:
+                    fields = stats_fields(item)
+                    entries.append([
+                        item.key, item.passes, item.errors,
+                        {name: json.dumps(value) for name, value in fields.items() if value is not None},
+                        [name for name, value in fields.items() if value is None],
+                    ])
+                names = [self._key("loops"), *(self._key("loop", item.key) for item in chunk)]
+                await self._report(names, [json.dumps(entries)])
 
     async def runners(self) -> list[RunnerRecord]:
         with self._reaching():

@@ -96,6 +96,27 @@ if ends and ends <= now then return nil end
 return fence
 """
 
+# The statistics of many loops in one call. KEYS: the set of loops, then each loop's hash.
+# ARGV: one JSON list with an entry per loop hash: [key, passes, errors, {field: stored
+# value}, [fields to clear]]. Counts are added; fields replace or clear the stored ones.
+REPORT = """
+local items = cjson.decode(ARGV[1])
+for i, item in ipairs(items) do
+  local loop = KEYS[i + 1]
+  redis.call('SADD', KEYS[1], item[1])
+  redis.call('HINCRBY', loop, 'passes', item[2])
+  redis.call('HINCRBY', loop, 'errors', item[3])
+  local flat = {}
+  for name, value in pairs(item[4]) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+  end
+  if #flat > 0 then redis.call('HSET', loop, unpack(flat)) end
+  if #item[5] > 0 then redis.call('HDEL', loop, unpack(item[5])) end
+end
+return #items
+"""
+
 # KEYS: runner zset (score: expiry in server seconds), labels hash, hosts hash. ARGV: id,
 # label, ttl s, hosts (a JSON list).
 HEARTBEAT = """
