@@ -285,7 +285,15 @@ class Keeper:
                                                    budget=self.options.budget):
             return
         assert self.enqueue_link is not None
-        link = await forge(store, self.worker, self.app, spec, self.enqueue_link, patience)
+        try:
+            link = await forge(store, self.worker, self.app, spec, self.enqueue_link, patience)
+        except CoordinatorUnavailable:
+            raise
+        except Exception:  # the broker, most likely: the keeper goes on, and tries again
+            watch.quiet_until = now + patience
+            log.exception("%s: could not enqueue the first link of a new chain; trying again once "
+                          "the lease held for it runs out", key, extra=self._fields("enqueue_failed", key))
+            return
         if link is None:
             return
         first = record is None or (record.last_end is None and record.last_start is None)
@@ -324,8 +332,12 @@ class Keeper:
                          idle_streak=0, error_streak=0, due=due, seed=key)
         watch.next_slot, watch.due = plan.start_at(), plan.due
         assert self.enqueue_pass is not None
-        self.enqueue_pass(spec.name, slot, max(0.0, slot - now),
-                          None if due is None else (due.at, due.start, due.missed))
+        try:
+            self.enqueue_pass(spec.name, slot, max(0.0, slot - now),
+                              None if due is None else (due.at, due.start, due.missed))
+        except Exception:  # the broker, most likely: this slot is missed, the clock goes on
+            log.exception("%s: could not enqueue the pass due at %s; it is skipped", key, _clock(slot),
+                          extra=self._fields("enqueue_failed", key))
 
 
 def _clock(wall: float) -> str:

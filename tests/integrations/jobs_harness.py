@@ -113,6 +113,9 @@ class Workers:
 
     def kill_all(self) -> None:
         for proc in self.procs:
+            for pid in descendants(proc.pid):  # an RQ work horse has a process group of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):

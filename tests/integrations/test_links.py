@@ -265,3 +265,36 @@ def test_the_core_imports_without_celery_and_rq_and_each_names_its_install() -> 
         f"ostinato.{name} needs an optional dependency: run  pip install 'ostinato[{name}]'"
         for name in ("celery", "rq")
     ]
+
+
+def test_a_keeper_whose_broker_fails_goes_on_and_forges_once_it_is_back() -> None:
+    """An enqueue that raises (the broker is down) is logged and tried again later; the keeper
+    itself never fails for it."""
+    app, _ = make_app(pause="10ms")
+    queue = Queue()
+    down = [True]
+
+    def enqueue(link: Link, delay: float) -> None:
+        if down[0]:
+            raise ConnectionError("broker down")
+        queue(link, delay)
+
+    keeper = Keeper(app, "test", worker=WORKER, options=JobOptions(budget=0.05, patience=0.2),
+                    enqueue_link=enqueue)
+
+    async def keep() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(keeper.run(stop))
+        await asyncio.sleep(0.4)
+        down[0] = False
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+
+    asyncio.run(keep())
+    assert queue.links  # forged again while no link ran, each one making the one before stale
+    latest = queue.links[-1][0].encode()
+    older = [link.encode() for link, _ in queue.links[:-1]]
+    queue.links.clear()
+    assert [run_link(app, m, queue, worker=WORKER, options=OPTIONS) for m in older] == ["stale"] * len(older)
+    assert run_link(app, latest, queue, worker=WORKER, options=OPTIONS) == "ran"
