@@ -72,10 +72,11 @@ class Backends:
     def __init__(self, hosts: Net | None = None) -> None:
         self.hosts = hosts
         self.opened: dict[str, Backend] = {}
-        self.lock = threading.Lock()
+        # One lock per backend: lanes of other backends go on while a server starts.
+        self.locks = {name: threading.Lock() for name in BACKENDS}
 
     def get(self, name: str) -> Backend:
-        with self.lock:
+        with self.locks[name]:
             return self._get(name)
 
     def _get(self, name: str) -> Backend:
