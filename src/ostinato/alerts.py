@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from ostinato.errors import ConfigurationError
 from ostinato.logs import fields
-from ostinato.runner import Stall
+from ostinato.notices import Stall
 
 log = logging.getLogger("ostinato.alerts")
 

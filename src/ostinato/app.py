@@ -20,9 +20,10 @@ from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable, UnknownLoopError
 from ostinato.families import keys_setting, read_keys, refreshed_keys
 from ostinato.loop import Body, KeySource, LoopSpec, declare, family_of
+from ostinato.notices import StallHook
 from ostinato.observe import Observe
 from ostinato.pacing import upcoming
-from ostinato.runner import Runner, StallHook
+from ostinato.runner import Runner
 from ostinato.schedule import zone_named
 
 log = logging.getLogger("ostinato")

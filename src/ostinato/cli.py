@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import click
@@ -20,6 +17,7 @@ from ostinato.coordinators import Coordinator, from_url, redact
 from ostinato.coordinators.sqlite import sqlite_path
 from ostinato.durations import parse_duration
 from ostinato.errors import ConfigurationError, OstinatoError
+from ostinato.loading import import_target
 from ostinato.observe import Observe, retired, unhealthy
 from ostinato.supervisor import Supervisor, runner_command
 
@@ -33,43 +31,11 @@ COORDINATOR_HELP = (
 
 def load_app(target: str) -> App:
     """Import ``module:attr`` or ``path/to/file.py:attr`` and return the ``App`` it names."""
-    where, sep, attr = target.rpartition(":")
-    if not sep or not where or not attr:
-        raise ConfigurationError(
-            f"bad APP {target!r}: write module:attribute or path/to/file.py:attribute"
-        )
-    if where.endswith(".py") or "/" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise ConfigurationError(f"bad APP {target!r}: no file {where!r}")
-        sys.path.insert(0, str(path.resolve().parent))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None:
-            raise ConfigurationError(f"bad APP {target!r}: cannot import {where!r}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        try:
-            spec.loader.exec_module(module)
-        except OstinatoError:
-            raise
-        except Exception as exc:
-            raise ConfigurationError(f"importing {where!r} failed: {exc!r}") from exc
-    else:
-        sys.path.insert(0, ".")
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as exc:
-            raise ConfigurationError(f"bad APP {target!r}: no module {where!r} ({exc})") from exc
-        except OstinatoError:
-            raise
-        except Exception as exc:
-            raise ConfigurationError(f"importing {where!r} failed: {exc!r}") from exc
-    if not hasattr(module, attr):
-        raise ConfigurationError(f"bad APP {target!r}: {where!r} has no attribute {attr!r}")
-    app = getattr(module, attr)
+    app = import_target(target)
     if not isinstance(app, App):
         kind = type(app).__name__
         article = "an" if kind[:1].lower() in "aeiou" else "a"
+        attr = target.rpartition(":")[2]
         raise ConfigurationError(
             f"bad APP {target!r}: {attr!r} is {article} {kind} ({app!r:.60}), not an ostinato.App"
         )

@@ -30,17 +30,14 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ostinato.coordinators.protocol import Coordinator, Event, Grant
 from ostinato.errors import CoordinatorUnavailable
+from ostinato.host import Host, Member
 from ostinato.logs import fields
 from ostinato.loop import IDLE, LoopSpec, Pass, check_key
 from ostinato.pacing import Pacing
-
-if TYPE_CHECKING:
-    from ostinato.keeper import LoopKeeper
-    from ostinato.runner import Runner
 
 log = logging.getLogger("ostinato.runner")
 
@@ -142,13 +139,13 @@ class PartitionGuard:
     """One runner's view of a partitioned loop's count in force; its partitions' keepers
     ask it before they take a lease and after they got one (``confirm``)."""
 
-    def __init__(self, runner: Runner, spec: LoopSpec) -> None:
+    def __init__(self, runner: Host, spec: LoopSpec) -> None:
         assert spec.partitions is not None
         self.runner = runner
         self.spec = spec
         self.family = f"{runner.app_name}:{spec.name}"
         self.me = Count(spec.partitions, runner.started_wall, runner.info.id, runner.info.label)
-        self.keepers: list[LoopKeeper] = []
+        self.keepers: list[Member] = []
         self.force: Count | None = None
         self.wanted: Count | None = None
         #: Whether this runner's partitions may run, as of the last read.
@@ -228,7 +225,7 @@ class PartitionGuard:
                             extra=fields("coordinator_unreachable", loop=self.family,
                                          runner=self.me.label))
             wait = CHANGE_RETRY if self._changing() else GUARD_EVERY
-            await self.runner._sleep(wait, self._changed)
+            await self.runner.wait(wait, self._changed)
 
     def _changing(self) -> bool:
         return not self.open and self.wanted is not None and self.wanted.runner == self.me.runner
@@ -307,11 +304,11 @@ class PartitionGuard:
 class KeySet:
     """One runner's members of a ``keys=`` loop, kept to the key list in the coordinator."""
 
-    def __init__(self, runner: Runner, spec: LoopSpec) -> None:
+    def __init__(self, runner: Host, spec: LoopSpec) -> None:
         self.runner = runner
         self.spec = spec
         self.family = f"{runner.app_name}:{spec.name}"
-        self.members: dict[str, LoopKeeper] = {}
+        self.members: dict[str, Member] = {}
         self._changed = asyncio.Event()
         #: Keys gone from the list whose status rows are still to be dropped (refresher only).
         self._gone: set[str] = set()
@@ -332,18 +329,15 @@ class KeySet:
             else:
                 if setting is not None:
                     self.apply(read_keys(setting.value))
-            await self.runner._sleep(self.spec.refresh, self._changed)
+            await self.runner.wait(self.spec.refresh, self._changed)
 
     def apply(self, keys: list[str]) -> None:
         """Start a member for each new key; retire those of keys no longer listed (each
         finishes its pass and lets its lease go)."""
-        from ostinato.keeper import LoopKeeper  # the keeper module imports this one's users
-
         wanted = set(keys)
         for key in keys:
             if key not in self.members:
-                keeper = self.members[key] = LoopKeeper(self.runner, self.spec, key=key)
-                self.runner.add_keeper(keeper)
+                self.members[key] = self.runner.new_member(self.spec, key)
         for key in [key for key in self.members if key not in wanted]:
             self.members.pop(key).retire()
 

@@ -38,12 +38,22 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ostinato.host import Host
+from ostinato.loading import import_target
 from ostinato.loop import IDLE, LocalLease, LoopSpec, Pass
 
-if TYPE_CHECKING:
-    from ostinato.keeper import LoopKeeper
+
+class _Keeper(Protocol):
+    """The keeper of an isolated loop, as its body sees it."""
+
+    runner: Host
+    spec: LoopSpec
+    key: str
+    _abort: list[bool]
+
+    def _fields(self, event: str, fence: int | None = None) -> dict[str, object]: ...
 
 log = logging.getLogger("ostinato.isolation")
 
@@ -146,9 +156,7 @@ def child_main(target: str, loop: str, ttl: float, conn: Connection, deadline: S
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when passes stop
     die_with_parent()
     try:
-        from ostinato.cli import load_app
-
-        hosted = load_app(target)
+        hosted: Any = import_target(target)
         spec = hosted.loops[loop]
     except BaseException as exc:
         conn.send(("broken", f"{type(exc).__name__}: {exc}"))
@@ -309,7 +317,7 @@ def main(argv: list[str]) -> None:
 class IsolatedBody:
     """The body of an ``isolation="process"`` loop: passes run in a reused child process."""
 
-    def __init__(self, keeper: LoopKeeper, lease: LocalLease) -> None:
+    def __init__(self, keeper: _Keeper, lease: LocalLease) -> None:
         target = keeper.runner.app_target
         if target is None:
             raise RuntimeError("isolation='process' needs the runner to know the app's import path")

@@ -21,21 +21,18 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ostinato.coordinators.protocol import Denied, Event, Grant
 from ostinato.errors import CoordinatorUnavailable
 from ostinato.hooks import PassOutcome, around_pass, entered
+from ostinato.host import FAREWELL, RUNNER_TTL, Gate, Host
 from ostinato.isolation import IsolatedBody, PassError
 from ostinato.logs import fields
 from ostinato.loop import IDLE, REVOKED, LocalLease, LoopSpec, Pass, member_suffix
 from ostinato.pacing import Outcome, Plan, Slot, plan_next
 from ostinato.stats import StatsBook
 from ostinato.workers import WORKERS
-
-if TYPE_CHECKING:
-    from ostinato.families import PartitionGuard
-    from ostinato.runner import Runner
 
 log = logging.getLogger("ostinato.loop")
 
@@ -92,8 +89,8 @@ class LoopKeeper:
     """Keeps one loop going in one runner for as long as the runner lives."""
 
     def __init__(
-        self, runner: Runner, spec: LoopSpec, *, partition: int | None = None,
-        key: str | None = None, gate: PartitionGuard | None = None,
+        self, runner: Host, spec: LoopSpec, *, partition: int | None = None,
+        key: str | None = None, gate: Gate | None = None,
     ) -> None:
         self.runner = runner
         self.spec = spec
@@ -511,8 +508,6 @@ class LoopKeeper:
         """Before a ``catchup=`` loop's lease is given back, record its last start at once:
         the next holder reads it to tell which slots were missed, so it must not miss a
         pass that started since the last report."""
-        from ostinato.runner import FAREWELL, RUNNER_TTL  # the runner imports this module
-
         stats = self.stats.pending(self.runner.wall_offset)
         if self.spec.pacing.catchup is None or stats is None:
             return

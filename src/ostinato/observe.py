@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ostinato.metrics import MetricsServer
-    from ostinato.runner import Runner, StallHook
+    from ostinato.notices import StallHook
+    from ostinato.runner import Runner
 
 
 @dataclass(frozen=True)

@@ -17,23 +17,22 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ostinato.coordinators.protocol import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 from ostinato.families import KeySet, PartitionGuard
+from ostinato.host import FAREWELL as FAREWELL
+from ostinato.host import RUNNER_TTL as RUNNER_TTL
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
 from ostinato.loop import REVOKED, LocalLease, LoopSpec
+from ostinato.notices import Stall as Stall
+from ostinato.notices import StallHook as StallHook
 from ostinato.stats import StatsBook, wall_offset
 
 log = logging.getLogger("ostinato.runner")
 
-#: While stopping, how long a release or the last report may wait for the coordinator:
-#: a lease not released in time expires by itself, so a dead or hung coordinator
-#: cannot hold up the exit.
-FAREWELL = 0.4
 #: The most lease requests sent in one call.
 ACQUIRE_BATCH = 1000
 #: How often statistics and the heartbeat are sent.
@@ -41,32 +40,8 @@ REPORT_EVERY = 1.0
 #: The watchdog looks at every loop (not only those with a timeout or stall_after) once in
 #: this many rounds.
 SWEEP_EVERY = 10
-#: A runner whose heartbeat is older than this counts as gone (for balancing only:
-#: leases, not heartbeats, decide who runs a loop).
-RUNNER_TTL = 5.0
 
 
-@dataclass(frozen=True)
-class Stall:
-    """A loop in trouble, or out of it (``recovered``).
-
-    ``reason`` is ``"stalled"`` (its holder has finished no pass for ``stalled_for``
-    seconds) or ``"failing"`` (its last ``failed_passes`` passes all failed, for
-    ``stalled_for`` seconds since the first of them ended).
-    """
-
-    loop: str
-    holder: str
-    fence: int
-    last_pass_end: float | None
-    stalled_for: float
-    recovered: bool = False
-    reason: str = "stalled"
-    failed_passes: int = 0
-    last_error: str | None = None
-
-
-StallHook = Callable[[Stall], object]
 
 
 class Runner:
@@ -148,6 +123,12 @@ class Runner:
         closed = {family for family, guard in self.guards.items() if not guard.open}
         hosts = tuple(key for key in self._declared if key not in closed)
         self.info = dataclasses.replace(self.info, hosts=hosts)
+
+    def new_member(self, spec: LoopSpec, key: str) -> LoopKeeper:
+        """Host the member of ``keys=`` loop ``spec`` for ``key``."""
+        keeper = LoopKeeper(self, spec, key=key)
+        self.add_keeper(keeper)
+        return keeper
 
     def add_keeper(self, keeper: LoopKeeper) -> None:
         """Host one more loop (a key's member); started at once if the runner runs."""
@@ -325,6 +306,10 @@ class Runner:
                 log.exception("runner task %s failed; starting it again", name,
                               extra=fields("runner_task_failed", runner=self.info.label))
                 await asyncio.sleep(1.0)
+
+    async def wait(self, seconds: float, *early: asyncio.Event) -> None:
+        """Sleep ``seconds``, less if the runner stops or an ``early`` event is set."""
+        await self._sleep(seconds, *early)
 
     async def _sleep(self, seconds: float, *early: asyncio.Event) -> None:
         events = [self.stopped, *early]

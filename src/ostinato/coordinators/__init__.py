@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 from ostinato.coordinators.protocol import (
     Coordinator,
     Denied,
@@ -16,6 +14,7 @@ from ostinato.coordinators.protocol import (
     RunnerRecord,
     Setting,
 )
+from ostinato.coordinators.urls import redact
 from ostinato.errors import ConfigurationError, MissingExtraError
 
 __all__ = [
@@ -34,20 +33,6 @@ __all__ = [
 ]
 
 SCHEMES = "memory://, sqlite:///path.db, redis://, rediss://, postgresql://"
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit to print."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-    except ValueError:
-        return "<unparseable URL>"
 
 
 def from_url(url: str) -> Coordinator:

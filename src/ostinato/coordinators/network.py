@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from ostinato.coordinators import redact
 from ostinato.coordinators.protocol import Event
+from ostinato.coordinators.urls import redact
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
 log = logging.getLogger("ostinato.events")

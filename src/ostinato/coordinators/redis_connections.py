@@ -35,10 +35,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ostinato.coordinators import redact
 from ostinato.coordinators.liveness import RunnerLocks, host_folder
 from ostinato.coordinators.network import EventFeed, take_options, unavailable
 from ostinato.coordinators.protocol import Coordinator, Event, RunnerInfo
+from ostinato.coordinators.urls import redact
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
 # Errors that mean "no Redis to talk to right now" (down, loading, a read-only
