@@ -201,3 +201,28 @@ def keeper_pid(env: dict[str, str], system: str) -> int | None:
             await store.close()
 
     return asyncio.run(look())
+
+
+def sigterm_mid_pass(running: Workers, env: dict[str, str], first: subprocess.Popen[bytes]) -> str:
+    """SIGTERM worker ``first`` in the middle of one of its passes; wait until it exited 0 and
+    three passes started after; return the workers' logs."""
+    assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
+    assert wait_until(lambda: passes(env)[-1].end is None
+                      and passes(env)[-1].pid in (first.pid, *descendants(first.pid)), 20,
+                      step=0.01), running.logs()
+    stopped = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: first.poll() is not None, 15), running.logs()
+    assert first.returncode == 0, running.logs()
+    assert wait_until(lambda: len([r for r in passes(env) if r.start > stopped + 0.5]) >= 3, 10)
+    return running.logs()
+
+
+def chain_unbroken(env: dict[str, str], logs: str) -> None:
+    """The passes never overlapped, each but the last finished, none waited 1.5 s for the
+    next, and no chain had to be re-forged."""
+    records = passes(env)
+    no_overlap(records)
+    assert all(r.end is not None for r in records[:-1])
+    assert max(gaps(records)) < 1.5, sorted(gaps(records))[-3:]
+    assert "re-forged" not in logs

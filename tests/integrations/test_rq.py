@@ -19,6 +19,7 @@ import pytest
 
 from tests.integrations.jobs_harness import (
     VENV_BIN,
+    chain_unbroken,
     coordinator_url,
     descendants,
     environment,
@@ -27,6 +28,7 @@ from tests.integrations.jobs_harness import (
     no_overlap,
     passes,
     redis_answers,
+    sigterm_mid_pass,
     wait_until,
     workers,
 )
@@ -189,21 +191,8 @@ def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(
     with workers(tmp_path, env) as running:
         first = running.start(*rq_worker(env, worker))
         running.start(*rq_worker(env, worker))
-        assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
-        assert wait_until(lambda: passes(env)[-1].end is None
-                          and passes(env)[-1].pid in (first.pid, *descendants(first.pid)), 20,
-                          step=0.01), running.logs()
-        stopped = time.monotonic()
-        first.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: first.poll() is not None, 15), running.logs()
-        assert first.returncode == 0, running.logs()
-        assert wait_until(lambda: len([r for r in passes(env) if r.start > stopped + 0.5]) >= 3, 10)
-        logs = running.logs()
-    records = passes(env)
-    no_overlap(records)
-    assert all(r.end is not None for r in records[:-1])
-    assert max(gaps(records)) < 1.5, sorted(gaps(records))[-3:]
-    assert "re-forged" not in logs
+        logs = sigterm_mid_pass(running, env, first)
+    chain_unbroken(env, logs)
 
 
 def test_clock_mode_skips_a_pass_whose_previous_still_runs_and_survives_its_keeper(

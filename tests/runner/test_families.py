@@ -24,29 +24,19 @@ import ostinato
 from ostinato.families import Count, partitions_setting
 from ostinato.loop import Pass
 from ostinato.runner import Runner
+from tests.contract.conftest import backend_url
 from tests.history import PassRecord, fences_only_grow, overlaps
 from tests.runner.test_runner import until
-from tests.servers import postgres_url, redis_url
 
 BACKENDS = ["memory", "sqlite", "redis", "postgres"]
-
-
-def backend_url(backend: str, tmp_path: Path) -> str:
-    tag = uuid.uuid4().hex[:10]
-    if backend == "memory":
-        return f"memory://{tag}"
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'families.db'}"
-    if backend == "redis":
-        return f"{redis_url()}?prefix=test-{tag}"
-    return f"{postgres_url()}?schema=test_{tag}"
 
 
 @pytest.fixture(params=BACKENDS)
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param in ("redis", "postgres"):
         request.applymarker(pytest.mark.backend)
-    made = backend_url(request.param, tmp_path)
+    memory = request.param == "memory"
+    made = f"memory://{uuid.uuid4().hex}" if memory else backend_url(request.param, tmp_path)
     yield made
     if request.param in ("redis", "postgres"):
         store = ostinato.App("cleanup", coordinator=made).connect()
