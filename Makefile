@@ -8,7 +8,11 @@ PIP_TOOLS := pip-tools==7.7.0
 COMPILE = --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links --strip-extras
 EXTRAS := dev,redis,postgres,metrics,dashboard,bench,sqlalchemy,django,sentry,otel,celery,rq
 
-.PHONY: install browser test lint typecheck docs demo bench chaos lock test-latest clean
+# make test leaves out the extended tests (longer runs of what it covers already);
+# make test-all runs every test.
+PYTEST_ARGS ?= -m "not extended"
+
+.PHONY: install browser test test-all lint typecheck docs demo bench chaos lock test-latest clean
 
 # The development venv holds exactly the lock: every package pinned with its hash,
 # nothing resolved at install time. The venv is made anew whenever the lock changes.
@@ -41,6 +45,9 @@ test: $(STAMP) browser
 	$(BIN)/mypy
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP) browser
+	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

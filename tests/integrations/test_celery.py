@@ -102,6 +102,7 @@ def test_a_chain_whose_every_link_enqueues_two_stays_one_chain(tmp_path: Path) -
     assert "re-forged" not in logs
 
 
+@pytest.mark.extended
 def test_a_purged_queue_re_forms_the_chain_within_patience(tmp_path: Path) -> None:
     """Workers stop consuming, the pending link is purged (what ``celery purge`` does): the
     keeper re-forges the chain. It asks for the lease held for the lost link once that link
@@ -135,6 +136,7 @@ def test_a_purged_queue_re_forms_the_chain_within_patience(tmp_path: Path) -> No
     no_overlap(passes(env))
 
 
+@pytest.mark.extended
 def test_kill9_of_the_keepers_worker_mid_pass_resumes_on_the_other_within_the_lease(tmp_path: Path) -> None:
     """kill -9 of the whole worker (its pool process included) that hosts the elected keeper,
     in the middle of a pass: the other worker's keeper takes over and the loop goes on within
@@ -181,6 +183,7 @@ def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(tmp_path: P
     chain_unbroken(env, logs)
 
 
+@pytest.mark.extended
 def test_clock_mode_skips_a_pass_whose_previous_still_runs_and_survives_its_keeper(
     tmp_path: Path,
 ) -> None:
@@ -231,6 +234,7 @@ def test_a_worker_on_a_green_pool_is_refused_with_the_pools_to_use(tmp_path: Pat
         step.start(step.__new__(step), Parent())
 
 
+@pytest.mark.extended
 def test_a_chain_on_rabbitmq_runs_paced_passes_that_never_overlap(tmp_path: Path) -> None:
     """The same chain with RabbitMQ as Celery's broker: passes keep the pause, never overlap."""
     from tests.integrations.celery_jobs import made
@@ -256,6 +260,7 @@ def test_a_chain_on_rabbitmq_runs_paced_passes_that_never_overlap(tmp_path: Path
     assert min(gaps(records)) >= 0.095, sorted(gaps(records))[:5]
 
 
+@pytest.mark.extended
 def test_a_runner_and_job_workers_host_one_loop_without_overlap(tmp_path: Path) -> None:
     """An ``ostinato run`` runner beside a Celery worker on the same loop: never two passes at
     once; when the worker is killed, the runner takes the loop on within the lease."""

@@ -117,6 +117,7 @@ def test_a_chain_whose_every_link_enqueues_two_stays_one_chain(tmp_path: Path, b
     assert "re-forged" not in logs
 
 
+@pytest.mark.extended
 def test_an_emptied_queue_re_forms_the_chain_within_patience(tmp_path: Path, broker: str) -> None:
     """Workers suspended (``rq suspend``), the pending link removed (``rq empty``), workers
     resumed: the keeper re-forges the chain, within twice the patience (see the Celery test),
@@ -143,6 +144,7 @@ def test_an_emptied_queue_re_forms_the_chain_within_patience(tmp_path: Path, bro
     no_overlap(passes(env))
 
 
+@pytest.mark.extended
 def test_kill9_of_the_keepers_worker_mid_pass_resumes_on_the_other_within_the_lease(
     tmp_path: Path, broker: str
 ) -> None:
@@ -181,6 +183,7 @@ def test_kill9_of_the_keepers_worker_mid_pass_resumes_on_the_other_within_the_le
     no_overlap(passes(env), killed_at=killed, pids=tuple(victims))
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("worker", ["SimpleWorker", "Worker"])
 def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(
     tmp_path: Path, broker: str, worker: str
@@ -195,6 +198,7 @@ def test_warm_shutdown_finishes_the_pass_and_leaves_the_chain_intact(
     chain_unbroken(env, logs)
 
 
+@pytest.mark.extended
 def test_clock_mode_skips_a_pass_whose_previous_still_runs_and_survives_its_keeper(
     tmp_path: Path, broker: str
 ) -> None:

@@ -67,11 +67,12 @@ class Run:
     ended: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def start(cls, tmp: Path) -> Run:
+    def start(cls, tmp: Path, *, short: bool = True) -> Run:
         tmp.mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("OSTINATO_")}
         env.update(TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, str(DEMO), "--short"], env=env, text=True,
+        proc = subprocess.Popen([sys.executable, str(DEMO), *(["--short"] if short else [])],
+                                env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         run = cls(proc, tmp)
         threading.Thread(target=run._read, daemon=True).start()
@@ -206,7 +207,9 @@ def test_an_interrupted_demo_stops_its_runners_and_removes_its_folder(
     tmp_path: Path, signum: int, code: int,
 ) -> None:
     """Ctrl-C (SIGINT) or SIGTERM while both runners run: they are stopped and the folder removed."""
-    run = Run.start(tmp_path / "tmp")
+    # Without --short the demo shows status for seconds before its kill: the signal comes
+    # while both runners run, however fast the machine.
+    run = Run.start(tmp_path / "tmp", short=False)
     try:
         folder = Path(run.wait_line(r" on sqlite:///(\S+)/ostinato\.db$").group(1))
         run.wait_line(r"started runner \S+:\d+$", count=2)

@@ -31,6 +31,7 @@ def taken_over(stack: Stack, before: dict[str, tuple[str | None, int]], victim: 
     ("sqlite", 5),
     pytest.param("redis", 3, marks=pytest.mark.backend),
 ])
+@pytest.mark.extended
 def test_kills_of_the_aggregators_holder_lose_no_sample_and_count_none_twice(
     tmp_path: Path, kind: str, kills: int,
 ) -> None:

@@ -54,6 +54,7 @@ def test_the_page_charts_ingest_queue_lag_and_each_applications_windows(
         stack.stop()
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_the_demo_kills_a_holder_and_shows_the_numbers_agree(tmp_path: Path) -> None:
     """A short demo: the kill names partitions whose fences went up, the totals agree with the
@@ -82,6 +83,7 @@ def test_the_demo_kills_a_holder_and_shows_the_numbers_agree(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_ctrl_c_ends_a_demo_run_forever_with_its_summary(tmp_path: Path) -> None:
     """--forever runs until SIGINT, then stops the load, drains, prints the agreeing summary,

@@ -30,6 +30,7 @@ def counts(store: Store) -> tuple[int, int]:
         return store.totals(conn)["bundles"], len(list(pending_ids(conn)))
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_paused_holder_resumes_after_losing_its_lease_and_its_write_is_refused(tmp_path: Path) -> None:
     """Runner A is frozen (SIGSTOP) in a pass, after it saw pending bundles and before its fenced

@@ -28,10 +28,9 @@ from tests.contract.conftest import backend_url
 from tests.history import PassRecord, fences_only_grow, overlaps
 from tests.runner.test_runner import until
 
-BACKENDS = ["memory", "sqlite", "redis", "postgres"]
 
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.extended),
+                        pytest.param("postgres", marks=pytest.mark.extended)])
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param in ("redis", "postgres"):
         request.applymarker(pytest.mark.backend)
