@@ -224,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM and SIGHUP end the demo the way Ctrl-C does: through the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on)
+    # Ctrl-C raises KeyboardInterrupt even when the demo was started with SIGINT ignored
+    # (as a background job of a script is).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="ostinato-demo-"))
     demo = Demo(work, args.short)
     try:
