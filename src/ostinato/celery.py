@@ -13,7 +13,8 @@
 ``celery -A proj worker`` then runs the loops; nothing else to start, nothing to
 seed. ``attach`` registers two tasks, ``ostinato.APP.link`` (chain mode) and
 ``ostinato.APP.pass`` (clock mode), on the default queue unless ``queue=`` names
-another, and a worker bootstep that runs the keeper (``ostinato.chains``) in each
+another (each message shown as ``ostinato.APP.link:LOOP`` in the workers' logs and
+``celery inspect``), and a worker bootstep that runs the keeper (``ostinato.chains``) in each
 worker's main process. The leases, the fences, the chains' generations and the
 reports are the core's (``ostinato.links``); this module only carries messages.
 
@@ -68,20 +69,24 @@ class Attached:
         self.link_task = celery.task(name=f"ostinato.{app.name}.link", ignore_result=True)(link)
         self.pass_task = celery.task(name=f"ostinato.{app.name}.pass", ignore_result=True)(clock_pass)
 
-    def _route(self, delay: float) -> dict[str, Any]:
-        options: dict[str, Any] = {} if self.queue is None else {"queue": self.queue}
+    def _route(self, delay: float, shown_as: str) -> dict[str, Any]:
+        # ``shadow`` is the name workers log and ``celery inspect`` shows: it names the loop.
+        options: dict[str, Any] = {"shadow": shown_as}
+        if self.queue is not None:
+            options["queue"] = self.queue
         if delay > 0:
             options["countdown"] = delay
         return options
 
     def enqueue_link(self, link: Link, delay: float) -> None:
-        self.link_task.apply_async(args=[link.encode()], **self._route(delay))
+        self.link_task.apply_async(args=[link.encode()],
+                                   **self._route(delay, f"{self.link_task.name}:{link.loop}"))
 
     def enqueue_pass(
         self, name: str, slot: float, delay: float, due: tuple[float, float, int] | None
     ) -> None:
         self.pass_task.apply_async(args=[name, slot, None if due is None else list(due)],
-                                   **self._route(delay))
+                                   **self._route(delay, f"{self.pass_task.name}:{name}"))
 
     def keeper(self) -> Keeper:
         return Keeper(self.app, "celery", worker=self.worker, options=self.options, mode=self.mode,

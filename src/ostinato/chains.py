@@ -55,6 +55,12 @@ HEARTBEAT_EVERY = 1.0
 BACKOFF_LIMIT = 5
 #: How far ahead of now a forged chain's first link may be planned, at most.
 FORGE_HORIZON = 3600.0
+#: A lease handed on to a link due at least this much later is asked for once at once
+#: (see ``watches_early``), well before the link takes it up: no race with that link.
+EARLY_WATCH = 0.25
+#: Coordinators that hand over an unreleased claim only to an asker that has seen it
+#: unchanged for its whole TTL: there the keeper starts looking when the claim is made.
+SIGHTING_SCHEMES = ("redis", "rediss")
 
 #: Enqueues one clock pass of a loop: (name, slot as wall time, delay, cron slot or None).
 EnqueuePass = Callable[[str, float, float, "tuple[float, float, int] | None"], None]
@@ -87,6 +93,22 @@ def overdue(record: LoopRecord | None, now: float, *, patience: float, budget: f
     if planned is not None and record.running_since is None and (since is None or since < planned):
         return now - planned > patience  # handed on, and the next link has not come
     return now - max([*marks, since if since is not None else now]) > budget + patience
+
+
+def watches_early(record: LoopRecord | None, now: float) -> bool:
+    """Whether the lease of the loop ``record`` describes is held for a link due at least
+    ``EARLY_WATCH`` after wall time ``now``, no link having taken it up yet.
+
+    On Redis a claim nobody released is handed to an asker only once that asker has seen
+    it unchanged for its whole TTL (the link's delay plus the patience). The keeper asks
+    for such a lease once, as soon as it sees it handed on: that refusal starts the
+    sighting, so should the link be lost (a purged queue), the lease is the keeper's the
+    moment it runs out, ``patience`` after the link was due, not a TTL later.
+    """
+    if record is None or record.paused or record.holder is None or record.running_since is not None:
+        return False
+    planned, since = record.next_start, record.held_since
+    return planned is not None and (since is None or since < planned) and now < planned - EARLY_WATCH
 
 
 def first_start(
@@ -148,6 +170,8 @@ class _Watch:
 
     #: The fence of the keeper's last forge, and how many forges in a row showed no link since.
     forged: int | None = None
+    #: The fence of the last lease handed on that the keeper asked for early (``watches_early``).
+    watched: int | None = None
     attempts: int = 0
     #: Not looked at again before this wall time.
     quiet_until: float = 0.0
@@ -179,6 +203,7 @@ class Keeper:
         self._deadline = 0.0
         self._outage = False
         self._tick_failing = False
+        self._sightings = app.coordinator_url().partition(":")[0] in SIGHTING_SCHEMES
 
     def _fields(self, event: str, loop: str | None = None, fence: int | None = None) -> dict[str, object]:
         return fields(event, loop=loop, fence=fence, runner=self.worker.label)
@@ -281,9 +306,13 @@ class Keeper:
         if watch.forged is not None and record is not None and record.fence > watch.forged:
             watch.forged, watch.attempts, watch.quiet_until = None, 0, 0.0  # a link ran since
         patience = self.options.patience_for(spec)
-        if now < watch.quiet_until or not overdue(record, now, patience=patience,
-                                                   budget=self.options.budget):
+        if now < watch.quiet_until:
             return
+        if not overdue(record, now, patience=patience, budget=self.options.budget):
+            if not (self._sightings and record is not None and watch.watched != record.fence
+                    and watches_early(record, now)):
+                return
+            watch.watched = record.fence  # asked once: a refusal (the rule) starts the sighting
         assert self.enqueue_link is not None
         try:
             link = await forge(store, self.worker, self.app, spec, self.enqueue_link, patience)

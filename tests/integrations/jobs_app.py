@@ -4,7 +4,8 @@
 ``JOBS_BROKER`` the Redis the queue lives in, ``JOBS_RECORDS`` the file every pass
 appends to, ``JOBS_MODE`` ``chain`` or ``clock``, ``JOBS_TAKES`` how long a pass
 takes (seconds), ``JOBS_PAUSE`` or ``JOBS_EVERY`` its pacing, ``JOBS_LEASE`` its
-lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience;
+lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience,
+``JOBS_STALL`` the loop's ``stall_after``;
 ``JOBS_TWICE=1`` makes every link enqueue its next link twice (the article's chain
 that doubles).
 
@@ -32,6 +33,9 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
     pacing = (
         {"every": env["JOBS_EVERY"]} if env.get("JOBS_EVERY") else {"pause": env.get("JOBS_PAUSE", "100ms")}
     )
+
+    if env.get("JOBS_STALL"):
+        pacing["stall_after"] = env["JOBS_STALL"]
 
     @app.loop(lease=env.get("JOBS_LEASE", "2s"), **pacing)  # type: ignore[call-overload]
     def tick(ctx: ostinato.Pass) -> None:

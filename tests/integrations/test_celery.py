@@ -6,13 +6,17 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integrations.jobs_harness import (
+    ROOT,
     VENV_BIN,
+    Workers,
     chain_unbroken,
     coordinator_url,
     descendants,
@@ -48,6 +52,42 @@ def nodes(env: dict[str, str]) -> list[str]:
 @pytest.fixture(autouse=True)
 def _redis() -> None:
     redis_answers()
+
+
+def celery_cli(env: dict[str, str], *args: str) -> str:
+    """Run ``celery -A APP ARGS`` as an operator would; return what it printed."""
+    done = subprocess.run([str(VENV_BIN / "celery"), "-A", APP, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def waiting(celery: Any, queue: str) -> int:
+    """How many messages wait in ``queue`` (on any broker)."""
+    from amqp.exceptions import ChannelError
+
+    with celery.connection_for_write() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        except ChannelError:  # Redis keeps no empty queue
+            return 0
+
+
+def purged_by_the_cli(running: Workers, env: dict[str, str], celery: Any) -> float:
+    """With the workers' consumers cancelled (``celery control cancel_consumer``), wait for the
+    next link to sit in the queue, remove it with ``celery purge -f``, add the consumers back,
+    and return the seconds from the purge's end to the next pass."""
+    queue, names = env["JOBS_QUEUE"], ",".join(nodes(env))
+    assert celery_cli(env, "control", "-d", names, "cancel_consumer", queue).count(
+        "no longer consuming") == 2
+    assert wait_until(lambda: waiting(celery, queue) >= 1, 10), running.logs()
+    out = celery_cli(env, "purge", "-f")
+    purged_at = time.monotonic()
+    assert "Purged 1 message" in out, out
+    assert celery_cli(env, "control", "-d", names, "add_consumer", queue).count(
+        "add consumer") == 2
+    assert wait_until(lambda: passes(env)[-1].start > purged_at, 15), running.logs()
+    return next(r.start for r in passes(env) if r.start > purged_at) - purged_at
 
 
 @pytest.mark.parametrize("coordinator", ["redis", "postgresql"])  # SQLite: in test_rq
@@ -132,6 +172,32 @@ def test_a_purged_queue_re_forms_the_chain_within_patience(tmp_path: Path) -> No
     assert purged >= 1
     print(f"resumed {resumed:.2f}s after the purge")
     assert resumed < 2 * 1.0 + 0.3 + 1.0
+    assert "chain re-forged" in logs
+    no_overlap(passes(env))
+
+
+def test_celery_inspect_shows_the_link_and_celery_purge_is_recovered_within_stall_after(
+    tmp_path: Path,
+) -> None:
+    """The operators' own commands on a live chain: ``celery inspect scheduled`` shows the
+    pending link under a name that says its loop (``ostinato.APP.link:tick``); and the next
+    link removed with ``celery purge -f`` (the consumers cancelled first, or the workers would
+    hold it), the chain re-forms by itself within the loop's ``stall_after`` plus a second."""
+    from tests.integrations.celery_jobs import made
+
+    env = environment(tmp_path, JOBS_PAUSE="1500ms", JOBS_TAKES="0.02", JOBS_STALL="3s")
+    _, celery, _ = made(env)
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(passes(env)) >= 2, 20), running.logs()
+        shown = celery_cli(env, "inspect", "scheduled", "-d", ",".join(nodes(env)))
+        resumed = purged_by_the_cli(running, env, celery)
+        assert wait_until(lambda: len(passes(env)) >= 5, 10), running.logs()
+        logs = running.logs()
+    assert f"ostinato.{env['JOBS_APP']}.link:tick" in shown, shown
+    print(f"resumed {resumed:.2f}s after celery purge")
+    assert resumed < 3.0 + 1.0
     assert "chain re-forged" in logs
     no_overlap(passes(env))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import subprocess
 import sys
 import uuid
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 import ostinato
-from ostinato.chains import Keeper, first_start, forge, overdue
+from ostinato.chains import Keeper, first_start, forge, overdue, watches_early
 from ostinato.coordinators.protocol import LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError
 from ostinato.links import JobOptions, Link, check_hostable, run_link
@@ -211,6 +212,20 @@ def test_overdue_waits_for_the_planned_start_plus_patience() -> None:
     assert not overdue(held, 202.9, patience=2.0, budget=1.0)
     assert overdue(held, 203.2, patience=2.0, budget=1.0)
     assert overdue(None, 0.0, patience=2.0, budget=1.0)
+
+
+def test_the_keeper_asks_early_only_for_a_lease_handed_on_to_a_link_not_yet_due() -> None:
+    """A lease handed on to a link due later is asked for at once (a refusal on Redis starts
+    the keeper's sighting of it); not when the link is about due (it may be taking the lease
+    up), nor while a link runs, nor for a free or paused loop."""
+    handed = LoopRecord("a:b", 5, False, "h:1", 100.5, last_start=100.0, last_end=100.5, next_start=110.0)
+    assert watches_early(handed, 101.0)
+    assert not watches_early(handed, 109.9)
+    running = dataclasses.replace(handed, held_since=110.0, running_since=110.1)
+    assert not watches_early(running, 101.0)
+    assert not watches_early(dataclasses.replace(handed, holder=None), 101.0)
+    assert not watches_early(dataclasses.replace(handed, paused=True), 101.0)
+    assert not watches_early(None, 101.0)
 
 
 def test_a_forged_chain_keeps_the_pause_its_last_link_planned() -> None:

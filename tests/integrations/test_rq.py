@@ -57,9 +57,10 @@ def rq_worker(env: dict[str, str], worker: str = "Worker") -> list[str]:
             env["JOBS_QUEUE"]]
 
 
-def rq_cli(env: dict[str, str], *args: str) -> None:
-    subprocess.run([str(VENV_BIN / "rq"), *args, "--url", env["JOBS_BROKER"]], env=env, check=True,
-                   capture_output=True, timeout=30)
+def rq_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([str(VENV_BIN / "rq"), *args, "--url", env["JOBS_BROKER"]], env=env,
+                          check=True, capture_output=True, text=True, timeout=30)
+    return done.stdout
 
 
 def rq_env(tmp_path: Path, broker: str, **settings: str) -> dict[str, str]:
@@ -117,14 +118,35 @@ def test_a_chain_whose_every_link_enqueues_two_stays_one_chain(tmp_path: Path, b
     assert "re-forged" not in logs
 
 
+def test_rq_info_shows_the_link_at_work_and_the_worker_log_names_its_loop(
+    tmp_path: Path, broker: str
+) -> None:
+    """``rq info`` shows the chain's queue with its link executing and the worker busy on it,
+    and the worker logs each link under a description that names the loop and generation."""
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="100ms", JOBS_TAKES="0.02")
+    queue = env["JOBS_QUEUE"]
+    shown: list[str] = []
+
+    def executing() -> bool:
+        shown[:] = [rq_cli(env, "info", "--raw", queue)]
+        return f"queue {queue} " in shown[0] and ", 1 executing" in shown[0] and " busy " in shown[0]
+
+    with workers(tmp_path, env) as running:
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(passes(env)) >= 3, 20), running.logs()
+        assert wait_until(executing, 10, step=0.2), shown
+        logs = running.logs()
+    assert f"ostinato link {env['JOBS_APP']}:tick (generation " in logs, logs
+
+
 @pytest.mark.extended
-def test_an_emptied_queue_re_forms_the_chain_within_patience(tmp_path: Path, broker: str) -> None:
+def test_an_emptied_queue_re_forms_the_chain_within_stall_after(tmp_path: Path, broker: str) -> None:
     """Workers suspended (``rq suspend``), the pending link removed (``rq empty``), workers
-    resumed: the keeper re-forges the chain, within twice the patience (see the Celery test),
-    the pause, RQ's one-second poll of its suspension, and a second."""
+    resumed: the keeper re-forges the chain within the loop's ``stall_after`` plus a second,
+    plus RQ's one-second poll of its suspension."""
     from redis import Redis
 
-    env = rq_env(tmp_path, broker, JOBS_PAUSE="100ms", JOBS_TAKES="0.02", JOBS_PATIENCE="1s")
+    env = rq_env(tmp_path, broker, JOBS_PAUSE="100ms", JOBS_TAKES="0.02", JOBS_STALL="2s")
     queue = Redis.from_url(broker)
     with workers(tmp_path, env) as running:
         running.start(*rq_worker(env))
@@ -139,7 +161,7 @@ def test_an_emptied_queue_re_forms_the_chain_within_patience(tmp_path: Path, bro
         resumed = next(r.start for r in passes(env) if r.start > emptied) - emptied
         logs = running.logs()
     print(f"resumed {resumed:.2f}s after rq empty")
-    assert resumed < 2 * 1.0 + 0.1 + 1.0 + 1.0
+    assert resumed < 2.0 + 1.0 + 1.0
     assert "chain re-forged" in logs
     no_overlap(passes(env))
 
