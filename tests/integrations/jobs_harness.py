@@ -26,6 +26,7 @@ from tests.history import PassRecord, overlaps
 
 REDIS = "redis://127.0.0.1:6379"
 BROKER = f"{REDIS}/7"
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 
@@ -43,10 +44,16 @@ def redis_answers() -> None:
 
 
 def forget_keys(env: dict[str, str]) -> None:
-    """Delete the test's own keys: its queue (and RQ's keys for it) and its coordinator prefix."""
+    """Delete the test's own keys: its queue (and RQ's keys for it, or its RabbitMQ queue) and
+    its coordinator prefix."""
     import redis
 
     name = env["JOBS_APP"]
+    if env["JOBS_BROKER"].startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(env["JOBS_BROKER"]) as conn:
+            conn.default_channel.queue_delete(env["JOBS_QUEUE"])
     if env["JOBS_COORDINATOR"].startswith("postgresql"):
         import psycopg
 
@@ -59,6 +66,18 @@ def forget_keys(env: dict[str, str]) -> None:
                 client.delete(key)
         finally:
             client.close()
+
+
+def rabbitmq_answers() -> str:
+    """The local RabbitMQ's URL; skip when none answers."""
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # any failure to connect means no RabbitMQ here
+        pytest.skip(f"no RabbitMQ answers at {RABBITMQ}: {exc}")
+    return RABBITMQ
 
 
 def coordinator_url(kind: str, tmp_path: Path, name: str) -> str:

@@ -25,6 +25,7 @@ from tests.integrations.jobs_harness import (
     keeper_pid,
     no_overlap,
     passes,
+    rabbitmq_answers,
     redis_answers,
     sigterm_mid_pass,
     wait_until,
@@ -52,6 +53,16 @@ def nodes(env: dict[str, str]) -> list[str]:
 @pytest.fixture(autouse=True)
 def _redis() -> None:
     redis_answers()
+
+
+def on_broker(tmp_path: Path, broker: str, **settings: str) -> dict[str, str]:
+    """The environment of a test's workers with Celery's broker on Redis or on RabbitMQ."""
+    if broker == "rabbitmq":
+        settings["JOBS_BROKER"] = rabbitmq_answers()
+    return environment(tmp_path, **settings)
+
+
+BROKERS = ["redis", pytest.param("rabbitmq", marks=pytest.mark.extended)]
 
 
 def celery_cli(env: dict[str, str], *args: str) -> str:
@@ -176,8 +187,9 @@ def test_a_purged_queue_re_forms_the_chain_within_patience(tmp_path: Path) -> No
     no_overlap(passes(env))
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 def test_celery_inspect_shows_the_link_and_celery_purge_is_recovered_within_stall_after(
-    tmp_path: Path,
+    tmp_path: Path, broker: str
 ) -> None:
     """The operators' own commands on a live chain: ``celery inspect scheduled`` shows the
     pending link under a name that says its loop (``ostinato.APP.link:tick``); and the next
@@ -185,7 +197,7 @@ def test_celery_inspect_shows_the_link_and_celery_purge_is_recovered_within_stal
     hold it), the chain re-forms by itself within the loop's ``stall_after`` plus a second."""
     from tests.integrations.celery_jobs import made
 
-    env = environment(tmp_path, JOBS_PAUSE="1500ms", JOBS_TAKES="0.02", JOBS_STALL="3s")
+    env = on_broker(tmp_path, broker, JOBS_PAUSE="1500ms", JOBS_TAKES="0.02", JOBS_STALL="3s")
     _, celery, _ = made(env)
     with workers(tmp_path, env) as running:
         running.start(*celery_worker(env, "a"))
@@ -203,11 +215,15 @@ def test_celery_inspect_shows_the_link_and_celery_purge_is_recovered_within_stal
 
 
 @pytest.mark.extended
-def test_kill9_of_the_keepers_worker_mid_pass_resumes_on_the_other_within_the_lease(tmp_path: Path) -> None:
-    """kill -9 of the whole worker (its pool process included) that hosts the elected keeper,
-    in the middle of a pass: the other worker's keeper takes over and the loop goes on within
-    the lease TTL plus a second, and no passes overlap."""
-    env = environment(tmp_path, JOBS_PAUSE="50ms", JOBS_TAKES="0.3", JOBS_LEASE="2s", JOBS_PATIENCE="1s")
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_kill9_of_the_keepers_worker_mid_pass_resumes_on_the_other_within_the_lease(
+    tmp_path: Path, broker: str
+) -> None:
+    """kill -9 of the whole worker (its process group: its pool process included) that hosts
+    the elected keeper, in the middle of a pass: the other worker's keeper takes over and the
+    loop goes on within the lease TTL plus a second, and no passes overlap; on either broker."""
+    env = on_broker(tmp_path, broker, JOBS_PAUSE="50ms", JOBS_TAKES="0.3", JOBS_LEASE="2s",
+                    JOBS_PATIENCE="1s")
     with workers(tmp_path, env) as running:
         started = [running.start(*celery_worker(env, "a")), running.start(*celery_worker(env, "b"))]
         assert wait_until(lambda: len(passes(env)) >= 4, 20), running.logs()
@@ -303,24 +319,11 @@ def test_a_worker_on_a_green_pool_is_refused_with_the_pools_to_use(tmp_path: Pat
 @pytest.mark.extended
 def test_a_chain_on_rabbitmq_runs_paced_passes_that_never_overlap(tmp_path: Path) -> None:
     """The same chain with RabbitMQ as Celery's broker: passes keep the pause, never overlap."""
-    from tests.integrations.celery_jobs import made
-
-    rabbit = "amqp://guest:guest@127.0.0.1:5672//"
-    env = environment(tmp_path, JOBS_BROKER=rabbit, JOBS_PAUSE="100ms", JOBS_TAKES="0.02")
-    _, celery, _ = made(env)
-    try:
-        with celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # any failure to connect means no RabbitMQ here
-        pytest.skip(f"no RabbitMQ answers at {rabbit}: {exc}")
-    try:
-        with workers(tmp_path, env) as running:
-            running.start(*celery_worker(env, "a"))
-            running.start(*celery_worker(env, "b"))
-            assert wait_until(lambda: len(passes(env)) >= 25, 20), running.logs()
-    finally:
-        with celery.connection_for_write() as conn:
-            conn.default_channel.queue_delete(env["JOBS_QUEUE"])
+    env = on_broker(tmp_path, "rabbitmq", JOBS_PAUSE="100ms", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(passes(env)) >= 25, 20), running.logs()
     records = passes(env)
     no_overlap(records)
     assert min(gaps(records)) >= 0.095, sorted(gaps(records))[:5]
