@@ -3,7 +3,7 @@
 ``JOBS_APP`` names the app (one per test), ``JOBS_COORDINATOR`` its coordinator,
 ``JOBS_BROKER`` the Redis the queue lives in, ``JOBS_RECORDS`` the file every pass
 appends to, ``JOBS_MODE`` ``chain`` or ``clock``, ``JOBS_TAKES`` how long a pass
-takes (seconds), ``JOBS_PAUSE`` or ``JOBS_EVERY`` its pacing, ``JOBS_LEASE`` its
+takes (seconds), ``JOBS_PAUSE``, ``JOBS_EVERY`` or ``JOBS_CRON`` its pacing, ``JOBS_LEASE`` its
 lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience,
 ``JOBS_STALL`` the loop's ``stall_after``;
 ``JOBS_TWICE=1`` makes every link enqueue its next link twice (the article's chain
@@ -12,7 +12,8 @@ that doubles).
 Each pass appends ``S pid fence start`` as it starts and ``E pid fence start end`` as
 it ends (``time.monotonic()``, shared by the processes of one host), each line one
 ``write`` to a file opened with ``O_APPEND``, so a killed pass shows as a start
-without an end.
+without an end. A ``cron=`` pass also appends ``slot wall_start`` (``time.time()``) to
+``JOBS_RECORDS.cron``: the calendar slot it stands for and when it started.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
     records = env.get("JOBS_RECORDS", "")
     pass_s = float(env.get("JOBS_TAKES", "0.05"))
     pacing = (
-        {"every": env["JOBS_EVERY"]} if env.get("JOBS_EVERY") else {"pause": env.get("JOBS_PAUSE", "100ms")}
+        {"every": env["JOBS_EVERY"]} if env.get("JOBS_EVERY")
+        else {"cron": env["JOBS_CRON"]} if env.get("JOBS_CRON")
+        else {"pause": env.get("JOBS_PAUSE", "100ms")}
     )
 
     if env.get("JOBS_STALL"):
@@ -43,6 +46,10 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
         try:
             start = time.monotonic()
             os.write(fd, f"S {os.getpid()} {ctx.fence} {start:.6f}\n".encode())
+            if ctx.scheduled_for is not None:
+                slots = os.open(f"{records}.cron", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.write(slots, f"{ctx.scheduled_for.timestamp():.6f} {time.time():.6f}\n".encode())
+                os.close(slots)
             time.sleep(pass_s)
             os.write(fd, f"E {os.getpid()} {ctx.fence} {start:.6f} {time.monotonic():.6f}\n".encode())
         finally:

@@ -167,6 +167,25 @@ def passes(env: dict[str, str]) -> list[PassRecord]:
     return sorted(started.values(), key=lambda r: r.start)
 
 
+def cron_passes(env: dict[str, str]) -> list[tuple[float, float]]:
+    """``(slot, wall start)`` of every ``cron=`` pass on file, in start order."""
+    path = Path(env["JOBS_RECORDS"] + ".cron")
+    if not path.exists():
+        return []
+    return sorted(tuple(map(float, line.split())) for line in path.read_text().splitlines())  # type: ignore[misc]
+
+
+def on_cron_slots(env: dict[str, str], every: float) -> None:
+    """Assert that each ``cron=`` pass stood for its own slot, one slot of ``every`` seconds
+    after the other (none missed, none run twice), and started at its slot, not before it
+    and less than half a slot after it."""
+    slots = cron_passes(env)
+    assert [b - a for (a, _), (b, _) in itertools.pairwise(slots)] == pytest.approx(
+        [every] * (len(slots) - 1), abs=1e-3), slots
+    late = [start - slot for slot, start in slots]
+    assert all(0 <= each < every / 2 for each in late), late
+
+
 def wait_until(what: Callable[[], object], timeout: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

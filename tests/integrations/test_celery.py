@@ -19,11 +19,13 @@ from tests.integrations.jobs_harness import (
     Workers,
     chain_unbroken,
     coordinator_url,
+    cron_passes,
     descendants,
     environment,
     gaps,
     keeper_pid,
     no_overlap,
+    on_cron_slots,
     passes,
     rabbitmq_answers,
     redis_answers,
@@ -297,6 +299,21 @@ def test_clock_mode_skips_a_pass_whose_previous_still_runs_and_survives_its_keep
     resumed = next(r.start for r in records if r.start > killed) - killed
     print(f"clock resumed {resumed:.2f}s after kill -9 of its keeper")
     assert resumed < 2.0 + 1.0
+
+
+@pytest.mark.parametrize("mode", ["chain", pytest.param("clock", marks=pytest.mark.extended)])
+def test_a_cron_loop_runs_one_pass_per_calendar_slot(tmp_path: Path, mode: str) -> None:
+    """``cron="* * * * * */2"`` (every two seconds: seconds last): in chain mode each link is
+    delayed to the next slot, in clock mode the keeper enqueues a pass per slot; either way
+    each pass stands for its own slot (``ctx.scheduled_for``), the slot after the previous
+    pass's, and starts at it, and no two passes overlap."""
+    env = environment(tmp_path, JOBS_MODE=mode, JOBS_CRON="* * * * * */2", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(cron_passes(env)) >= 4, 25), running.logs()
+    no_overlap(passes(env))
+    on_cron_slots(env, 2.0)
 
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])

@@ -21,11 +21,13 @@ from tests.integrations.jobs_harness import (
     VENV_BIN,
     chain_unbroken,
     coordinator_url,
+    cron_passes,
     descendants,
     environment,
     gaps,
     keeper_pid,
     no_overlap,
+    on_cron_slots,
     passes,
     redis_answers,
     sigterm_mid_pass,
@@ -253,6 +255,21 @@ def test_clock_mode_skips_a_pass_whose_previous_still_runs_and_survives_its_keep
     resumed = next(r.start for r in records if r.start > killed) - killed
     print(f"clock resumed {resumed:.2f}s after kill -9 of its keeper")
     assert resumed < 2.0 + 1.0
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("mode", ["chain", "clock"])
+def test_a_cron_loop_runs_one_pass_per_calendar_slot(tmp_path: Path, broker: str, mode: str) -> None:
+    """``cron="* * * * * */2"`` on RQ workers: each pass stands for its own slot, the slot
+    after the previous pass's, and starts at it (the links and passes wait in RQ's scheduled
+    registry until the keeper moves them), and no two passes overlap."""
+    env = rq_env(tmp_path, broker, JOBS_MODE=mode, JOBS_CRON="* * * * * */2", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*rq_worker(env))
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(cron_passes(env)) >= 4, 25), running.logs()
+    no_overlap(passes(env))
+    on_cron_slots(env, 2.0)
 
 
 def test_a_worker_with_no_app_attached_to_its_queues_refuses_to_start(tmp_path: Path, broker: str) -> None:
