@@ -34,7 +34,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from ostinato.app import App
-from ostinato.coordinators.protocol import Coordinator, Denied, LoopRecord, Renewal, RunnerInfo
+from ostinato.coordinators.protocol import Coordinator, Denied, Event, LoopRecord, Renewal, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
 from ostinato.links import Enqueue, JobOptions, Link, record_of, successor
 from ostinato.logs import fields
@@ -128,11 +128,23 @@ def first_start(
     return start, due
 
 
+def woken_start(spec: LoopSpec, record: LoopRecord, now: float, seed: str) -> tuple[float, Slot | None]:
+    """When the pass after the loop's last one may start once woken (wall time): its pacing
+    counted from that pass (``every=``, ``cron=`` from its start, ``pause=`` from its end),
+    without the idle backoff a wake-up ends."""
+    start, due = spec.pacing.first(now=now, wall_now=now, last_start_wall=record.last_start, seed=seed)
+    if spec.pacing.pause is not None and record.last_end is not None:
+        start = max(start, record.last_end + spec.pacing.pause)
+    return start, due
+
+
 async def forge(
     store: Coordinator, owner: RunnerInfo, app: App, spec: LoopSpec, enqueue: Enqueue, patience: float,
+    start: tuple[float, Slot | None] | None = None,
 ) -> Link | None:
     """Start a new generation of loop ``spec``'s chain: take its lease as ``owner``, hand it to
-    the first link, enqueue that link. ``None`` if the lease is held (or the loop paused).
+    the first link, enqueue that link (to start at ``start``, with its calendar slot, when
+    given). ``None`` if the lease is held (or the loop paused).
 
     ``store`` asks for the lease, so a long-lived one (the keeper's) can take a claim it has
     seen expire; the lease for the first link is granted on a connection of its own, closed
@@ -142,10 +154,9 @@ async def forge(
     answer = await store.acquire(key, owner, spec.lease)
     if isinstance(answer, Denied):
         return None
-    record = await record_of(store, key)
     now = time.time()
-    start, due = first_start(spec, record, now, key)
-    delay = max(0.0, start - now)
+    begin, due = start or first_start(spec, await record_of(store, key), now, key)
+    delay = max(0.0, begin - now)
     heir = successor(owner)
     if not await store.release(key, owner, answer.fence):
         return None
@@ -159,7 +170,7 @@ async def forge(
     if isinstance(granted, Denied):
         return None
     link = Link(spec.name, owner=heir.id, parent=granted.fence, generation=granted.fence,
-                not_before=start, slot=start, due=None if due is None else (due.at, due.start, due.missed))
+                not_before=begin, slot=begin, due=None if due is None else (due.at, due.start, due.missed))
     enqueue(link, delay)
     return link
 
@@ -196,14 +207,17 @@ class Keeper:
         self.key = keeper_key(app.name, system)
         self.watch = {name: _Watch() for name in app.loops}
         self.elected = False
-        #: Chains forged (``forged``, ``reforged``) since start.
+        #: Chains forged (``forged``, ``reforged``, ``woken``) since start.
         self.counts: Counter[str] = Counter()
+        #: Loops woken (``app.wake``, ``ostinato wake``) since the keeper last looked.
+        self.woken: set[str] = set()
         self._fence = 0
         self._renew_at = 0.0
         self._deadline = 0.0
         self._outage = False
         self._tick_failing = False
         self._sightings = app.coordinator_url().partition(":")[0] in SIGHTING_SCHEMES
+        self._keys = {f"{app.name}:{name}" for name in app.loops}
 
     def _fields(self, event: str, loop: str | None = None, fence: int | None = None) -> dict[str, object]:
         return fields(event, loop=loop, fence=fence, runner=self.worker.label)
@@ -212,13 +226,16 @@ class Keeper:
         """Keep the loops until ``stop`` is set, then give the keeper's lease back."""
         store = self.app.connect()
         beat = 0.0
-        opened = False
+        opened = listening = False
         try:
             while not stop.is_set():
                 try:
                     if not opened:
                         await store.open()
                         opened = True
+                    if not listening and self.mode == "chain":
+                        await store.subscribe(self.worker, self._heard)
+                        listening = True
                     now = time.monotonic()
                     if now >= beat:
                         await store.report(self.worker, RUNNER_TTL, [])
@@ -226,6 +243,8 @@ class Keeper:
                     if await self._elect(store):
                         await self._tick_hook()
                         await self._look(store)
+                    else:
+                        self.woken.clear()  # the elected keeper heard them too
                     if self._outage:
                         log.warning("keeper of %s: coordinator reachable again", self.app.name,
                                     extra=self._fields("coordinator_reachable"))
@@ -240,6 +259,10 @@ class Keeper:
                     await asyncio.wait_for(stop.wait(), TICK)
         finally:
             await self._resign(store)
+
+    def _heard(self, event: Event) -> None:
+        if event.kind == "wake" and event.key in self._keys:
+            self.woken.add(event.key)
 
     async def _tick_hook(self) -> None:
         if self.on_tick is None:
@@ -290,12 +313,47 @@ class Keeper:
     async def _look(self, store: Coordinator) -> None:
         records = {record.key: record for record in await store.loops()}
         now = time.time()
+        woken, self.woken = self.woken, set()
         for name, spec in self.app.loops.items():
             key = f"{self.app.name}:{name}"
             if self.mode == "clock":
                 await self._tick(spec, key, records.get(key), now)
+            elif key in woken and await self._wake_chain(store, spec, key, records.get(key), now):
+                continue
             else:
                 await self._keep_chain(store, spec, key, records.get(key), now)
+
+    async def _wake_chain(
+        self, store: Coordinator, spec: LoopSpec, key: str, record: LoopRecord | None, now: float
+    ) -> bool:
+        """End the idle wait of a chain woken while its next link waits in the queue: revoke the
+        lease held for that link (which makes it stale) and forge a link due at the loop's pacing.
+        Whether it did. A link that is running, or about due, waits at most for its budget; an
+        error backoff is not ended (as in a runner)."""
+        if record is None or record.last_outcome == "failed" or not watches_early(record, now):
+            return False
+        start, due = woken_start(spec, record, now, key)
+        assert record.next_start is not None  # watches_early
+        if start >= record.next_start - EARLY_WATCH:
+            return False  # it waits for its pacing, not for an idle backoff
+        await store.revoke(key)
+        assert self.enqueue_link is not None
+        try:
+            link = await forge(store, self.worker, self.app, spec, self.enqueue_link,
+                               self.options.patience_for(spec), start=(start, due))
+        except CoordinatorUnavailable:
+            raise
+        except Exception:  # the broker: the chain is re-forged once the lease held for it runs out
+            log.exception("%s: woken, but the link could not be enqueued", key,
+                          extra=self._fields("enqueue_failed", key))
+            return True
+        if link is None:
+            return False  # a runner took the loop in between: it runs it now
+        self.counts["woken"] += 1
+        log.info("%s: woken: the link due at %s is dropped for generation %d, due at %s", key,
+                 _clock(record.next_start), link.generation, _clock(link.not_before),
+                 extra=self._fields("chain_woken", key, link.generation))
+        return True
 
     # -- chain mode ------------------------------------------------------------------
 

@@ -5,7 +5,8 @@
 appends to, ``JOBS_MODE`` ``chain`` or ``clock``, ``JOBS_TAKES`` how long a pass
 takes (seconds), ``JOBS_PAUSE``, ``JOBS_EVERY`` or ``JOBS_CRON`` its pacing, ``JOBS_LEASE`` its
 lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience,
-``JOBS_STALL`` the loop's ``stall_after``;
+``JOBS_STALL`` the loop's ``stall_after``, ``JOBS_IDLE`` its idle backoff (its passes
+then return ``ostinato.IDLE``);
 ``JOBS_TWICE=1`` makes every link enqueue its next link twice (the article's chain
 that doubles).
 
@@ -39,9 +40,12 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
 
     if env.get("JOBS_STALL"):
         pacing["stall_after"] = env["JOBS_STALL"]
+    if env.get("JOBS_IDLE"):
+        pacing["idle"] = (env["JOBS_IDLE"], env["JOBS_IDLE"])
+    found = ostinato.IDLE if env.get("JOBS_IDLE") else None
 
     @app.loop(lease=env.get("JOBS_LEASE", "2s"), **pacing)  # type: ignore[call-overload]
-    def tick(ctx: ostinato.Pass) -> None:
+    def tick(ctx: ostinato.Pass) -> object:
         fd = os.open(records, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             start = time.monotonic()
@@ -54,6 +58,7 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
             os.write(fd, f"E {os.getpid()} {ctx.fence} {start:.6f} {time.monotonic():.6f}\n".encode())
         finally:
             os.close(fd)
+        return found
 
     options = {"mode": env.get("JOBS_MODE", "chain"), "budget": env.get("JOBS_BUDGET", "1s"),
                "patience": env.get("JOBS_PATIENCE") or None}

@@ -316,6 +316,37 @@ def test_a_cron_loop_runs_one_pass_per_calendar_slot(tmp_path: Path, mode: str) 
     on_cron_slots(env, 2.0)
 
 
+def test_ostinato_wake_runs_the_next_pass_of_an_idle_chain_at_once(tmp_path: Path) -> None:
+    """Passes that find no work (``IDLE``, backoff 4 s) leave the next link waiting 4 s in the
+    queue; ``ostinato wake tick`` makes the keeper drop that link and forge one due now, so the
+    next pass starts within a second of the command, not 4 s after the last; the dropped link
+    ends stale when it comes, and no passes overlap."""
+    env = environment(tmp_path, JOBS_IDLE="4s", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*celery_worker(env, "a"))
+        running.start(*celery_worker(env, "b"))
+        assert wait_until(lambda: len(passes(env)) >= 1 and passes(env)[-1].end is not None, 20), \
+            running.logs()
+        time.sleep(0.5)  # the lease handed on to the next link, due 4 s after the pass
+        done = subprocess.run([str(VENV_BIN / "ostinato"), "wake", "tick", "-A",
+                               "tests.integrations.celery_jobs:app"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=30)
+        woke = time.monotonic()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert wait_until(lambda: len(passes(env)) >= 2, 5), running.logs()
+        first, second = passes(env)[:2]
+        assert first.end is not None
+        assert wait_until(lambda: "ends without running (stale)" in running.logs(),
+                          first.end + 6 - time.monotonic()), running.logs()
+        logs = running.logs()
+    print(f"woken pass {second.start - woke:.2f}s after ostinato wake returned, "
+          f"{second.start - first.end:.2f}s after the last pass")
+    assert second.start - woke < 1.0
+    assert second.start - first.end < 3.5
+    assert "chain re-forged" not in logs
+    no_overlap(passes(env))
+
+
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_a_worker_on_a_green_pool_is_refused_with_the_pools_to_use(tmp_path: Path, pool: str) -> None:
     """The keeper's bootstep refuses an eventlet or gevent pool, naming the pools that work."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import ostinato
-from ostinato.chains import Keeper, first_start, forge, overdue, watches_early
+from ostinato.chains import Keeper, first_start, forge, overdue, watches_early, woken_start
 from ostinato.coordinators.protocol import LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError
 from ostinato.links import JobOptions, Link, check_hostable, run_link
@@ -226,6 +226,16 @@ def test_the_keeper_asks_early_only_for_a_lease_handed_on_to_a_link_not_yet_due(
     assert not watches_early(dataclasses.replace(handed, holder=None), 101.0)
     assert not watches_early(dataclasses.replace(handed, paused=True), 101.0)
     assert not watches_early(None, 101.0)
+
+
+def test_a_woken_chain_starts_at_its_pacing_without_the_idle_backoff() -> None:
+    """A wake-up counts the pause from the last pass's end, ``every=`` from its start, and
+    a back-to-back loop starts at once: the idle backoff the next link waited for is dropped."""
+    record = LoopRecord("a:tick", 5, False, "h:1", 100.2, last_start=100.0, last_end=100.2,
+                        next_start=105.2)
+    for pacing, start in (({"pause": "1s"}, 101.2), ({"every": "2s"}, 102.0), ({}, 100.5)):
+        app, _ = make_app(**pacing)
+        assert woken_start(app.loops["tick"], record, 100.5, "a:tick") == (start, None)
 
 
 def test_a_forged_chain_keeps_the_pause_its_last_link_planned() -> None:
