@@ -25,6 +25,7 @@ Pools: ``prefork`` (the default), ``solo`` and ``threads``. ``eventlet`` and
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,7 @@ from ostinato.chains import Keeper, KeeperThread, seed
 from ostinato.coordinators.protocol import RunnerInfo
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, MissingExtraError
-from ostinato.links import JobOptions, Link, check_hostable, run_clock_pass, run_link
+from ostinato.links import JobOptions, Link, Tally, check_hostable, run_clock_pass, run_link
 
 try:
     from celery import Celery, bootsteps  # type: ignore[import-untyped]
@@ -53,17 +54,21 @@ POOLS = {"prefork": "prefork", "solo": "solo", "thread": "threads"}
 class Attached:
     """An app attached to a Celery app: its tasks, and a way to seed a chain by hand."""
 
-    def __init__(self, app: App, celery: Any, mode: str, options: JobOptions, queue: str | None) -> None:
+    def __init__(self, app: App, celery: Any, mode: str, options: JobOptions, queue: str | None,
+                 metrics_port: int | None = None) -> None:
         self.app, self.celery, self.mode, self.options, self.queue = app, celery, mode, options, queue
+        self.metrics_port = metrics_port
+        #: What this worker's links did (its pool processes share it) and its keeper forged.
+        self.tally, self.forges = Tally(), Counter[str]()
         #: Who the workers report as: one runner per worker (its pool processes included).
         self.worker = RunnerInfo.here(hosts=tuple(f"{app.name}:{name}" for name in app.loops))
 
         def link(data: Mapping[str, Any]) -> str:
             return run_link(app, data, self.enqueue_link, worker=self.worker, options=options,
-                            stopping=_stopping)
+                            stopping=_stopping, tally=self.tally)
 
         def clock_pass(name: str, slot: float, due: list[Any] | None = None) -> str:
-            return run_clock_pass(app, name, slot, worker=self.worker, options=options,
+            return run_clock_pass(app, name, slot, worker=self.worker, options=options, tally=self.tally,
                                   due=None if due is None else (float(due[0]), float(due[1]), int(due[2])))
 
         self.link_task = celery.task(name=f"ostinato.{app.name}.link", ignore_result=True)(link)
@@ -90,7 +95,7 @@ class Attached:
 
     def keeper(self) -> Keeper:
         return Keeper(self.app, "celery", worker=self.worker, options=self.options, mode=self.mode,
-                      enqueue_link=self.enqueue_link, enqueue_pass=self.enqueue_pass)
+                      enqueue_link=self.enqueue_link, enqueue_pass=self.enqueue_pass, counts=self.forges)
 
     def seed(self, name: str, *, wait: Duration = "0s") -> Link | None:
         """Forge a chain of loop ``name`` now if nothing holds the loop (the keeper does this by
@@ -110,7 +115,7 @@ def _stopping() -> bool:
 
 def attach(
     app: App, celery: Celery, *, mode: str = "chain", queue: str | None = None,
-    budget: Duration = "1s", patience: Duration | None = None,
+    budget: Duration = "1s", patience: Duration | None = None, metrics_port: int | None = None,
 ) -> Attached:
     """Run ``app``'s loops on ``celery``'s workers.
 
@@ -121,6 +126,8 @@ def attach(
     - ``queue``: the queue of the tasks (default: Celery's default queue).
     - ``patience``: how late a link may be before its chain is re-forged (default 2 s,
       or half the loop's ``stall_after`` when shorter).
+    - ``metrics_port``: each worker serves Prometheus metrics of its links and keeper there
+      (``ostinato_job_links``, ``ostinato_chains_forged``; needs ``ostinato[metrics]``).
     """
     if mode not in ("chain", "clock"):
         raise ConfigurationError(f"mode={mode!r}: use mode='chain' or mode='clock'")
@@ -132,7 +139,7 @@ def attach(
         )
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
-    attached = Attached(app, celery, mode, options, queue)
+    attached = Attached(app, celery, mode, options, queue, metrics_port)
     celery.steps["worker"].add(_keeper_step(attached))
     return attached
 
@@ -155,7 +162,8 @@ def _keeper_step(attached: Attached) -> type[Any]:
                     f"--pool {', --pool '.join(POOLS.values())}"
                 )
             logs.make_visible()
-            self.thread = KeeperThread(attached.keeper())
+            self.thread = KeeperThread(attached.keeper(), tally=attached.tally,
+                                       metrics_port=attached.metrics_port)
             self.thread.start()
 
         def stop(self, parent: Any) -> None:

@@ -32,15 +32,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from ostinato.app import App
 from ostinato.coordinators.protocol import Coordinator, Denied, Event, LoopRecord, Renewal, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
-from ostinato.links import Enqueue, JobOptions, Link, record_of, successor
+from ostinato.links import Enqueue, JobOptions, Link, Tally, record_of, successor
 from ostinato.logs import fields
 from ostinato.loop import LoopSpec
 from ostinato.pacing import Outcome, Slot, plan_next
 from ostinato.runner import RUNNER_TTL
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("ostinato.jobs")
 
@@ -197,7 +201,7 @@ class Keeper:
     def __init__(
         self, app: App, system: str, *, worker: RunnerInfo, options: JobOptions, mode: str = "chain",
         enqueue_link: Enqueue | None = None, enqueue_pass: EnqueuePass | None = None,
-        on_tick: Callable[[], object] | None = None,
+        on_tick: Callable[[], object] | None = None, counts: Counter[str] | None = None,
     ) -> None:
         self.app, self.system, self.worker, self.options, self.mode = app, system, worker, options, mode
         self.enqueue_link, self.enqueue_pass = enqueue_link, enqueue_pass
@@ -208,7 +212,7 @@ class Keeper:
         self.watch = {name: _Watch() for name in app.loops}
         self.elected = False
         #: Chains forged (``forged``, ``reforged``, ``woken``) since start.
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter() if counts is None else counts
         #: Loops woken (``app.wake``, ``ostinato wake``) since the keeper last looked.
         self.woken: set[str] = set()
         self._fence = 0
@@ -394,8 +398,9 @@ class Keeper:
         else:
             last = max(t for t in (record.last_end, record.last_start, record.next_start, 0.0)
                        if t is not None) if record is not None else 0.0
-            log.warning("%s: chain re-forged (generation %d): no link since %s (%.1fs ago)", key,
-                        link.generation, _clock(last), now - last,
+            log.warning("%s: chain re-forged (generation %d): no link since %s (%.1fs ago); "
+                        "%d re-forged by this keeper", key, link.generation, _clock(last), now - last,
+                        self.counts["reforged"],
                         extra=self._fields("chain_reforged", key, link.generation))
 
     # -- clock mode ------------------------------------------------------------------
@@ -433,10 +438,14 @@ def _clock(wall: float) -> str:
 
 class KeeperThread:
     """Runs a ``Keeper`` on an event loop of its own, in a daemon thread of the worker's main
-    process, from the worker's start to its shutdown."""
+    process, from the worker's start to its shutdown; with ``metrics_port``, also serves what
+    the keeper and the worker's links (``tally``) did on ``/metrics`` there."""
 
-    def __init__(self, keeper: Keeper) -> None:
-        self.keeper = keeper
+    def __init__(
+        self, keeper: Keeper, *, tally: Tally | None = None, metrics_port: int | None = None
+    ) -> None:
+        self.keeper, self.tally, self.metrics_port = keeper, tally, metrics_port
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -445,6 +454,12 @@ class KeeperThread:
     def start(self) -> None:
         if self._thread is not None:
             return
+        if self.metrics_port is not None:
+            from ostinato.metrics import JobsCollector, serve_jobs
+
+            tally = self.tally or Tally(shared=False)
+            collector = JobsCollector(self.keeper.app.name, tally.counts, lambda: self.keeper.counts)
+            self._server = serve_jobs(collector, "0.0.0.0", self.metrics_port)  # noqa: S104 - a scrape target
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True,
                                         name=f"ostinato-keeper:{self.keeper.app.name}")
         self._thread.start()
@@ -470,6 +485,10 @@ class KeeperThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         self._thread = None
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
 
 async def seed(

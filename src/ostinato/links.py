@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import multiprocessing
 import time
 import uuid
 from collections import Counter
@@ -53,8 +54,47 @@ EARLY_WAIT_LIMIT = 5.0
 #: How often a waiting link looks whether its worker is shutting down.
 STOP_POLL = 0.05
 
-#: What the jobs of this process did, by outcome (``ran``, ``stale``, ``skipped``, ...).
-COUNTS: Counter[str] = Counter()
+
+
+class Tally:
+    """What the jobs of one worker did, by outcome, added up across its processes.
+
+    Made in the worker's main process when the app is attached, before Celery forks its
+    pool processes or RQ its work horses: they inherit its shared memory, so the keeper's
+    process (metrics, logs) sees what every link of the worker did. Where that memory
+    cannot be had, or in a process not forked from the one that made it, the counts stay
+    in the process that counted them.
+    """
+
+    OUTCOMES = ("ran", "early", "stale", "held", "paused", "lost", "unreachable", "skipped")
+
+    def __init__(self, shared: bool = True) -> None:
+        self._local: Counter[str] = Counter()
+        self._shared: Any = None
+        if shared:
+            with contextlib.suppress(OSError, ValueError):  # no /dev/shm, no fork
+                self._shared = multiprocessing.get_context("fork").Array("q", len(self.OUTCOMES))
+
+    def add(self, outcome: str) -> None:
+        if self._shared is None or outcome not in self.OUTCOMES:
+            self._local[outcome] += 1
+            return
+        with self._shared.get_lock():
+            self._shared[self.OUTCOMES.index(outcome)] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Every outcome's count so far (those never seen as 0)."""
+        out = dict.fromkeys(self.OUTCOMES, 0)
+        if self._shared is not None:
+            with self._shared.get_lock():
+                out.update(zip(self.OUTCOMES, self._shared[:], strict=True))
+        for outcome, count in self._local.items():
+            out[outcome] = out.get(outcome, 0) + count
+        return out
+
+
+#: The jobs of this process that no attached app counts (run without ``attach``).
+COUNTS = Tally(shared=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +214,7 @@ async def hand_over(
 
 def run_link(
     app: App, data: Mapping[str, Any], enqueue: Enqueue, *, worker: RunnerInfo,
-    options: JobOptions, stopping: Callable[[], bool] = lambda: False,
+    options: JobOptions, stopping: Callable[[], bool] = lambda: False, tally: Tally = COUNTS,
 ) -> str:
     """Run one link of a chain (the body of the Celery task or RQ job); return what it did:
     ``ran``, ``early`` (back to the queue), ``stale``, ``held``, ``paused``, ``lost`` or
@@ -187,7 +227,7 @@ def run_link(
             f"{app.loop_names()}); a link of it was dropped"
         )
     outcome = run_sync(_Chain(app, spec, worker, options, stopping).link(link, enqueue))
-    COUNTS[outcome] += 1
+    tally.add(outcome)
     return outcome
 
 
@@ -306,7 +346,7 @@ class _Chain:
 
 def run_clock_pass(
     app: App, name: str, slot: float, *, worker: RunnerInfo, options: JobOptions,
-    due: tuple[float, float, int] | None = None,
+    due: tuple[float, float, int] | None = None, tally: Tally = COUNTS,
 ) -> str:
     """Run one pass of loop ``name`` that the clock enqueued for ``slot`` (wall), at that time;
     return ``ran``, or ``skipped`` when its previous pass still holds the lease or still ran at
@@ -316,7 +356,7 @@ def run_clock_pass(
     if spec is None:
         raise ConfigurationError(f"app {app.name!r} has no loop named {name!r}")
     outcome = run_sync(_clock_pass(app, spec, slot, due, worker, options.patience_for(spec)))
-    COUNTS[outcome] += 1
+    tally.add(outcome)
     return outcome
 
 

@@ -29,7 +29,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -138,6 +138,52 @@ class RunnerCollector:
             stalled.add_metric(values, 1.0 if keeper.stalled and lease is not None else 0.0)
             failing.add_metric(values, 1.0 if keeper.failing and lease is not None else 0.0)
         yield from (passes, duration, held, acquired, lost, fence, since, stalled, failing)
+
+
+class JobsCollector:
+    """What a Celery or RQ worker's links and keeper did for app ``app`` (``attach(...,
+    metrics_port=)``), read at scrape time: ``links`` and ``chains`` return counts so far."""
+
+    def __init__(
+        self, app: str, links: Callable[[], Mapping[str, int]], chains: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self.app, self.links, self.chains = app, links, chains
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        links = CounterMetricFamily(
+            "ostinato_job_links",
+            "Links and clock passes this worker's processes ended, by outcome: ran; stale (a "
+            "duplicate, or of an older chain), held, paused, lost, early, skipped, unreachable.",
+            labels=["app", "outcome"],
+        )
+        chains = CounterMetricFamily(
+            "ostinato_chains_forged",
+            "Chains this worker's keeper forged, by kind: forged (none ran), reforged (one broke), "
+            "woken (a wake-up replaced the link waiting in the queue).", labels=["app", "kind"],
+        )
+        for outcome, count in self.links().items():
+            links.add_metric([self.app, outcome], count)
+        for kind in ("forged", "reforged", "woken"):
+            chains.add_metric([self.app, kind], self.chains().get(kind, 0))
+        yield from (links, chains)
+
+
+def serve_jobs(collector: JobsCollector, host: str, port: int) -> WSGIServer:
+    """Serve ``collector`` on ``http://host:port/metrics`` from a thread; stop it with
+    ``shutdown()`` and ``server_close()``. A port in use is a ``ConfigurationError``."""
+    require()
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, _ = start_http_server(port, host, registry)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                                 "pick another metrics_port") from None
+    return server
 
 
 def _bound(value: float) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +39,7 @@ from ostinato.chains import TICK, Keeper, KeeperThread, seed
 from ostinato.coordinators.protocol import RunnerInfo
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, MissingExtraError
-from ostinato.links import JobOptions, Link, check_hostable, run_clock_pass, run_link
+from ostinato.links import JobOptions, Link, Tally, check_hostable, run_clock_pass, run_link
 
 try:
     import rq
@@ -64,8 +65,12 @@ _current: rq.worker.BaseWorker | None = None
 class Attached:
     """An app attached to an RQ queue: how its jobs are enqueued, and a way to seed by hand."""
 
-    def __init__(self, app: App, queue: rq.Queue, mode: str, options: JobOptions) -> None:
+    def __init__(self, app: App, queue: rq.Queue, mode: str, options: JobOptions,
+                 metrics_port: int | None = None) -> None:
         self.app, self.queue, self.mode, self.options = app, queue, mode, options
+        self.metrics_port = metrics_port
+        #: What this worker's links did (its work horses share it) and its keeper forged.
+        self.tally, self.forges = Tally(), Counter[str]()
         self.worker = RunnerInfo.here(hosts=tuple(f"{app.name}:{name}" for name in app.loops))
         try:
             self.target: str | None = app.locate()
@@ -109,7 +114,7 @@ class Attached:
     def keeper(self) -> Keeper:
         return Keeper(self.app, "rq", worker=self.worker, options=self.options, mode=self.mode,
                       enqueue_link=self.enqueue_link, enqueue_pass=self.enqueue_pass,
-                      on_tick=self.move_due)
+                      on_tick=self.move_due, counts=self.forges)
 
     def seed(self, name: str, *, wait: Duration = "0s") -> Link | None:
         """Forge a chain of loop ``name`` now if nothing holds the loop (the keeper does this by
@@ -122,10 +127,10 @@ class Attached:
 
 def attach(
     app: App, queue: rq.Queue, *, mode: str = "chain", budget: Duration = "1s",
-    patience: Duration | None = None,
+    patience: Duration | None = None, metrics_port: int | None = None,
 ) -> Attached:
     """Run ``app``'s loops as jobs on ``queue`` (see ``ostinato.celery.attach`` for the modes,
-    ``budget`` and ``patience``)."""
+    ``budget``, ``patience`` and ``metrics_port``)."""
     if mode not in ("chain", "clock"):
         raise ConfigurationError(f"mode={mode!r}: use mode='chain' or mode='clock'")
     check_hostable(app, mode)
@@ -136,7 +141,7 @@ def attach(
         )
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
-    attached = _attached[app.name] = Attached(app, queue, mode, options)
+    attached = _attached[app.name] = Attached(app, queue, mode, options, metrics_port)
     return attached
 
 
@@ -164,7 +169,7 @@ def link(app_name: str, data: Mapping[str, Any], target: str | None = None) -> s
     """The job of one link of a chain."""
     attached = _find(app_name, target)
     return run_link(attached.app, data, attached.enqueue_link, worker=attached.worker,
-                    options=attached.options, stopping=_stopping)
+                    options=attached.options, stopping=_stopping, tally=attached.tally)
 
 
 def clock_pass(app_name: str, name: str, slot: float, due: list[Any] | None = None,
@@ -172,6 +177,7 @@ def clock_pass(app_name: str, name: str, slot: float, due: list[Any] | None = No
     """The job of one pass a clock enqueued."""
     attached = _find(app_name, target)
     return run_clock_pass(attached.app, name, slot, worker=attached.worker, options=attached.options,
+                          tally=attached.tally,
                           due=None if due is None else (float(due[0]), float(due[1]), int(due[2])))
 
 
@@ -193,7 +199,7 @@ class _Hosting:
                 "module:app (the module that calls ostinato.rq.attach), or pass it with rq worker -c"
             )
         logs.make_visible()
-        threads = [KeeperThread(a.keeper()) for a in hosted]
+        threads = [KeeperThread(a.keeper(), tally=a.tally, metrics_port=a.metrics_port) for a in hosted]
         _current = self  # type: ignore[assignment]
         for thread in threads:
             thread.start()

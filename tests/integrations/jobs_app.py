@@ -6,7 +6,7 @@ appends to, ``JOBS_MODE`` ``chain`` or ``clock``, ``JOBS_TAKES`` how long a pass
 takes (seconds), ``JOBS_PAUSE``, ``JOBS_EVERY`` or ``JOBS_CRON`` its pacing, ``JOBS_LEASE`` its
 lease, ``JOBS_BUDGET`` a link's budget, ``JOBS_PATIENCE`` the keeper's patience,
 ``JOBS_STALL`` the loop's ``stall_after``, ``JOBS_IDLE`` its idle backoff (its passes
-then return ``ostinato.IDLE``);
+then return ``ostinato.IDLE``), ``JOBS_METRICS_PORT`` where a worker serves its metrics;
 ``JOBS_TWICE=1`` makes every link enqueue its next link twice (the article's chain
 that doubles).
 
@@ -61,7 +61,8 @@ def build(env: Mapping[str, str]) -> tuple[ostinato.App, dict[str, Any]]:
         return found
 
     options = {"mode": env.get("JOBS_MODE", "chain"), "budget": env.get("JOBS_BUDGET", "1s"),
-               "patience": env.get("JOBS_PATIENCE") or None}
+               "patience": env.get("JOBS_PATIENCE") or None,
+               "metrics_port": int(env["JOBS_METRICS_PORT"]) if env.get("JOBS_METRICS_PORT") else None}
     return app, options
 
 

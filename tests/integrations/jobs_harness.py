@@ -14,8 +14,10 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -117,10 +119,11 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
         self._count = itertools.count(1)
 
-    def start(self, *command: str) -> subprocess.Popen[bytes]:
+    def start(self, *command: str, **settings: str) -> subprocess.Popen[bytes]:
+        """Start ``command`` with the test's environment and ``settings`` on top."""
         log = self.tmp_path / f"worker{next(self._count)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out,
+            proc = subprocess.Popen(command, cwd=ROOT, env={**self.env, **settings}, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         proc.log = log  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -184,6 +187,26 @@ def on_cron_slots(env: dict[str, str], every: float) -> None:
         [every] * (len(slots) - 1), abs=1e-3), slots
     late = [start - slot for slot, start in slots]
     assert all(0 <= each < every / 2 for each in late), late
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scraped(ports: list[int], name: str, **labels: str) -> float:
+    """The sum over the workers serving metrics on ``ports`` of metric ``name`` with ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            total += sum(sample.value for sample in family.samples if sample.name == name
+                         and all(sample.labels.get(k) == v for k, v in labels.items()))
+    return total
 
 
 def wait_until(what: Callable[[], object], timeout: float, step: float = 0.05) -> bool:

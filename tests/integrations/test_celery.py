@@ -22,6 +22,7 @@ from tests.integrations.jobs_harness import (
     cron_passes,
     descendants,
     environment,
+    free_port,
     gaps,
     keeper_pid,
     no_overlap,
@@ -29,6 +30,7 @@ from tests.integrations.jobs_harness import (
     passes,
     rabbitmq_answers,
     redis_answers,
+    scraped,
     sigterm_mid_pass,
     wait_until,
     workers,
@@ -201,18 +203,21 @@ def test_celery_inspect_shows_the_link_and_celery_purge_is_recovered_within_stal
 
     env = on_broker(tmp_path, broker, JOBS_PAUSE="1500ms", JOBS_TAKES="0.02", JOBS_STALL="3s")
     _, celery, _ = made(env)
+    ports = [free_port(), free_port()]
     with workers(tmp_path, env) as running:
-        running.start(*celery_worker(env, "a"))
-        running.start(*celery_worker(env, "b"))
+        running.start(*celery_worker(env, "a"), JOBS_METRICS_PORT=str(ports[0]))
+        running.start(*celery_worker(env, "b"), JOBS_METRICS_PORT=str(ports[1]))
         assert wait_until(lambda: len(passes(env)) >= 2, 20), running.logs()
         shown = celery_cli(env, "inspect", "scheduled", "-d", ",".join(nodes(env)))
         resumed = purged_by_the_cli(running, env, celery)
         assert wait_until(lambda: len(passes(env)) >= 5, 10), running.logs()
         logs = running.logs()
+        reforged = scraped(ports, "ostinato_chains_forged_total", app=env["JOBS_APP"], kind="reforged")
     assert f"ostinato.{env['JOBS_APP']}.link:tick" in shown, shown
     print(f"resumed {resumed:.2f}s after celery purge")
     assert resumed < 3.0 + 1.0
     assert "chain re-forged" in logs
+    assert reforged == logs.count("chain re-forged") >= 1  # in the metrics of the keeper's worker
     no_overlap(passes(env))
 
 
@@ -322,9 +327,10 @@ def test_ostinato_wake_runs_the_next_pass_of_an_idle_chain_at_once(tmp_path: Pat
     next pass starts within a second of the command, not 4 s after the last; the dropped link
     ends stale when it comes, and no passes overlap."""
     env = environment(tmp_path, JOBS_IDLE="4s", JOBS_TAKES="0.02")
+    ports = [free_port(), free_port()]
     with workers(tmp_path, env) as running:
-        running.start(*celery_worker(env, "a"))
-        running.start(*celery_worker(env, "b"))
+        running.start(*celery_worker(env, "a"), JOBS_METRICS_PORT=str(ports[0]))
+        running.start(*celery_worker(env, "b"), JOBS_METRICS_PORT=str(ports[1]))
         assert wait_until(lambda: len(passes(env)) >= 1 and passes(env)[-1].end is not None, 20), \
             running.logs()
         time.sleep(0.5)  # the lease handed on to the next link, due 4 s after the pass
@@ -339,11 +345,21 @@ def test_ostinato_wake_runs_the_next_pass_of_an_idle_chain_at_once(tmp_path: Pat
         assert wait_until(lambda: "ends without running (stale)" in running.logs(),
                           first.end + 6 - time.monotonic()), running.logs()
         logs = running.logs()
+        app = {"app": env["JOBS_APP"]}
+        counted = {kind: scraped(ports, "ostinato_chains_forged_total", kind=kind, **app)
+                   for kind in ("forged", "reforged", "woken")}
+        stale = scraped(ports, "ostinato_job_links_total", outcome="stale", **app)
+        ran = scraped(ports, "ostinato_job_links_total", outcome="ran", **app)
     print(f"woken pass {second.start - woke:.2f}s after ostinato wake returned, "
           f"{second.start - first.end:.2f}s after the last pass")
     assert second.start - woke < 1.0
     assert second.start - first.end < 3.5
     assert "chain re-forged" not in logs
+    # What the workers' metrics say: the chain forged at start and once woken, the link it
+    # replaced counted stale (in whichever pool process ran it), the others ran.
+    assert counted == {"forged": 1, "reforged": 0, "woken": 1}, counted
+    assert stale == logs.count("ends without running (stale)") >= 1
+    assert ran >= 2
     no_overlap(passes(env))
 
 

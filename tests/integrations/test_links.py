@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import multiprocessing
 import subprocess
 import sys
 import uuid
@@ -20,7 +21,7 @@ import ostinato
 from ostinato.chains import Keeper, first_start, forge, overdue, watches_early, woken_start
 from ostinato.coordinators.protocol import LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError
-from ostinato.links import JobOptions, Link, check_hostable, run_link
+from ostinato.links import JobOptions, Link, Tally, check_hostable, run_link
 from ostinato.testing import FakeClock, MemoryCoordinator, MemoryStore
 
 WORKER = RunnerInfo.here()
@@ -244,6 +245,38 @@ def test_a_forged_chain_keeps_the_pause_its_last_link_planned() -> None:
     record = LoopRecord("a:tick", 5, False, None, None, last_end=100.0, next_start=105.0)
     start, due = first_start(app.loops["tick"], record, 101.0, "a:tick")
     assert (start, due) == (105.0, None)
+
+
+def _count_in_a_child(tally: Tally) -> None:
+    tally.add("stale")
+    tally.add("ran")
+
+
+def test_a_tally_adds_up_what_processes_forked_from_its_maker_counted() -> None:
+    """A worker's pool processes and work horses are forked from it: what they count shows
+    in the worker's own tally."""
+    tally = Tally()
+    child = multiprocessing.get_context("fork").Process(target=_count_in_a_child, args=(tally,))
+    child.start()
+    child.join(10)
+    tally.add("stale")
+    counts = tally.counts()
+    assert (counts["stale"], counts["ran"], counts["held"]) == (2, 1, 0)
+
+
+def test_job_metrics_show_links_by_outcome_and_chains_by_kind() -> None:
+    """``ostinato_job_links`` and ``ostinato_chains_forged`` as Prometheus scrapes them."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ostinato.metrics import JobsCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobsCollector("app", lambda: {"ran": 5, "stale": 2}, lambda: {"reforged": 1}))
+    text = generate_latest(registry).decode()
+    assert 'ostinato_job_links_total{app="app",outcome="stale"} 2.0' in text
+    assert 'ostinato_chains_forged_total{app="app",kind="reforged"} 1.0' in text
+    assert 'ostinato_chains_forged_total{app="app",kind="woken"} 0.0' in text
 
 
 def test_a_coordinator_object_other_than_memory_is_refused_with_what_to_do() -> None:

@@ -24,12 +24,14 @@ from tests.integrations.jobs_harness import (
     cron_passes,
     descendants,
     environment,
+    free_port,
     gaps,
     keeper_pid,
     no_overlap,
     on_cron_slots,
     passes,
     redis_answers,
+    scraped,
     sigterm_mid_pass,
     wait_until,
     workers,
@@ -102,22 +104,27 @@ def test_a_chain_whose_every_link_enqueues_two_stays_one_chain(tmp_path: Path, b
     from tests.integrations.rq_jobs import made
 
     env = rq_env(tmp_path, broker, JOBS_PAUSE="150ms", JOBS_TAKES="0.02", JOBS_TWICE="1")
+    ports = [free_port(), free_port()]
     with workers(tmp_path, env) as running:
-        running.start(*rq_worker(env))
-        running.start(*rq_worker(env))
+        running.start(*rq_worker(env), JOBS_METRICS_PORT=str(ports[0]))
+        running.start(*rq_worker(env), JOBS_METRICS_PORT=str(ports[1]))
         assert wait_until(lambda: len(passes(env)) >= 5, 20), running.logs()
         _, _, jobs = made(env)
         assert jobs.seed("tick") is None  # the live chain holds the loop
         assert jobs.seed("tick") is None
         seeded = time.monotonic()
         assert wait_until(lambda: passes(env)[-1].start > seeded + 2.5, 10), running.logs()
+        time.sleep(0.3)  # the last link's copy ends
         logs = running.logs()
+        stale = scraped(ports, "ostinato_job_links_total", app=env["JOBS_APP"], outcome="stale")
     records = passes(env)
     no_overlap(records)
     assert min(gaps(records)) >= 0.145, sorted(gaps(records))[:5]
     assert max(gaps(records)) < 0.6, sorted(gaps(records))[-5:]  # and the chain never broke
     assert logs.count("ends without running (stale)") >= len({r.fence for r in records}) - 2
     assert "re-forged" not in logs
+    # Each copy was counted by the work horse that ran it, in its worker's metrics.
+    assert abs(stale - logs.count("ends without running (stale)")) <= 1, stale
 
 
 def test_rq_info_shows_the_link_at_work_and_the_worker_log_names_its_loop(
