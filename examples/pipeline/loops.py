@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from examples.pipeline.model import SLOTS, slots_of
-from examples.pipeline.store import Store, data_dir, open_store
+from examples.pipeline.store import LOOPS_FLUSH, Overtaken, Store, data_dir, open_store
 from examples.pipeline.store_redis import RedisStore
 
 import ostinato
@@ -71,7 +71,7 @@ def store() -> Store | RedisStore:
 def connection(owner: str) -> Iterator[Any]:
     """The connection kept for one loop member; dropped when a pass fails on it, so the next
     pass starts on a fresh one."""
-    conn = _conns.pop(owner, None) or store().connect()
+    conn = _conns.pop(owner, None) or store().connect(flush=LOOPS_FLUSH)
     try:
         yield conn
     except BaseException:
@@ -83,7 +83,7 @@ def connection(owner: str) -> Iterator[Any]:
 @app.loop(partitions=PARTITIONS, pause=PAUSE, idle=("100ms", "2s"), lease="5s", stall_after="1m")
 def aggregate(ctx: ostinato.Pass) -> object:
     """Fold this partition's pending bundles into windows and totals, and mark them drained,
-    all in one fenced transaction."""
+    all written in one fenced transaction."""
     part, parts = ctx.partition or 0, ctx.partitions or 1
     slots = slots_of(part, parts)
     db = store()
@@ -93,10 +93,17 @@ def aggregate(ctx: ostinato.Pass) -> object:
         if isinstance(db, RedisStore):
             # One script checks the fence and drains, atomically (see store_redis.py).
             folded = db.drain(conn, ctx, slots, part, BATCH)
-        else:
+            return ostinato.IDLE if folded is None else None
+        # Read and folded before the transaction, so the write lock is held for the writes only.
+        pending = db.pending(conn, slots, BATCH)
+        if pending is None:
+            return ostinato.IDLE
+        try:
             with db.fenced(conn, ctx):
-                folded = db.drain(conn, slots, ctx.fence, part, BATCH)
-    return ostinato.IDLE if folded is None else None
+                db.drain(conn, pending, ctx.fence, part)
+        except Overtaken:
+            pass  # rolled back; the next pass reads again
+    return None
 
 
 @app.loop(every="5s", lease="10s", stall_after="2m")
@@ -107,8 +114,11 @@ def rollup(ctx: ostinato.Pass) -> None:
         if isinstance(db, RedisStore):
             db.rollup(conn, ctx)
             return
+        minutes = db.minutes(conn)  # merged before the transaction, as in aggregate
+        if not minutes:
+            return
         with db.fenced(conn, ctx):
-            db.rollup(conn)
+            db.rollup(conn, minutes)
 
 
 @app.loop(every="30s", lease="30s", stall_after="5m")

@@ -89,7 +89,6 @@ CREATE TABLE IF NOT EXISTS lags (
 # Written with '?' placeholders; PostgreSQL's copy doubles each '%' (the modulo operator) and
 # swaps each '?' for '%s' (no text holds a literal '?').
 COMMON = {
-    "insert": "INSERT INTO bundles (slot, app, source, received, n, samples) VALUES (?, ?, ?, ?, ?, ?)",
     "window": "SELECT count, max, buckets FROM windows WHERE width = ? AND app = ? AND start = ?",
     "put_window": (
         "INSERT INTO windows (width, app, start, count, max, buckets) VALUES (?, ?, ?, ?, ?, ?)"
@@ -133,8 +132,17 @@ COMMON = {
     "lags": "SELECT start, count, max, buckets FROM lags WHERE start >= ? ORDER BY start",
 }
 
+# A whole batch of bundles is one statement taking one parameter (a JSON array of rows on
+# SQLite, one array per column on PostgreSQL): one statement is atomic on its own, and the
+# writer thread hands the GIL over once per batch instead of once per row (see ingest.py).
 SQLITE = {
     **COMMON,
+    "insert": (
+        "INSERT INTO bundles (slot, app, source, received, n, samples)"
+        " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+        " json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')"
+        " FROM json_each(?) ORDER BY key"
+    ),
     "pending": (
         "SELECT id, app, received, samples FROM bundles WHERE drained_at IS NULL"
         " AND slot IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?"
@@ -150,6 +158,11 @@ SQLITE = {
 
 POSTGRES = {
     **{name: text.replace("%", "%%").replace("?", "%s") for name, text in COMMON.items()},
+    "insert": (
+        "INSERT INTO bundles (slot, app, source, received, n, samples)"
+        " SELECT * FROM unnest(%s::integer[], %s::text[], %s::text[], %s::float8[], %s::integer[],"
+        " %s::text[])"
+    ),
     "pending": (
         "SELECT id, app, received, samples FROM bundles WHERE drained_at IS NULL"
         " AND slot = ANY(%s) ORDER BY id LIMIT %s"

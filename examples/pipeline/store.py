@@ -16,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
     from examples.pipeline.store_redis import RedisStore
 
 DEFAULT_SCHEMA = "pipeline"
+#: How long a SQLite connection waits for the write lock before giving up (seconds).
+LOCK_WAIT = 30.0
+#: How often ``add`` tries the write lock again on a ``poll_lock`` connection (seconds).
+LOCK_POLL = 0.0005
+#: Whether the loops' SQLite commits are flushed to disk each (``synchronous=FULL``). They are
+#: not: a pass holds the write lock until its commit returns, and the ingest tier's commits wait
+#: for it, so a flush there (a few ms, tens when the disk is busy) is paid by the requests too.
+#: Nothing is lost: the next ingest commit's flush carries the pass's commit with it (one WAL
+#: file), and a power cut before that loses whole transactions from the end of the log only,
+#: so the lost pass's bundles are pending again, its windows and totals gone with its marks,
+#: and the next pass drains them once.
+LOOPS_FLUSH = False
 
 
 def data_dir() -> Path:
@@ -57,6 +70,29 @@ def open_store(url: str | None = None) -> Store | RedisStore:
     return Store(url)
 
 
+class Overtaken(Exception):
+    """Bundles a pass read were drained by another holder before the pass took the write lock."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Pending bundles as a pass read them: their ids, when each was received, their fold."""
+
+    ids: list[int]
+    received: list[float]
+    folded: Fold
+
+
+@dataclass(frozen=True)
+class Minute:
+    """A 1-minute window merged from its 10-second ones, and the version each was read at."""
+
+    app: str
+    start: int
+    window: Window
+    versions: list[tuple[int, int]]
+
+
 class Store:
     """The pipeline's tables in one database, and every statement run on them."""
 
@@ -76,16 +112,23 @@ class Store:
         self.schema = schema or os.environ.get("PIPELINE_SCHEMA", DEFAULT_SCHEMA)
         self._ready = False
 
-    def connect(self) -> Any:
-        """A new connection, in autocommit mode (transactions are begun explicitly), tables made."""
+    def connect(self, *, poll_lock: bool = False, flush: bool = True) -> Any:
+        """A new connection, in autocommit mode (transactions are begun explicitly), tables made.
+
+        SQLite only: ``poll_lock``: the connection does not wait for the write lock itself, and
+        ``add`` tries again every ``LOCK_POLL`` seconds instead. SQLite's own wait sleeps 1, 2,
+        5, 10, 15, 20, 25 ms... between tries, so a writer may get the lock up to twice as late
+        as it was freed: a pass holding it 10 ms could delay the ingest tier's commit 18 ms.
+        ``flush`` False: a commit is not flushed to disk by itself (``synchronous=NORMAL``),
+        which the loops use; see ``LOOPS_FLUSH``."""
         conn: Any
         if self.dialect == "sqlite":
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=0.0 if poll_lock else LOCK_WAIT,
+                                   isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a bundle answered 202 survives a power cut, not only a crash; the
             # ingest tier's group commit pays the fsync once per batch.
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if flush else 'NORMAL'}")
             if not self._ready:
                 conn.executescript(sql.SQLITE_SCHEMA)
         else:
@@ -112,20 +155,25 @@ class Store:
     # -- the ingest tier -------------------------------------------------------------------
 
     def add(self, conn: Any, bundles: Sequence[tuple[Bundle, float]]) -> None:
-        """Store ``(bundle, received)`` pairs in one transaction: all of them, or none."""
-        rows = [(b.slot, b.app, b.source, received, len(b.samples), b.samples_json())
-                for b, received in bundles]
+        """Store ``(bundle, received)`` pairs in one statement: all of them, or none."""
         if self.dialect == "sqlite":
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(self.q["insert"], rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            rows = json.dumps([(b.slot, b.app, b.source, received, len(b.samples), b.samples_json())
+                               for b, received in bundles])
+            deadline = time.monotonic() + LOCK_WAIT
+            while True:
+                try:
+                    conn.execute(self.q["insert"], (rows,))
+                    return
+                except sqlite3.OperationalError as exc:
+                    # Busy: another connection holds the write lock, and nothing was written.
+                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                        raise
+                time.sleep(LOCK_POLL)
         else:
-            with conn.transaction(), conn.cursor() as cursor:
-                cursor.executemany(self.q["insert"], rows)
+            columns = ([b.slot for b, _ in bundles], [b.app for b, _ in bundles],
+                       [b.source for b, _ in bundles], [received for _, received in bundles],
+                       [len(b.samples) for b, _ in bundles], [b.samples_json() for b, _ in bundles])
+            conn.execute(self.q["insert"], columns)
 
     # -- the loops, each inside a fenced transaction ---------------------------------------
 
@@ -133,26 +181,35 @@ class Store:
         """Whether any bundle of ``slots`` waits (a plain read, outside any transaction)."""
         return conn.execute(self.q["has_pending"], (self._list(slots),)).fetchone() is not None
 
-    def drain(self, conn: Any, slots: Sequence[int], fence: int, part: int, limit: int) -> Fold | None:
-        """Fold up to ``limit`` pending bundles of ``slots`` into their windows and totals and
-        mark them drained by ``fence``; None when there were none. Call inside ``fenced``."""
+    def pending(self, conn: Any, slots: Sequence[int], limit: int) -> Pending | None:
+        """Up to ``limit`` pending bundles of ``slots``, folded into windows; None when there are
+        none. A plain read, outside any transaction: the folding is done before the pass takes
+        the write lock, which on SQLite the ingest tier's commits wait for."""
         rows = conn.execute(self.q["pending"], (self._list(slots), limit)).fetchall()
         if not rows:
             return None
+        return Pending([r[0] for r in rows], [r[2] for r in rows],
+                       fold((app, json.loads(samples)) for _, app, _, samples in rows))
+
+    def drain(self, conn: Any, pending: Pending, fence: int, part: int) -> Fold:
+        """Mark the ``pending`` bundles drained by ``fence`` and add their fold to the windows,
+        totals and lags. Call inside ``fenced``; ``Overtaken`` (roll back, read again) if any
+        of them was drained since they were read."""
         now = time.time()
-        ids = [r[0] for r in rows]
-        marked = conn.execute(self.q["drained"], (now, fence, self._list(ids))).rowcount
-        if marked != len(ids):
-            # Never expected: the fenced transaction keeps every other drainer out.
-            raise RuntimeError(f"{len(ids) - marked} of {len(ids)} bundles were drained meanwhile")
-        folded = fold((app, json.loads(samples)) for _, app, _, samples in rows)
+        marked = conn.execute(self.q["drained"], (now, fence, self._list(pending.ids))).rowcount
+        if marked != len(pending.ids):
+            # A holder that took the lease over drained them after this pass read them and before
+            # it took the write lock; this pass's fence is still the newest, so it reads again.
+            raise Overtaken(f"{len(pending.ids) - marked} of {len(pending.ids)} bundles were drained "
+                            "since they were read")
+        folded = pending.folded
         for (app, start), window in sorted(folded.windows.items()):
             self._merge_into(conn, WINDOW, app, start, window)
         for app in sorted(folded.bundles):
             conn.execute(self.q["add_totals"], (app, folded.bundles[app], folded.samples[app]))
         lag = Window()
-        for row in rows:
-            lag.add(max(0.0, (now - row[2]) * 1000.0))
+        for received in pending.received:
+            lag.add(max(0.0, (now - received) * 1000.0))
         start = window_start(now)
         old = conn.execute(self.q["lag"], (start, part)).fetchone()
         if old is not None:
@@ -166,16 +223,26 @@ class Store:
             window.merge(Window.decode(*old))
         conn.execute(self.q["put_window"], (width, app, start, window.count, window.max, window.encode()))
 
-    def rollup(self, conn: Any, limit: int = 500) -> int:
-        """Recompute the minutes whose 10-second windows changed since they were last rolled up;
-        how many. Call inside ``fenced``."""
-        minutes = conn.execute(self.q["unrolled"], (limit,)).fetchall()
-        for app, minute in minutes:
+    def minutes(self, conn: Any, limit: int = 500) -> list[Minute]:
+        """The minutes whose 10-second windows changed since they were last rolled up, each
+        merged from its windows as they are now. A plain read, outside any transaction, so the
+        merging is done before the roll-up takes the write lock."""
+        out = []
+        for app, minute in conn.execute(self.q["unrolled"], (limit,)).fetchall():
             rows = conn.execute(self.q["minute"], (app, minute, minute + ROLLUP)).fetchall()
             total = merged(Window.decode(count, max_ms, buckets) for _, count, max_ms, buckets, _ in rows)
-            conn.execute(self.q["put_window"], (ROLLUP, app, minute, total.count, total.max, total.encode()))
-            for start, _, _, _, version in rows:
-                conn.execute(self.q["rolled"], (version, app, start, version))
+            out.append(Minute(app, minute, total, [(start, version) for start, _, _, _, version in rows]))
+        return out
+
+    def rollup(self, conn: Any, minutes: Sequence[Minute]) -> int:
+        """Write ``minutes`` and mark the 10-second windows they were merged from rolled up, each
+        at the version it was read at: one that changed since is rolled up again next time.
+        Call inside ``fenced``; how many minutes."""
+        for m in minutes:
+            conn.execute(self.q["put_window"], (ROLLUP, m.app, m.start, m.window.count, m.window.max,
+                                                m.window.encode()))
+            for start, version in m.versions:
+                conn.execute(self.q["rolled"], (version, m.app, start, version))
         return len(minutes)
 
     def prune(self, conn: Any, now: float, raw: float, tens: float, minutes: float) -> int:

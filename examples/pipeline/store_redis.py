@@ -150,7 +150,8 @@ class RedisStore:
         #: fences table): a fresh store starts with no fence recorded.
         self.fence_prefix = f"{self.p}:fence:"
 
-    def connect(self) -> Any:
+    def connect(self, *, poll_lock: bool = False, flush: bool = True) -> Any:
+        """A client; the flags are ``Store``'s (SQLite's), and mean nothing here."""
         import redis
 
         return redis.Redis.from_url(self.url)

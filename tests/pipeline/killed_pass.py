@@ -30,8 +30,8 @@ def main() -> int:
         if seen[0] == k:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def traced() -> sqlite3.Connection:
-        conn: sqlite3.Connection = connect()
+    def traced(**flags: bool) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(**flags)
         conn.set_trace_callback(trace)
         return conn
 

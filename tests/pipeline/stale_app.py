@@ -33,9 +33,10 @@ def aggregate(ctx: ostinato.Pass) -> object:
             return ostinato.IDLE
         (DATA / f"held-{os.getpid()}").write_text(str(ctx.fence))
         time.sleep(2.0)  # frozen here by the test, past the end of the lease
+        pending = db.pending(conn, slots, loops.BATCH)
         try:
             with db.fenced(conn, ctx):
-                folded = db.drain(conn, slots, ctx.fence, 0, loops.BATCH)
+                folded = None if pending is None else db.drain(conn, pending, ctx.fence, 0)
         except ostinato.StaleFence as exc:
             (DATA / f"outcome-{os.getpid()}").write_text(f"StaleFence {exc}")
             raise
