@@ -12,13 +12,13 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from examples.pipeline import loops
-    from examples.pipeline.ingest import create_app
+    from examples.pipeline.ingest import SWITCH_INTERVAL, create_app
     from examples.pipeline.store import data_dir, display, open_store
 
     if not os.environ.get("PIPELINE_STORE"):
@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     store = open_store()
     coordinator = None if args.no_wake else loops.coordinator_url()
     web = create_app(store, coordinator, loops.app.name, loops.PARTITIONS)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     print(f"pipeline ingest on http://{args.host}:{args.port}/ storing in {display(store.url)}"
           + ("" if coordinator is None else f", waking {display(coordinator)}"), flush=True)
     uvicorn.run(web, host=args.host, port=args.port, log_level="warning", access_log=False,
@@ -44,8 +45,20 @@ def _load(args: argparse.Namespace) -> int:
         return await run(args.url, args.rate, args.seconds, apps=args.apps,
                          connections=args.connections, seed=args.seed, stop=stop)
 
-    print(json.dumps(asyncio.run(main())), flush=True)
+    with asyncio.Runner(loop_factory=fast_loop()) as runner:
+        print(json.dumps(runner.run(main())), flush=True)
     return 0
+
+
+def fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (the ``dashboard`` extra), else asyncio's:
+    the load generator shares the CPUs with the server it measures, so it should cost little.
+    (uvicorn picks uvloop for the ingest tier by itself.)"""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _demo(args: argparse.Namespace) -> int:
