@@ -41,7 +41,10 @@ log = logging.getLogger("ostinato.loop")
 #: gets it first while a dead holder's loop still resumes within its lease.
 YIELD_DELAY = 0.25
 #: How often a pass driver looks again while its lease's session is unheard from.
+# While the session holding a lease is unheard, a pass in a thread looks again this often,
+# then half as often each time, up to the slowest; an async pass is woken when it is heard.
 SUSPENDED_POLL = 0.01
+SUSPENDED_POLL_SLOWEST = 0.2
 #: How long a runner whose lease was revoked or taken waits before asking again.
 STEP_ASIDE = 0.5
 #: A sync loop whose next pass is further off than this gives its thread back meanwhile.
@@ -172,8 +175,12 @@ class LoopKeeper:
         lease = self.lease
         if lease is None or lease.deadline == REVOKED:
             return
-        log.warning("%s: passes wait (fence %d): the coordinator's session holding the lease "
-                    "went unheard", self.key, lease.fence, extra=self._fields("lease_suspended", lease.fence))
+        # The coordinator says so once for all its loops; a loop speaks only of a pass it
+        # stops (thousands of idle loops would otherwise each log the same line).
+        if self.stats.running_since is not None:
+            log.warning("%s: passes wait (fence %d), the one in flight stopped if it can be: the "
+                        "coordinator's session holding the lease went unheard", self.key, lease.fence,
+                        extra=self._fields("lease_suspended", lease.fence))
         self._stop_async_pass()
 
     def _stop_async_pass(self) -> None:
@@ -410,6 +417,7 @@ class LoopKeeper:
         back_to_back = pacing.every is None and pacing.pause is None and pacing.cron is None
         slot, not_before, idle_until = course.slot, course.not_before, course.idle_until
         idle_streak, error_streak, number = course.idle_streak, course.error_streak, course.number
+        poll = SUSPENDED_POLL
         while True:
             if runner.stopping or self._leaving():
                 return None
@@ -433,10 +441,12 @@ class LoopKeeper:
                 continue
             if not lease.holds(now):
                 if lease.suspended(now):
-                    signal.wait(SUSPENDED_POLL)
+                    signal.wait(poll)
                     signal.clear()
+                    poll = min(poll * 2, SUSPENDED_POLL_SLOWEST)
                     continue
                 return None
+            poll = SUSPENDED_POLL
             number += 1
             stats.started(now)
             try:
@@ -541,7 +551,9 @@ class LoopKeeper:
                     continue
                 if not lease.holds(now):
                     if lease.suspended(now):
-                        await _signalled(signal, SUSPENDED_POLL)
+                        if lease.bound is not None:
+                            lease.bound.wake_when_heard(signal)
+                        await _signalled(signal, SUSPENDED_POLL_SLOWEST)
                         continue
                     return
                 number += 1

@@ -608,3 +608,56 @@ async def test_a_standby_takes_a_claim_it_saw_unchanged_for_its_ttl(make: MakePo
     taken = await b.acquire(KEY, rb, 30.0)
     assert isinstance(taken, Grant)
     assert taken.fence > grant.fence
+
+
+async def test_leases_past_the_lock_budget_are_held_without_a_lock_or_a_session_bound(
+    url: str, make: MakePostgres
+) -> None:
+    """``locks=1``: the first lease takes its advisory lock and fails over fast; the second
+    is held with neither lock nor session bound, never takes a lock at renewal (it has no
+    bound to keep), and is taken over only once it expires."""
+    from ostinato.coordinators.postgres import PostgresCoordinator
+
+    a = from_url(f"{url}&locks=1")
+    assert isinstance(a, PostgresCoordinator)
+    b = await make()
+    ra, rb = runner(1), runner(2)
+    try:
+        first = await a.acquire("app:first", ra, 60.0)
+        second = await a.acquire("app:second", ra, 60.0)
+        assert isinstance(first, Grant)
+        assert isinstance(second, Grant)
+        assert first.bound is not None
+        assert second.bound is None
+        assert await lock_holders(a.schema, "app:first")
+        leases = {"app:first": (first.fence, 60.0), "app:second": (second.fence, 60.0)}
+        assert set((await a.renew(ra, leases)).values()) == {Renewal.HELD}
+        assert await a.release("app:first", ra, first.fence)
+        # Room in the budget now, yet the lease granted without a bound stays unlocked.
+        assert (await a.renew(ra, {"app:second": (second.fence, 60.0)}))["app:second"] is Renewal.HELD
+        assert not await lock_holders(a.schema, "app:second")
+        again = await a.acquire("app:first", ra, 60.0)
+        assert isinstance(again, Grant)
+        assert again.bound is not None
+        await kill_holder_session(a.schema, "app:first")
+        denied = await b.acquire("app:second", rb, 60.0)
+        assert isinstance(denied, Denied)
+        assert denied.expires_in is not None
+        assert denied.expires_in > 50
+        waiting = await b.acquire("app:first", rb, 60.0)  # from now, the lock's quiet
+        assert isinstance(waiting, Denied)
+        assert waiting.expires_in is not None
+        assert waiting.expires_in < 1.0
+        await asyncio.sleep(waiting.expires_in)
+        taken = await b.acquire("app:first", rb, 60.0)
+        assert isinstance(taken, Grant)
+        assert taken.fence > again.fence
+    finally:
+        await a.close()
+
+
+def test_a_lock_budget_that_is_not_a_whole_number_is_refused(url: str) -> None:
+    from ostinato.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="locks must be a whole number"):
+        from_url(f"{url}&locks=many")

@@ -3,6 +3,8 @@ holder trusts, and the sightings by which a standby judges expiry on its own clo
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ostinato.coordinators.protocol import SessionBound, Sightings, drift_margin
@@ -21,6 +23,25 @@ def test_a_session_bound_holds_until_window_less_margin_after_the_last_answer() 
     assert bound.until == 10.3
     bound.reset()
     assert not bound.holds(10.0)
+
+
+def test_passes_waiting_for_a_silent_session_are_woken_once_when_it_answers() -> None:
+    """An async loop waiting on its session registers an event instead of polling: the next
+    answer sets it (once); an answer older than the last one heard wakes no one."""
+    bound = SessionBound(window=0.3, margin=0.1)
+    bound.confirm(10.0)
+    first, second = asyncio.Event(), asyncio.Event()
+    bound.wake_when_heard(first)
+    bound.wake_when_heard(second)
+    bound.confirm(9.0)
+    assert not first.is_set()
+    assert not second.is_set()
+    bound.confirm(11.0)
+    assert first.is_set()
+    assert second.is_set()
+    first.clear()
+    bound.confirm(12.0)
+    assert not first.is_set()  # woken once per registration
 
 
 def test_a_lease_holds_only_while_its_session_bound_does() -> None:

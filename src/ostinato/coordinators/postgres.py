@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -117,7 +118,7 @@ class PostgresCoordinator(PostgresConnections):
             return Denied(holder=None, expires_in=None, paused=True)
         # Seen now, at the latest: after the server ran the statement that last changed the row.
         matures_in = self._saw(key, row, ttl, time.monotonic())
-        if row["locked"] and key not in self._holders:
+        if row["locked"] and key not in self._holders and len(self._holders) < self.locks:
             if not row["lock_free"]:
                 self._watch(key, lock, row["owner"], row["fence"])
             elif (left := self._quiet_left(key, row)) > 0:
@@ -183,6 +184,11 @@ class PostgresCoordinator(PostgresConnections):
         if locked and key in self._holders:
             self._held(key, runner, fence, quiet)  # the same lock now guards the new fence
             return grant
+        if not locked and len(self._holders) >= self.locks:
+            # Past the budget: an unlocked row, taken over only once it expires, so the
+            # lease needs no session bound.
+            self._unbound[key] = fence
+            return dataclasses.replace(grant, bound=None)
         # Here ``locked`` means the lease connection, and the lock with it, was lost while
         # the row was being granted as locked: a standby would take it over at once.
         asked = False
@@ -223,11 +229,10 @@ class PostgresCoordinator(PostgresConnections):
                 cursor = await self._run(conn, "renew", {
                     "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
                     "ttls": [float(ttl) for _, ttl in leases.values()],
-                    "locks": [None if key in self._holders else lock_id(self.schema, key)
-                              for key in leases],
+                    "locks": self._locks_to_take(leases),
                     "owner": runner.id,
-                    "mine": [key for key, (fence, _) in leases.items()
-                             if self._holders.get(key) == (runner.id, fence)],
+                    "mine": [self._holders.get(key) == (runner.id, fence)
+                             for key, (fence, _) in leases.items()],
                     "quiet": quiet,
                 })
                 kept = {row["key"]: row for row in await cursor.fetchall()}
@@ -238,12 +243,29 @@ class PostgresCoordinator(PostgresConnections):
                                 else Renewal.PAUSED if row["paused"] else Renewal.HELD)
                 if row is not None and row["locked"]:
                     self._held(key, runner, fence, quiet)
+                elif row is None or row["paused"]:
+                    self._unbound.pop(key, None)
             await self._unlock(conn, runner, {
                 key: leases[key][0] for key, answer in answers.items() if answer is not Renewal.HELD
             })
         return answers
 
+    def _locks_to_take(self, leases: Mapping[str, tuple[int, float]]) -> list[int | None]:
+        """The advisory lock a renewal takes for each lease (``None``: none): a lease granted
+        without one (its lease connection was down) takes it now, within the budget; one
+        granted past the budget never does, for it has no session bound."""
+        room = self.locks - len(self._holders)
+        locks: list[int | None] = []
+        for key, (fence, _) in leases.items():
+            if room > 0 and key not in self._holders and self._unbound.get(key) != fence:
+                locks.append(lock_id(self.schema, key))
+                room -= 1
+            else:
+                locks.append(None)
+        return locks
+
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
+        self._unbound.pop(key, None)
         async with self._session(self._lease) as conn:
             locks = [lock_id(self.schema, k) for k in self._forget(runner, {key: fence})]
             row = await self._fetch(

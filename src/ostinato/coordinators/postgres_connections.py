@@ -58,6 +58,12 @@ def lock_id(schema: str, key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+#: The most leases one coordinator holds with an advisory lock. Those fail over the moment
+#: their holder's session ends; the others when their lease expires. The cap keeps the
+#: server's shared lock table small, and the work of hearing from the session (every
+#: locked lease waits while it is unheard) independent of the number of loops.
+LOCKS = 256
+
 # Whose turn comes first on a busy connection (lower first; in arrival order within one).
 RENEWAL, URGENT, REQUEST = 0, 1, 2
 
@@ -109,13 +115,20 @@ class PostgresConnections(Coordinator):
 
     def __init__(self, url: str) -> None:
         self.display_url = redact(url)
-        self._url, options = take_options(url, {"schema": "ostinato"})
+        self._url, options = take_options(url, {"schema": "ostinato", "locks": str(LOCKS)})
         self.schema, self.timeout = options["schema"], float(options["timeout"])
         if not SCHEMA_NAME.fullmatch(self.schema):
             raise ConfigurationError(
                 f"bad PostgreSQL URL {self.display_url!r}: schema must be a plain name"
                 " (letters, digits and underscores, at most 50)"
             )
+        if not options["locks"].isdigit():
+            raise ConfigurationError(
+                f"bad PostgreSQL URL {self.display_url!r}: locks must be a whole number"
+                f" (the most leases held with an advisory lock; 0 for none, default {LOCKS})"
+            )
+        #: At most this many leases are held with an advisory lock (and bound to the session).
+        self.locks = int(options["locks"])
         self._password = urlsplit(url).password
         try:
             given = conninfo_to_dict(self._url)
@@ -131,6 +144,9 @@ class PostgresConnections(Coordinator):
         self._schema_ready = False
         # Loops whose advisory lock the lease connection holds, with the grant it guards.
         self._holders: dict[str, tuple[str, int]] = {}
+        # Grants (key -> fence) made without the session bound, past the lock budget: their
+        # rows never take a lock, which would let a standby take them before they expire.
+        self._unbound: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Task[None]] = {}
         # When a holder's lock was first seen free: (owner, fence) of its row -> monotonic time.
         self._freed: dict[str, tuple[str | None, int | None, float]] = {}
@@ -320,6 +336,7 @@ class PostgresConnections(Coordinator):
 
     def _held(self, key: str, runner: RunnerInfo, fence: int, quiet: float) -> None:
         self._holders[key] = (runner.id, fence)
+        self._unbound.pop(key, None)
         self._quiet.rows[key] = quiet
         self.bound.window = self._quiet.window()
         self._freed.pop(key, None)

@@ -91,7 +91,8 @@ marked AS (UPDATE {s}.loops SET locked = true, quiet = %(quiet)s FROM got
 SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
 """,
     # A paused loop's lease is given up. A ``locked`` row renews only on the session
-    # holding its lock (%(mine)s), so a replaced connection cannot go unnoticed; an
+    # holding its lock (%(mine)s, one flag per key: a list to search would cost the
+    # product of the two lengths), so a replaced connection cannot go unnoticed; an
     # unlocked one takes its lock now if it is free (locks: NULL where this session
     # already holds that loop's lock for another grant).
     "renew": """
@@ -103,10 +104,11 @@ UPDATE {s}.loops AS l SET
     holder = CASE WHEN l.paused THEN NULL ELSE l.holder END,
     locked = CASE WHEN l.paused THEN false WHEN l.locked THEN true
                   ELSE coalesce(pg_try_advisory_lock(v.lock), false) END
-FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[], %(locks)s::bigint[])
-     AS v(key, fence, ttl, lock)
+FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[], %(locks)s::bigint[],
+            %(mine)s::boolean[])
+     AS v(key, fence, ttl, lock, mine)
 WHERE l.key = v.key AND l.fence = v.fence AND l.owner = %(owner)s
-  AND l.expires > clock_timestamp() AND (NOT l.locked OR l.key = ANY(%(mine)s::text[]))
+  AND l.expires > clock_timestamp() AND (NOT l.locked OR v.mine)
 RETURNING l.key, l.paused, l.locked
 """,
     # One round trip, the unlock of the lease's own lock (%(locks)s: empty when this

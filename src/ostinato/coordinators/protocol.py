@@ -60,12 +60,13 @@ class SessionBound:
     what lets it grow is confirmed.
     """
 
-    __slots__ = ("heard", "margin", "window")
+    __slots__ = ("_waiting", "heard", "margin", "window")
 
     def __init__(self, window: float, margin: float) -> None:
         self.window = window
         self.margin = margin
         self.heard = float("-inf")
+        self._waiting: set[asyncio.Event] = set()
 
     @property
     def until(self) -> float:
@@ -75,6 +76,15 @@ class SessionBound:
         """The session answered a statement sent at ``sent`` (local monotonic time)."""
         if sent > self.heard:
             self.heard = sent
+            if self._waiting:
+                waiting, self._waiting = self._waiting, set()
+                for event in waiting:
+                    event.set()
+
+    def wake_when_heard(self, event: asyncio.Event) -> None:
+        """Set ``event`` (on the coordinator's event loop) the next time the session is heard
+        from: a loop whose passes wait for it need not poll."""
+        self._waiting.add(event)
 
     def reset(self) -> None:
         """The session ended, or its state is unknown: nothing it said counts any more."""
