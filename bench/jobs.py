@@ -30,6 +30,12 @@ records:
    into its 50 ms is found and its whole worker (pool process or work horse included)
    is killed; the other worker stays, and no worker is started in its place. The time
    to the next pass start anywhere, or "never" within ``RESUME_TIMEOUT_S``.
+4. **Purge** (ostinato only), two fresh workers on ``jobs:purge_app`` (a loop with
+   ``pause=PURGE_PAUSE_S`` and ``stall_after=PURGE_STALL_S``, the ``noop`` body): the next
+   link is removed while it waits (Celery: the workers' consumers cancelled, then
+   ``celery purge -f`` and the consumers added back; RQ: the link deleted from the queue's
+   scheduled registry, where it waits for its pause, and the queue emptied), and the time
+   from the removal to the next pass start is measured: the keeper re-forges the chain.
 """
 
 from __future__ import annotations
@@ -68,7 +74,40 @@ START_TIMEOUT_S = 30.0
 KILL_INTO_PASS_S = (0.005, 0.035)
 RESUME_TIMEOUT_S = 20.0
 LEASE_S = 10.0  # ostinato's default lease, not set by the bench app
-GOALS = {"overlaps": 0, "resume_s": LEASE_S + 1.0, "passes_ratio_to_naive_rq": 10.0}
+PURGE_PAUSE_S = 1.0
+PURGE_STALL_S = 3.0
+#: The issue's goals: no overlap; resumed after kill -9 within the lease's TTL plus a second;
+#: re-forged after a purge within ``stall_after`` plus a second; 10x the naive RQ chain's rate.
+GOALS = {"overlaps": 0, "resume_s": LEASE_S + 1.0, "reforged_after_purge_s": PURGE_STALL_S + 1.0,
+         "passes_ratio_to_naive_rq": 10.0}
+
+
+def __getattr__(name: str) -> Any:
+    """``jobs:purge_app`` and ``jobs:purge_celery``, the app of the purge measurement, built
+    in the workers that name it (``$PEERS_KEY`` names its app and queue)."""
+    if name not in ("purge_app", "purge_celery"):
+        raise AttributeError(name)
+    from celery import Celery
+    from peers_apps.common import KEY_ENV, REDIS_ENV, run_pass, setting
+    from rq import Queue
+
+    import ostinato
+    import ostinato.celery
+    import ostinato.rq
+
+    app = ostinato.App(setting(KEY_ENV))
+
+    @app.loop(pause=PURGE_PAUSE_S, stall_after=PURGE_STALL_S)
+    def spin(ctx: ostinato.Pass) -> object:
+        return None if run_pass() else ostinato.IDLE
+
+    celery = Celery("peers", broker=setting(REDIS_ENV))
+    celery.conf.update(task_default_queue=setting(KEY_ENV), task_ignore_result=True,
+                       broker_connection_retry_on_startup=True)
+    ostinato.celery.attach(app, celery)
+    ostinato.rq.attach(app, Queue(setting(KEY_ENV), connection=redis.Redis.from_url(setting(REDIS_ENV))))
+    globals().update(purge_app=app, purge_celery=celery)
+    return globals()[name]
 
 
 @dataclass(frozen=True)
@@ -284,6 +323,76 @@ def kill9(run: Run) -> dict[str, Any]:
     return {"error": "no pass to kill within 15 s"}
 
 
+def purged(system: str, folder: Path) -> dict[str, Any]:
+    """Two workers on ``jobs:purge_app``; remove the chain's next link as it waits, and time the
+    re-forged chain's first pass."""
+    import socket
+
+    worker = _rq_ostinato if system == "rq" else _celery("jobs:purge_celery")
+    run = Run(Arrangement(f"purge on {system}", worker, _nothing, _kick_again(_nothing)), "noop", folder)
+    run.env["OSTINATO_APP"] = "jobs:purge_app"
+    broker = redis.Redis.from_url(BROKER)
+    try:
+        for _ in range(2):
+            run.add_worker()
+        run.wait_first()
+        time.sleep(WARMUP_S)
+        if system == "celery":
+            removed, at = _purge_celery(run, [f"w{n}-{run.key}@{socket.gethostname()}" for n in (1, 2)])
+        else:
+            removed, at = _purge_rq(run, broker)
+        resumed = None
+        until = time.monotonic() + RESUME_TIMEOUT_S
+        while resumed is None and time.monotonic() < until:
+            resumed = next((s for _, s, _ in run.passes() if s > at), None)
+            time.sleep(0.005)
+        return {"removed_links": removed, "pause_s": PURGE_PAUSE_S, "stall_after_s": PURGE_STALL_S,
+                "resume_s": None if resumed is None else (resumed - at) / 1e9,
+                "waited_s": RESUME_TIMEOUT_S}
+    finally:
+        broker.close()
+        run.close()
+
+
+def _purge_celery(run: Run, nodes: list[str]) -> tuple[int, int]:
+    from celery import Celery
+
+    client = Celery("peers", broker=BROKER)
+    client.conf.task_default_queue = run.key
+    broker = redis.Redis.from_url(BROKER)
+    try:
+        client.control.cancel_consumer(run.key, destination=nodes, reply=True)
+        deadline = time.monotonic() + 15
+        while broker.llen(run.key) < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        done = subprocess.run([str(BIN / "celery"), "-A", "jobs:purge_celery", "purge", "-f"], cwd=BENCH,
+                              env=run.env, capture_output=True, text=True, timeout=60, check=True)
+        at = time.monotonic_ns()
+        client.control.add_consumer(run.key, destination=nodes, reply=True)
+        words = done.stdout.split()
+        return (int(words[1]) if words[:1] == ["Purged"] else 0), at
+    finally:
+        broker.close()
+        client.close()
+
+
+def _purge_rq(run: Run, broker: redis.Redis) -> tuple[int, int]:
+    from rq import Queue
+    from rq.registry import ScheduledJobRegistry
+
+    queue = Queue(run.key, connection=broker)
+    registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + 15
+    while registry.count < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    removed = 0
+    for job_id in registry.get_job_ids():
+        registry.remove(job_id, delete_job=True)
+        removed += 1
+    removed += queue.empty()
+    return removed, time.monotonic_ns()
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
@@ -298,15 +407,19 @@ def main() -> None:
             figures = throughput(arrangement, Path(folder))
             figures.update(seeded_twice(arrangement, Path(folder)))
             figures["kill9"] = killed(arrangement, Path(folder))
+            if arrangement.name.startswith("ostinato on "):
+                figures["purge"] = purged(arrangement.name.removeprefix("ostinato on "), Path(folder))
             result["arrangements"][arrangement.name] = figures
     naive_rq = result["arrangements"]["rq chain"]["passes_per_s"]
     for name in ("ostinato on rq", "ostinato on celery"):
         figures = result["arrangements"][name]
         figures["passes_ratio_to_naive_rq"] = figures["passes_per_s"] / naive_rq if naive_rq else None
         resume, ratio = figures["kill9"].get("resume_s"), figures["passes_ratio_to_naive_rq"] or 0
+        reforged = figures["purge"].get("resume_s")
         figures["goals_met"] = {
             "overlaps": figures["overlaps"] == GOALS["overlaps"],
             "resume_s": resume is not None and resume <= GOALS["resume_s"],
+            "reforged_after_purge_s": reforged is not None and reforged <= GOALS["reforged_after_purge_s"],
             "passes_ratio_to_naive_rq": ratio >= GOALS["passes_ratio_to_naive_rq"],
         }
     result["took_s"] = time.monotonic() - began
@@ -318,6 +431,10 @@ def main() -> None:
         p99, top = (f["gap_s"][q] for q in ("p99", "max"))
         print(f"{name:<20} {f['passes_per_s']:>9.0f} {_ms(p99):>9} {_ms(top):>9} "
               f"{f['overlaps']:>24} {'never' if resume is None else f'{resume:.2f} s':>21}")
+    for name in ("ostinato on rq", "ostinato on celery"):
+        purge = result["arrangements"][name]["purge"]
+        print(f"{name}: re-forged {purge['resume_s'] or 'never'} s after the purge "
+              f"(stall_after {PURGE_STALL_S:g} s); goals met: {result['arrangements'][name]['goals_met']}")
     print(f"written to {RESULTS.relative_to(ROOT)}")
 
 
