@@ -110,18 +110,26 @@ def test_a_chain_on_two_workers_runs_paced_passes_that_never_overlap(
     tmp_path: Path, coordinator: str
 ) -> None:
     """Two prefork workers, nothing seeded: passes start by themselves, never overlap, keep
-    the pause between them (one chain, not two), and status shows the loop running and its
-    passes counted; on each coordinator."""
+    the pause between them (one chain, not two), status shows the loop running and its
+    passes counted, and ``celery inspect active`` the link at work; on each coordinator."""
     from tests.integrations.celery_jobs import made
 
     env = environment(tmp_path, JOBS_PAUSE="100ms", JOBS_TAKES="0.02")
     env["JOBS_COORDINATOR"] = coordinator_url(coordinator, tmp_path, env["JOBS_APP"])
+    shown: list[str] = []
+
+    def active() -> bool:  # the link runs its passes, its pauses waited out in the job
+        shown[:] = [celery_cli(env, "inspect", "active", "-d", ",".join(nodes(env)))]
+        return f"'name': 'ostinato.{env['JOBS_APP']}.link:tick'" in shown[0]
+
     with workers(tmp_path, env) as running:
         running.start(*celery_worker(env, "a"))
         running.start(*celery_worker(env, "b"))
         assert wait_until(lambda: len(passes(env)) >= 25, 20), running.logs()
         app, _, _ = made(env)
         rows = {row["loop"]: row for row in app.status()}
+        if coordinator == "redis":  # `celery inspect active` names the loop of the link at work
+            assert wait_until(active, 10, step=0.1), shown
     records = passes(env)
     no_overlap(records)
     assert all(gap >= 0.095 for gap in gaps(records)), sorted(gaps(records))[:5]

@@ -279,6 +279,33 @@ def test_a_cron_loop_runs_one_pass_per_calendar_slot(tmp_path: Path, broker: str
     on_cron_slots(env, 2.0)
 
 
+@pytest.mark.extended
+def test_ostinato_wake_runs_the_next_pass_of_an_idle_chain_at_once(tmp_path: Path, broker: str) -> None:
+    """Passes that find no work (``IDLE``, backoff 4 s) leave the next link 4 s in RQ's
+    scheduled registry; ``ostinato wake tick`` makes the keeper drop it and enqueue a link due
+    now: the next pass starts within a second, and no passes overlap."""
+    env = rq_env(tmp_path, broker, JOBS_IDLE="4s", JOBS_TAKES="0.02")
+    with workers(tmp_path, env) as running:
+        running.start(*rq_worker(env))
+        running.start(*rq_worker(env))
+        assert wait_until(lambda: len(passes(env)) >= 1 and passes(env)[-1].end is not None, 20), \
+            running.logs()
+        time.sleep(0.5)  # the lease handed on to the next link, due 4 s after the pass
+        done = subprocess.run([str(VENV_BIN / "ostinato"), "wake", "tick", "-A", APP], env=env,
+                              capture_output=True, text=True, timeout=30)
+        woke = time.monotonic()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert wait_until(lambda: len(passes(env)) >= 2, 5), running.logs()
+        logs = running.logs()
+    first, second = passes(env)[:2]
+    assert first.end is not None
+    print(f"woken pass {second.start - woke:.2f}s after ostinato wake returned")
+    assert second.start - woke < 1.0
+    assert "woken: the link due at" in logs
+    assert "re-forged" not in logs
+    no_overlap(passes(env))
+
+
 def test_a_worker_with_no_app_attached_to_its_queues_refuses_to_start(tmp_path: Path, broker: str) -> None:
     """``rq worker -w ostinato.rq.Worker`` without the app's module says what to set and exits."""
     env = rq_env(tmp_path, broker)
