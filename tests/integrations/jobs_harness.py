@@ -224,10 +224,25 @@ def gaps(records: list[PassRecord]) -> list[float]:
 
 
 def no_overlap(records: list[PassRecord], killed_at: float | None = None, pids: tuple[int, ...] = ()) -> None:
-    """Assert that no two passes ran at once (a pass of a killed process ended when it was killed)."""
+    """Assert that no two passes ran at once (a pass of a killed process ended when it was
+    killed), and, with the fault suite's history checker, that no two overlapped and that
+    fences only grew in start order, none used by two processes."""
     ends = dict.fromkeys(pids, killed_at) if killed_at is not None else {}
     found = overlaps(records, unfinished_end=ends)  # type: ignore[arg-type]
     assert not found, f"overlapping passes: {found[:3]}"
+    from tests.chaos.checker import Report, by_loop, check_fences, check_overlaps
+    from tests.chaos.records import History, RunnerLife
+    from tests.chaos.records import PassRecord as Recorded
+
+    history = History(
+        ttl=10.0, loops=["tick"], writes=[], logs=[], faults=[], warm=0.0, teardown=time.monotonic(),
+        passes=[Recorded("tick", r.pid, n, r.fence, r.start, r.end) for n, r in enumerate(records)],
+        runners=[RunnerLife(n, pid, 0.0, exited=killed_at) for n, pid in enumerate(pids)],
+    )
+    report, grouped = Report(), by_loop(history.passes)
+    check_fences(grouped, [], report)
+    check_overlaps(history, grouped, report)
+    assert (report.fence_violations, report.overlaps) == (0, 0), report.problems
 
 
 def descendants(pid: int) -> list[int]:
