@@ -229,17 +229,19 @@ class Keeper:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the loops until ``stop`` is set, then give the keeper's lease back."""
         store = self.app.connect()
+        # Wake-ups come on a connection of their own: one that listens to events may treat a
+        # refusal by a live holder on this host as a death to wait for (one per link).
+        listener: Coordinator | None = None
         beat = 0.0
-        opened = listening = False
+        opened = False
         try:
             while not stop.is_set():
                 try:
                     if not opened:
                         await store.open()
                         opened = True
-                    if not listening and self.mode == "chain":
-                        await store.subscribe(self.worker, self._heard)
-                        listening = True
+                    if listener is None and self.mode == "chain":
+                        listener = await self._listen()
                     now = time.monotonic()
                     if now >= beat:
                         await store.report(self.worker, RUNNER_TTL, [])
@@ -263,6 +265,21 @@ class Keeper:
                     await asyncio.wait_for(stop.wait(), TICK)
         finally:
             await self._resign(store)
+            if listener is not None:
+                with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+                    await asyncio.wait_for(listener.close(), 1.0)
+
+    async def _listen(self) -> Coordinator:
+        """A connection that hears wake-ups (``app.wake``, ``ostinato wake``)."""
+        listener = self.app.connect()
+        try:
+            await listener.open()
+            await listener.subscribe(self.worker, self._heard)
+        except BaseException:
+            with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
+                await asyncio.wait_for(listener.close(), 1.0)
+            raise
+        return listener
 
     def _heard(self, event: Event) -> None:
         if event.kind == "wake" and event.key in self._keys:
