@@ -11,10 +11,11 @@ It prints one JSON summary: ``sent``, ``accepted`` (202), ``samples_accepted``,
 ``rejected`` (any other answer), ``errors`` (the connection failed), ``unanswered``
 (still waiting 30 s after the last one was sent), ``latency_ms``
 (``p50``, ``p99``, ``max``, from when each request was due), ``late_ms`` (how late
-the generator itself wrote each request: when it is not small, the generator did not
+the generator itself started each request: when it is not small, the generator did not
 get the CPU on time and ``latency_ms`` holds that wait too), ``from_write_ms`` (latency
-from the write instead, which leaves that wait out) and ``behind_ms`` (the most the
-sending loop fell behind its schedule). Times are read from ``time.perf_counter()``,
+from the request's write, which leaves out that wait and any wait for a free
+connection when all ``connections`` are busy) and ``behind_ms`` (the most the sending
+loop fell behind its schedule). Times are read from ``time.perf_counter()``,
 not the event loop's clock, which counts whole milliseconds under uvloop.
 """
 
@@ -141,6 +142,7 @@ async def run(url: str, rate: float, seconds: float, apps: int = 20, connections
     pending: set[asyncio.Task[None]] = set()
 
     async def one(body: bytes, n: int, due: float) -> None:
+        tally.late.append(max(0.0, time.perf_counter() - due))
         try:
             status, written = await client.post(body)
         except (OSError, asyncio.IncompleteReadError, ValueError):
@@ -148,7 +150,6 @@ async def run(url: str, rate: float, seconds: float, apps: int = 20, connections
             return
         answered = time.perf_counter()
         tally.latencies.append(answered - due)
-        tally.late.append(max(0.0, written - due))
         tally.from_write.append(answered - written)
         tally.statuses[status] = tally.statuses.get(status, 0) + 1
         if status == 202:
