@@ -229,9 +229,11 @@ class Keeper:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the loops until ``stop`` is set, then give the keeper's lease back."""
         store = self.app.connect()
-        # Wake-ups come on a connection of their own: one that listens to events may treat a
-        # refusal by a live holder on this host as a death to wait for (one per link).
+        # Wake-ups come on a connection of their own over a network: one that listens to
+        # events may take a refusal by a live holder on this host (a link) for a death to wait
+        # for. SQLite sends events to the runner whose heartbeat the keeper's store sends.
         listener: Coordinator | None = None
+        own_listener = self.app.coordinator_url().partition(":")[0] not in ("sqlite", "memory")
         beat = 0.0
         opened = False
         try:
@@ -241,7 +243,11 @@ class Keeper:
                         await store.open()
                         opened = True
                     if listener is None and self.mode == "chain":
-                        listener = await self._listen()
+                        if own_listener:
+                            listener = await self._listen()
+                        else:
+                            await store.subscribe(self.worker, self._heard)
+                            listener = store
                     now = time.monotonic()
                     if now >= beat:
                         await store.report(self.worker, RUNNER_TTL, [])
@@ -265,7 +271,7 @@ class Keeper:
                     await asyncio.wait_for(stop.wait(), TICK)
         finally:
             await self._resign(store)
-            if listener is not None:
+            if listener is not None and listener is not store:
                 with contextlib.suppress(CoordinatorUnavailable, TimeoutError):
                     await asyncio.wait_for(listener.close(), 1.0)
 
