@@ -60,7 +60,47 @@ def _settle(outcomes: list[PassOutcome], result: object) -> None:
         outcome.outcome = "idle" if result is IDLE else "worked"
 
 
-async def _signalled(signal: asyncio.Event, within: float) -> None:
+class Signal:
+    """``asyncio.Event`` without its deque of waiters (some 600 bytes): a keeper keeps two,
+    and a runner may keep ten thousand keepers. On the event loop's thread only."""
+
+    __slots__ = ("_flag", "_waiters")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if self._flag:
+            return
+        self._flag = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> bool:
+        if self._flag:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True
+
+
+async def _signalled(signal: Signal, within: float) -> None:
     """Wait until ``signal`` is set, or ``within`` seconds have passed (then it is set, and the
     caller clears it): one timer and no task, where ``wait_for`` makes a task per wait."""
     timer = asyncio.get_running_loop().call_later(within, signal.set)
@@ -115,11 +155,12 @@ class LoopKeeper:
         self.failing_since = 0.0
         self.overrun_logged_at: float | None = None
         # Set by an event that makes another try at the lease worthwhile.
-        self._chance = asyncio.Event()
-        # Wakes the pass driver: a wake-up, a lost lease, or the runner stopping.
-        self._signal = threading.Event()
+        self._chance = Signal()
+        # Wakes the pass driver: a wake-up, a lost lease, or the runner stopping (a pass
+        # driver in a thread waits on the first; only loops run in threads need one).
+        self._signal = threading.Event() if not spec.is_async or spec.isolated else None
         self._woken = False
-        self._async_signal: asyncio.Event | None = None
+        self._async_signal: Signal | None = None
         self._outage_logged = False
         self._handing_over = False
         self._async_pass: asyncio.Task[Any] | None = None
@@ -144,7 +185,8 @@ class LoopKeeper:
 
     def nudge(self) -> None:
         """Make the pass driver look at its lease and the stop flag again."""
-        self._signal.set()
+        if self._signal is not None:
+            self._signal.set()
         if self._async_signal is not None:
             self._async_signal.set()
 
@@ -353,7 +395,7 @@ class LoopKeeper:
         """
         course = _Course(slot=first, not_before=first)
         park = not self.spec.isolated
-        signal = self._async_signal = asyncio.Event()
+        signal = self._async_signal = Signal()
         try:
             while True:
                 signal.clear()  # before the stretch: a notice from here on ends the park
@@ -413,6 +455,7 @@ class LoopKeeper:
         self, lease: LocalLease, course: _Course, body: Callable[[Pass], Any], *, park: bool
     ) -> float | None:
         spec, stats, signal, runner = self.spec, self.stats, self._signal, self.runner
+        assert signal is not None  # every loop run in a thread has one
         pacing = spec.pacing
         back_to_back = pacing.every is None and pacing.pause is None and pacing.cron is None
         slot, not_before, idle_until = course.slot, course.not_before, course.idle_until
@@ -532,7 +575,7 @@ class LoopKeeper:
     async def _run_async(self, lease: LocalLease, first: float) -> None:
         spec, stats, runner = self.spec, self.stats, self.runner
         body: Callable[[Pass], Awaitable[Any]] = spec.body
-        signal = self._async_signal = asyncio.Event()
+        signal = self._async_signal = Signal()
         slot = not_before = first
         idle_until = 0.0
         idle_streak = error_streak = number = 0

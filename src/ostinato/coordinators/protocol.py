@@ -23,6 +23,7 @@ import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class RunnerInfo:
     @property
     def label(self) -> str:
         return f"{self.host}:{self.pid}"
+
+
+class Settable(Protocol):
+    """What ``SessionBound.wake_when_heard`` sets: an ``asyncio.Event`` or the like."""
+
+    def set(self) -> None: ...
 
 
 class SessionBound:
@@ -66,7 +73,7 @@ class SessionBound:
         self.window = window
         self.margin = margin
         self.heard = float("-inf")
-        self._waiting: set[asyncio.Event] = set()
+        self._waiting: set[Settable] = set()
 
     @property
     def until(self) -> float:
@@ -81,7 +88,7 @@ class SessionBound:
                 for event in waiting:
                     event.set()
 
-    def wake_when_heard(self, event: asyncio.Event) -> None:
+    def wake_when_heard(self, event: Settable) -> None:
         """Set ``event`` (on the coordinator's event loop) the next time the session is heard
         from: a loop whose passes wait for it need not poll."""
         self._waiting.add(event)
