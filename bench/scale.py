@@ -2,8 +2,8 @@
 
 Run it as ``.venv/bin/python bench/scale.py`` (about 12 minutes with the default
 60-second steady window; ``--steady 600`` for the ten-minute figure, ``--sizes``
-and ``--backends`` to pick). It writes ``bench/results/scale.json`` and prints a
-table.
+and ``--backends`` to pick). It writes ``bench/results/scale.json`` (``--out`` for
+another file) and prints a table.
 
 For each coordinator (SQLite in a scratch folder, Redis under a prefix and
 PostgreSQL in a schema made for the run, dropped at the end) and each size N, one
@@ -16,7 +16,7 @@ CPU time and operations: Redis ``INFO`` (``used_cpu_*``,
 ``total_commands_processed``), PostgreSQL the CPU of every ``postgres`` process
 and ``xact_commit`` of the database. SQLite has no server: its work is done in
 the runner's own process and counted there. Leases lost are the runner's own
-``lease lost`` log lines.
+``lease lost`` log lines. Passes/s are the passes the runner reported in the window.
 
 ``--shapes`` adds, at the largest size, the same number of sync loops (``def``
 bodies, to count the runner's threads), one loop of that many keys (``keys=``) and
@@ -136,11 +136,12 @@ def server_reading(backend: str) -> dict[str, float] | None:
     return None
 
 
-async def read_fences(url: str) -> dict[str, tuple[int, str | None]]:
+async def read_fences(url: str) -> dict[str, tuple[int, str | None, int]]:
+    """Each loop's fence, holder and passes so far (as last reported)."""
     coordinator = from_url(url)
     await coordinator.open()
     try:
-        return {r.key: (r.fence, r.holder) for r in await coordinator.loops()}
+        return {r.key: (r.fence, r.holder, r.passes) for r in await coordinator.loops()}
     finally:
         await coordinator.close()
 
@@ -166,7 +167,7 @@ def measure(backend: str, size: int, url: str, folder: Path, steady: float,
         while time.monotonic() - began < RAMP_LIMIT_S:
             time.sleep(2.0)
             with contextlib.suppress(Exception):  # the runner may not have made the schema yet
-                held = sum(1 for _, holder in asyncio.run(read_fences(url)).values() if holder)
+                held = sum(1 for _, holder, _ in asyncio.run(read_fences(url)).values() if holder)
             if held >= size:
                 held_within = time.monotonic() - began
                 break
@@ -179,10 +180,13 @@ def measure(backend: str, size: int, url: str, folder: Path, steady: float,
         after = asyncio.run(read_fences(url))
         window = wall1 - wall0
         result["steady_s"] = window
-        result["held_at_end"] = sum(1 for _, holder in after.values() if holder)
+        result["held_at_end"] = sum(1 for _, holder, _ in after.values() if holder)
         result["fence_changes"] = sum(
-            1 for key, (fence, _) in after.items() if before.get(key, (None, None))[0] != fence
+            1 for key, (fence, _, _) in after.items() if before.get(key, (None, None, 0))[0] != fence
         )
+        result["passes_per_s"] = (
+            sum(p for _, _, p in after.values()) - sum(p for _, _, p in before.values())
+        ) / window
         result["runner_cpu_pct"] = 100 * (cpu1 - cpu0) / window
         result["rss_mb"] = status_field(runner.pid, "VmRSS") / 1024
         result["threads"] = status_field(runner.pid, "Threads")
@@ -222,9 +226,10 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any], out: Path) -> str:
     head = f"{'backend':9} {'shape':10} {'loops':>6} {'held in':>8} {'fences moved':>13} {'lost':>6} " \
-           f"{'cpu %':>6} {'rss MB':>7} {'threads':>7} {'server cpu %':>12} {'server ops/s':>12}"
+           f"{'passes/s':>8} {'cpu %':>6} {'rss MB':>7} {'threads':>7} {'server cpu %':>12} " \
+           f"{'server ops/s':>12}"
     lines = [head]
     for r in result["runs"]:
 
@@ -234,7 +239,8 @@ def table(result: dict[str, Any]) -> str:
 
         lines.append(
             f"{r['backend']:9} {r.get('shape', 'plain'):10} {r['loops']:>6} {f('held_within_s', '.1f'):>8} "
-            f"{f('fence_changes', 'd'):>13} {r['leases_lost']:>6} {f('runner_cpu_pct', '.1f'):>6} "
+            f"{f('fence_changes', 'd'):>13} {r['leases_lost']:>6} {f('passes_per_s', '.0f'):>8} "
+            f"{f('runner_cpu_pct', '.1f'):>6} "
             f"{f('rss_mb', '.0f'):>7} {f('threads', 'd'):>7} {f('server_cpu_pct', '.1f'):>12} "
             f"{f('server_ops_per_s', '.0f'):>12}"
         )
@@ -242,7 +248,7 @@ def table(result: dict[str, Any]) -> str:
     for goal in result["goals"]:
         lines.append(f"{'met ' if goal['met'] else 'MISSED'} {goal['case']}: {goal['goal']} "
                      f"(measured {goal['value']})")
-    lines += report_end(result, RESULTS)
+    lines += report_end(result, out)
     return "\n".join(lines)
 
 
@@ -253,6 +259,9 @@ def main() -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help="plain runs at every size; the others at the largest only")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--shapes-on", default=None,
+                        help="the backends the shapes other than plain run on (default: all)")
     args = parser.parse_args()
     set_up_process()
     logging.getLogger("ostinato").setLevel(logging.WARNING)
@@ -273,7 +282,8 @@ def main() -> int:
         for backend in args.backends.split(","):
             sizes = [int(s) for s in args.sizes.split(",")]
             runs = [(size, "plain") for size in sizes if "plain" in args.shapes.split(",")]
-            runs += [(max(sizes), shape) for shape in args.shapes.split(",") if shape != "plain"]
+            if args.shapes_on is None or backend in args.shapes_on.split(","):
+                runs += [(max(sizes), s) for s in args.shapes.split(",") if s != "plain"]
             for size, shape in runs:
                 url = spaces.url(backend, f"s{size}{shape[0]}")
                 log.info("%s, %d loops, %s", backend, size, shape)
@@ -285,8 +295,8 @@ def main() -> int:
         cleanup.get("redis_keys_left") or cleanup.get("postgres_schemas_left") or cleanup.get("errors")
     ) else []
     finish(result, began, goals(result["runs"]))
-    write_json(RESULTS, result)
-    print(table(result))
+    write_json(args.out, result)
+    print(table(result, args.out))
     return 0
 
 

@@ -46,6 +46,8 @@ SWEEP_EVERY = 10
 #: collector's rounds (``gc.freeze``), once every loop is held or after ``SETTLE_WITHIN``.
 FREEZE_FROM = 1000
 SETTLE_WITHIN = 60.0
+#: How often the leases held are counted again for ``at_fair_share``.
+RECOUNT_EVERY = 0.25
 
 
 
@@ -96,6 +98,9 @@ class Runner:
         self._candidates: dict[str, int] = {}
         # The earliest a lease kept by the last renewal falls due again.
         self._earliest_due = math.inf
+        # Leases held and the fair share, as last counted (``at_fair_share``).
+        self._held_count = self._share = 0
+        self._recount_at = 0.0
         #: How child processes import the app (``isolation="process"``).
         self.app_target = app_target
         self.stall_hooks = list(stall_hooks)
@@ -403,6 +408,7 @@ class Runner:
     def lease_granted(self, lease: LocalLease) -> None:
         """A keeper got ``lease``: the renewer wakes if it falls due before its next turn."""
         self._earliest_due = min(self._earliest_due, lease.renew_at)
+        self._held_count += 1
         if lease.renew_at < self._due:
             self._due = lease.renew_at
             self._granted.set()
@@ -466,7 +472,16 @@ class Runner:
         return max(1, -(-round(share * 1000) // 1000))
 
     def at_fair_share(self) -> bool:
-        return self.live_runners > 1 and len(self.held()) >= self.fair_share()
+        """Whether this runner holds its fair share already. Every standby asks before each
+        try, so the count is made at most every ``RECOUNT_EVERY`` (grants meanwhile add to
+        it at once), not on every ask: with thousands of standbys that was quadratic."""
+        if self.live_runners <= 1:
+            return False
+        now = time.monotonic()
+        if now >= self._recount_at:
+            self._held_count, self._share = len(self.held()), self.fair_share()
+            self._recount_at = now + RECOUNT_EVERY
+        return self._held_count >= self._share
 
     async def balance(self) -> None:
         """Count the live runners that can run each loop, and hand over loops held beyond the
@@ -486,6 +501,7 @@ class Runner:
         # Alone, nothing to count: every loop falls to this runner (``get(key, 1)``).
         self._candidates = {key: count + 1 for key, count in candidates.items()}
         self.live_runners = 1 + others
+        self._recount_at = 0.0  # the share may have changed
         if self.live_runners <= 1:
             return
         held = self.held()
