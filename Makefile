@@ -44,7 +44,7 @@ test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
-	$(BIN)/pytest $(PYTEST_ARGS)
+	tests/lanes.sh $(BIN)/pytest $(PYTEST_ARGS)
 
 test-all: $(STAMP) browser
 	$(BIN)/pytest
