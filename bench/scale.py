@@ -16,7 +16,9 @@ CPU time and operations: Redis ``INFO`` (``used_cpu_*``,
 ``total_commands_processed``), PostgreSQL the CPU of every ``postgres`` process
 and ``xact_commit`` of the database. SQLite has no server: its work is done in
 the runner's own process and counted there. Leases lost are the runner's own
-``lease lost`` log lines. Passes/s are the passes the runner reported in the window.
+``lease lost`` log lines. Passes/s are the passes the runner reported in the window;
+renewals/s (leases renewed) and coordinator calls/s (a batch of lease requests counts
+once) come from the runner's metrics, scraped for those two alone around the window.
 
 ``--shapes`` adds, at the largest size, the same number of sync loops (``def``
 bodies, to count the runner's threads), one loop of that many keys (``keys=``) and
@@ -35,15 +37,18 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from ostinato.coordinators import from_url
 
@@ -101,6 +106,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def work(port: int) -> dict[str, float]:
+    """The runner's leases renewed and coordinator calls so far, from its metrics (only those
+    two, named in the query: a scrape of every loop would cost the runner CPU and memory)."""
+    url = (f"http://127.0.0.1:{port}/metrics?name[]=ostinato_lease_renewals_total"
+           "&name[]=ostinato_coordinator_calls_total")
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        text = answer.read().decode()
+    at = time.monotonic()
+    out = {"renewals": 0.0, "calls": 0.0, "at": at}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ostinato_lease_renewals_total":
+                out["renewals"] += sample.value
+            elif sample.name == "ostinato_coordinator_calls_total":
+                out["calls"] += sample.value
+    return out
+
+
 def status_field(pid: int, name: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{name}:"):
@@ -153,10 +182,11 @@ def measure(backend: str, size: int, url: str, folder: Path, steady: float,
     log_path = folder / f"{backend}-{size}-{shape}.log"
     env = {**os.environ, "SCALE_LOOPS": str(size), "SCALE_SHAPE": shape}
     began = time.monotonic()
+    port = free_port()
     with log_path.open("wb") as out:
         runner = subprocess.Popen(
             [sys.executable, "-m", "ostinato", "run", f"{app}:app", "--coordinator", url,
-             "--log-level", "warning"],
+             "--log-level", "warning", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder,
         )
     result: dict[str, Any] = {"backend": backend, "loops": size, "shape": shape,
@@ -173,12 +203,17 @@ def measure(backend: str, size: int, url: str, folder: Path, steady: float,
                 break
         result["held_within_s"] = held_within
         result["held_after_ramp"] = held
+        work0 = work(port)
         before = asyncio.run(read_fences(url))
         cpu0, wall0, server0 = cpu_seconds(runner.pid), time.monotonic(), server_reading(backend)
         time.sleep(steady)
         cpu1, wall1, server1 = cpu_seconds(runner.pid), time.monotonic(), server_reading(backend)
         after = asyncio.run(read_fences(url))
+        work1 = work(port)
         window = wall1 - wall0
+        span = work1["at"] - work0["at"]
+        result["renewals_per_s"] = (work1["renewals"] - work0["renewals"]) / span
+        result["coordinator_calls_per_s"] = (work1["calls"] - work0["calls"]) / span
         result["steady_s"] = window
         result["held_at_end"] = sum(1 for _, holder, _ in after.values() if holder)
         result["fence_changes"] = sum(
@@ -228,8 +263,8 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(result: dict[str, Any], out: Path) -> str:
     head = f"{'backend':9} {'shape':10} {'loops':>6} {'held in':>8} {'fences moved':>13} {'lost':>6} " \
-           f"{'passes/s':>8} {'cpu %':>6} {'rss MB':>7} {'threads':>7} {'server cpu %':>12} " \
-           f"{'server ops/s':>12}"
+           f"{'passes/s':>8} {'renew/s':>8} {'calls/s':>7} {'cpu %':>6} {'rss MB':>7} {'threads':>7} " \
+           f"{'server cpu %':>12} {'server ops/s':>12}"
     lines = [head]
     for r in result["runs"]:
 
@@ -240,6 +275,7 @@ def table(result: dict[str, Any], out: Path) -> str:
         lines.append(
             f"{r['backend']:9} {r.get('shape', 'plain'):10} {r['loops']:>6} {f('held_within_s', '.1f'):>8} "
             f"{f('fence_changes', 'd'):>13} {r['leases_lost']:>6} {f('passes_per_s', '.0f'):>8} "
+            f"{f('renewals_per_s', '.0f'):>8} {f('coordinator_calls_per_s', '.1f'):>7} "
             f"{f('runner_cpu_pct', '.1f'):>6} "
             f"{f('rss_mb', '.0f'):>7} {f('threads', 'd'):>7} {f('server_cpu_pct', '.1f'):>12} "
             f"{f('server_ops_per_s', '.0f'):>12}"

@@ -140,6 +140,34 @@ class RunnerCollector:
         yield from (passes, duration, held, acquired, lost, fence, since, stalled, failing)
 
 
+class WorkCollector:
+    """The runner's own work with the coordinator. It describes itself, so a scrape that
+    names only its metrics (``/metrics?name[]=ostinato_lease_renewals_total``) does not
+    read every loop."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        app = self.runner.app_name
+        calls = CounterMetricFamily(
+            "ostinato_coordinator_calls",
+            "Calls this runner made to the coordinator, by kind (acquire: one batch of requests).",
+            labels=["app", "call"],
+        )
+        for call, count in sorted(self.runner.calls.items()):
+            calls.add_metric([app, call], count)
+        renewals = CounterMetricFamily("ostinato_lease_renewals", "Leases this runner renewed.",
+                                       labels=["app"])
+        renewals.add_metric([app], self.runner.renewals)
+        yield from (calls, renewals)
+
+
 class JobsCollector:
     """What a Celery or RQ worker's links and keeper did for app ``app`` (``attach(...,
     metrics_port=)``), read at scrape time: ``links`` and ``chains`` return counts so far."""
@@ -238,6 +266,7 @@ class MetricsServer:
         self.host, self.port = host, port
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RunnerCollector(runner))
+        self.registry.register(WorkCollector(runner))
         ProcessCollector(registry=self.registry)
         self._metrics: WSGIApplication = make_wsgi_app(self.registry)
         self._server: WSGIServer | None = None

@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -98,6 +99,10 @@ class Runner:
         self._candidates: dict[str, int] = {}
         # The earliest a lease kept by the last renewal falls due again.
         self._earliest_due = math.inf
+        #: Calls to the coordinator by kind (acquire: one batch of requests), and leases
+        #: renewed, since start (metrics).
+        self.calls: Counter[str] = Counter()
+        self.renewals = 0
         # Leases held and the fair share, as last counted (``at_fair_share``).
         self._held_count = self._share = 0
         self._recount_at = 0.0
@@ -277,6 +282,7 @@ class Runner:
         """Release a lease this runner no longer needs and tell standbys at once."""
         try:
             async with asyncio.timeout(FAREWELL if self.stopping else None):
+                self.calls["release"] += 1
                 released = await self.coordinator.release(key, self.info, lease.fence)
                 if released:
                     await self.coordinator.publish(Event("released", key))
@@ -353,6 +359,7 @@ class Runner:
                 del self._wanted[key]
             sent = time.monotonic()
             try:
+                self.calls["acquire"] += 1
                 answers = await self.coordinator.acquire_many(
                     self.info, {key: ttl for key, (ttl, _) in batch.items()}
                 )
@@ -433,6 +440,7 @@ class Runner:
         # short for it would cost the others their renewal (on PostgreSQL, their locks).
         latest = max(lease.deadline for _, lease in held.values())
         sent = time.monotonic()
+        self.calls["renew"] += 1
         try:
             answers = await asyncio.wait_for(
                 self.coordinator.renew(self.info, request), timeout=max(latest - sent, 0.001)
@@ -450,6 +458,7 @@ class Runner:
             if answer is Renewal.HELD:
                 lease.extend(sent)
                 kept += 1
+                self.renewals += 1
                 if lease.renew_at < earliest:
                     earliest = lease.renew_at
             elif answer is Renewal.PAUSED:
@@ -487,6 +496,7 @@ class Runner:
         """Count the live runners that can run each loop, and hand over loops held beyond the
         fair share, one at a time. Runners of other apps, or that do not host a loop
         (``--only``), do not count for it."""
+        self.calls["runners"] += 1
         runners = await self.coordinator.runners()
         self.live_ids = {record.id for record in runners}
         candidates: dict[str, int] = {}  # the other runners that can run each loop
@@ -543,6 +553,7 @@ class Runner:
                 books.append(self._changed.pop())
         batch = [(book, stats) for book in books if (stats := book.pending(offset)) is not None]
         try:
+            self.calls["report"] += 1
             await self.coordinator.report(self.info, RUNNER_TTL, [stats for _, stats in batch])
         except BaseException:
             self._changed.update(books)  # sent with the next report

@@ -73,6 +73,31 @@ def test_metrics_scraped_and_parsed_match_the_runner(stack: Stack) -> None:
     wait_for(lambda: stack.reported("obs:tick"), what="a report to the coordinator")
     assert value(scrape(port), "ostinato_fence", "tick") == stack.status()["obs:tick"]["fence"]
 
+    # The runner's own work with the coordinator: the three leases renewed in each round
+    # (every third of the 10 s lease), with the calls that asked for, renewed and reported.
+    def renewed() -> Samples | None:
+        samples = scrape(port)
+        done = samples.get(("ostinato_lease_renewals_total", frozenset({"app": "obs"}.items())))
+        return samples if done is not None and done >= 3 else None
+
+    samples = wait_for(renewed, what="a renewal round in the metrics")
+
+    def calls(call: str) -> float:
+        return samples.get(("ostinato_coordinator_calls_total",
+                            frozenset({"app": "obs", "call": call}.items())), 0.0)
+
+    renewals = samples[("ostinato_lease_renewals_total", frozenset({"app": "obs"}.items()))]
+    # Three leases a round (read from another thread, a round may be half counted).
+    assert calls("renew") - 1 <= renewals / 3 <= calls("renew")
+    assert calls("acquire") >= 1
+    assert calls("report") >= 1
+    # Named in the query, they come alone: no loop is read for them.
+    status, text = get(f"http://127.0.0.1:{port}/metrics?name[]=ostinato_lease_renewals_total"
+                       "&name[]=ostinato_coordinator_calls_total")
+    assert status == 200
+    assert {f.name for f in text_string_to_metric_families(text)} == {
+        "ostinato_lease_renewals", "ostinato_coordinator_calls"}
+
     status, body = get(f"http://127.0.0.1:{port}/healthz")
     health = json.loads(body)
     assert status == 200, body

@@ -65,7 +65,7 @@ async def claims(url: str) -> dict[str, tuple[int, str | None]]:
         await coordinator.close()
 
 
-async def test_a_steady_runner_of_2000_loops_holds_them_all_and_loses_none(
+def test_a_steady_runner_of_2000_loops_holds_them_all_and_loses_none(
     url: str, tmp_path: Path
 ) -> None:
     (tmp_path / "scale_app.py").write_text(APP)
@@ -80,14 +80,14 @@ async def test_a_steady_runner_of_2000_loops_holds_them_all_and_loses_none(
         deadline = time.monotonic() + 60
         held: dict[str, tuple[int, str | None]] = {}
         while time.monotonic() < deadline:
-            await asyncio.sleep(1.0)
-            held = {k: c for k, c in (await claims(url)).items() if c[1] is not None}
+            time.sleep(1.0)
+            held = {k: c for k, c in asyncio.run(claims(url)).items() if c[1] is not None}
             if len(held) == LOOPS:
                 break
         assert len(held) == LOOPS, f"{len(held)} of {LOOPS} held after 60 s"
-        before = await claims(url)
-        await asyncio.sleep(STEADY)
-        after = await claims(url)
+        before = asyncio.run(claims(url))
+        time.sleep(STEADY)
+        after = asyncio.run(claims(url))
         moved = sorted(k for k, (fence, _) in after.items() if before[k][0] != fence)
         assert moved == [], f"{len(moved)} leases changed hands, such as {moved[:5]}"
         assert all(holder is not None for _, holder in after.values())
