@@ -465,7 +465,8 @@ def measure_idle(runners: Runners, tmp: Path, attr: str, app: str) -> dict[str, 
     url = sqlite_url(tmp / f"{attr}.db")
     proc = runners.start(f"{APPS}:{attr}", url)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while _held(runners.status(url), app) < IDLE_LOOPS:
+    # status never creates a coordinator: ask once the runner has made the file.
+    while not (tmp / f"{attr}.db").exists() or _held(runners.status(url), app) < IDLE_LOOPS:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the idle runner did not take all {IDLE_LOOPS} leases")
         time.sleep(0.5)

@@ -661,3 +661,27 @@ def test_a_lock_budget_that_is_not_a_whole_number_is_refused(url: str) -> None:
 
     with pytest.raises(ConfigurationError, match="locks must be a whole number"):
         from_url(f"{url}&locks=many")
+
+
+async def test_renewals_and_reports_of_many_loops_at_once_never_deadlock(make: MakePostgres) -> None:
+    """A renewal (on the lease connection) and a report (on the other) each write hundreds
+    of rows in one statement; taken in different orders, row locks deadlock and the server
+    aborts one statement, which for a renewal loses every lease. Both lock in key order."""
+    import random
+
+    a = await make()
+    ra = runner(1)
+    keys = [f"app:l{i}" for i in range(400)]
+    granted = await a.acquire_many(ra, dict.fromkeys(keys, 60.0))
+    leases = {key: (answer.fence, 60.0) for key, answer in granted.items()
+              if isinstance(answer, Grant)}
+    assert len(leases) == len(keys)
+    shuffled = random.Random(7)
+    for _ in range(15):
+        order = list(leases)
+        shuffled.shuffle(order)
+        stats = [LoopStats(key, passes=1) for key in reversed(order)]
+        renewed, _ = await asyncio.gather(
+            a.renew(ra, {key: leases[key] for key in order}), a.report(ra, 60.0, stats)
+        )
+        assert set(renewed.values()) == {Renewal.HELD}

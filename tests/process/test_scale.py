@@ -89,7 +89,8 @@ def test_a_steady_runner_of_2000_loops_holds_them_all_and_loses_none(
         time.sleep(STEADY)
         after = asyncio.run(claims(url))
         moved = sorted(k for k, (fence, _) in after.items() if before[k][0] != fence)
-        assert moved == [], f"{len(moved)} leases changed hands, such as {moved[:5]}"
+        assert moved == [], (f"{len(moved)} leases changed hands, such as {moved[:5]}; the "
+                              f"runner's log ends:\n{log.read_text(errors='replace')[-3000:]}")
         assert all(holder is not None for _, holder in after.values())
         assert runner.poll() is None, "the runner ended"
     finally:

@@ -302,6 +302,8 @@ class PostgresCoordinator(PostgresConnections):
     async def report(self, runner: RunnerInfo, ttl: float, stats: Sequence[LoopStats]) -> None:
         params: dict[str, Any] = {"id": runner.id, "label": runner.label, "ttl": ttl,
                                   "hosts": hosts_text(runner)}
+        # In key order, as a renewal locks its rows: no deadlock between the two.
+        stats = sorted(stats, key=lambda item: item.key)
         for column in ("key", "passes", "errors", *STAT_COLUMNS):
             params[column] = [getattr(item, column) for item in stats]
         async with self._session() as conn:

@@ -90,12 +90,22 @@ marked AS (UPDATE {s}.loops SET locked = true, quiet = %(quiet)s FROM got
            RETURNING 1)
 SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
 """,
+    # Rows are locked in key order first (by code point, "C"), as a report locks them (its
+    # rows sorted by key in Python): two statements of many rows that lock in different
+    # orders can deadlock, and the server then aborts one of them.
     # A paused loop's lease is given up. A ``locked`` row renews only on the session
     # holding its lock (%(mine)s, one flag per key: a list to search would cost the
     # product of the two lengths), so a replaced connection cannot go unnoticed; an
     # unlocked one takes its lock now if it is free (locks: NULL where this session
     # already holds that loop's lock for another grant).
     "renew": """
+WITH v AS MATERIALIZED (
+    SELECT * FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[],
+                         %(locks)s::bigint[], %(mine)s::boolean[])
+        AS v(key, fence, ttl, lock, mine)),
+ordered AS MATERIALIZED (
+    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM v) ORDER BY key COLLATE "C"
+    FOR UPDATE)
 UPDATE {s}.loops AS l SET
     expires = CASE WHEN l.paused THEN NULL
                    ELSE clock_timestamp() + make_interval(secs => v.ttl) END,
@@ -104,10 +114,9 @@ UPDATE {s}.loops AS l SET
     holder = CASE WHEN l.paused THEN NULL ELSE l.holder END,
     locked = CASE WHEN l.paused THEN false WHEN l.locked THEN true
                   ELSE coalesce(pg_try_advisory_lock(v.lock), false) END
-FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[], %(locks)s::bigint[],
-            %(mine)s::boolean[])
-     AS v(key, fence, ttl, lock, mine)
-WHERE l.key = v.key AND l.fence = v.fence AND l.owner = %(owner)s
+FROM v
+WHERE l.key = v.key AND l.key IN (SELECT key FROM ordered)
+  AND l.fence = v.fence AND l.owner = %(owner)s
   AND l.expires > clock_timestamp() AND (NOT l.locked OR v.mine)
 RETURNING l.key, l.paused, l.locked
 """,
