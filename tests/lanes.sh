@@ -9,8 +9,8 @@ pytest="$1"
 shift
 
 first=(tests/chaos)
-lane_a=(tests/process tests/package tests/pipeline tests/fencing tests/isolation)
-lane_b=(tests/unit tests/runner tests/contract tests/integrations tests/observe)
+lane_a=(tests/process tests/package tests/pipeline tests/fencing tests/isolation tests/observe)
+lane_b=(tests/unit tests/runner tests/contract tests/integrations)
 
 # A folder of tests in no lane would never run: refuse rather than skip it.
 for dir in tests/*/; do
