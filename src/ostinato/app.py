@@ -118,6 +118,8 @@ class App:
         self.target: str | None = None
         self._runner: Runner | None = None
         self._started = False
+        # Inside run(): the process is the runner's alone.
+        self._whole_process = False
         self.stall_hooks: list[StallHook] = []
 
     def __repr__(self) -> str:
@@ -482,7 +484,7 @@ class App:
         store = self.connect(coordinator)
         target = self.locate() if any(spec.isolated for spec in specs) else None
         runner = Runner(self.name, specs, store, grace=self.grace, stall_hooks=hooks,
-                        app_target=target)
+                        app_target=target, freeze_gc=self._whole_process)
         exporter = observe.start(runner) if observe else None  # a port in use fails here
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop), name=f"ostinato:{self.name}")
@@ -510,7 +512,11 @@ class App:
         observe: Observe | None = None,
     ) -> None:
         """Host the loops in this process until SIGTERM or SIGINT, then stop gracefully."""
-        asyncio.run(self.serve(only=only, coordinator=coordinator, observe=observe))
+        self._whole_process = True  # the process is the runner's: it may tune the collector
+        try:
+            asyncio.run(self.serve(only=only, coordinator=coordinator, observe=observe))
+        finally:
+            self._whole_process = False
 
     async def serve(
         self, *, only: Collection[str] | None = None, coordinator: str | None = None,

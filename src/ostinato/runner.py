@@ -43,8 +43,9 @@ REPORT_EVERY = 1.0
 #: The watchdog looks at every loop (not only those with a timeout or stall_after) once in
 #: this many rounds.
 SWEEP_EVERY = 10
-#: From this many loops, the objects of the runner's start are kept out of the garbage
-#: collector's rounds (``gc.freeze``), once every loop is held or after ``SETTLE_WITHIN``.
+#: From this many loops, a runner that owns its process keeps the objects of its start out
+#: of the garbage collector's rounds (``gc.freeze``, which acts on the whole process), once
+#: every loop is held or after ``SETTLE_WITHIN``.
 FREEZE_FROM = 1000
 SETTLE_WITHIN = 60.0
 #: How often the leases held are counted again for ``at_fair_share``.
@@ -65,8 +66,12 @@ class Runner:
         grace: float = 30.0,
         stall_hooks: Sequence[StallHook] = (),
         app_target: str | None = None,
+        freeze_gc: bool = False,
     ) -> None:
         self.app_name = app_name
+        #: The runner owns its process (``ostinato run``, ``app.run()``): from ``FREEZE_FROM``
+        #: loops it keeps the objects of its start out of the collector's rounds.
+        self.freeze_gc = freeze_gc
         self.coordinator = coordinator
         self.grace = grace
         self._declared = tuple(f"{app_name}:{spec.name}" for spec in specs)
@@ -380,7 +385,7 @@ class Runner:
     # -- renewing ------------------------------------------------------------------------
 
     async def _renew_forever(self) -> None:
-        began, frozen = time.monotonic(), len(self.keepers) < FREEZE_FROM
+        began, frozen = time.monotonic(), not self.freeze_gc or len(self.keepers) < FREEZE_FROM
         while not self.stopping:
             self._renew_now.clear()
             started = time.monotonic()
