@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import struct
@@ -45,6 +46,14 @@ log = logging.getLogger("bench")
 
 
 # -- figures -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def percentile(ordered: Sequence[float], q: float) -> float | None:

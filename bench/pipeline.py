@@ -67,13 +67,6 @@ GOALS: dict[str, common.Goal] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - our own local server
         return json.loads(response.read())
@@ -119,7 +112,7 @@ class Pipeline:
             time.sleep(0.05)
 
     def serve(self) -> None:
-        port = free_port()
+        port = common.free_port()
         self.spawn("serve", "-m", "examples.pipeline", "serve", "--port", str(port))
         self.base = f"http://127.0.0.1:{port}"
         self.wait("the ingest tier", lambda: get_json(f"{self.base}/v1/totals"))

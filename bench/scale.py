@@ -37,7 +37,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ sys.path.insert(0, str(BENCH))
 from common import (  # noqa: E402
     base_machine_facts,
     finish,
+    free_port,
     proc_stat,
     report_end,
     set_up_process,
@@ -104,12 +104,6 @@ SHAPES = ("plain", "sync", "keys", "partitions")
 def cpu_seconds(pid: int) -> float:
     fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def work(port: int) -> dict[str, float]:
