@@ -40,9 +40,9 @@ log = logging.getLogger("ostinato.loop")
 #: the loop's lease) before taking a free one, so that a runner with fewer loops
 #: gets it first while a dead holder's loop still resumes within its lease.
 YIELD_DELAY = 0.25
-#: How often a pass driver looks again while its lease's session is unheard from.
-# While the session holding a lease is unheard, a pass in a thread looks again this often,
-# then half as often each time, up to the slowest; an async pass is woken when it is heard.
+#: While the session holding a lease is unheard, a pass driver in a thread looks again
+#: this often, then half as often each time, up to the slowest; an async one is woken when
+#: the session is heard (and looks at the slowest pace meanwhile, as a backstop).
 SUSPENDED_POLL = 0.01
 SUSPENDED_POLL_SLOWEST = 0.2
 #: How long a runner whose lease was revoked or taken waits before asking again.
