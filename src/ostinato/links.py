@@ -1,17 +1,16 @@
 """Loops hosted by job workers (Celery, RQ): a loop is a chain of jobs that hand its lease on.
 
 A *link* is one job of a loop's *chain*. The loop's lease passes from link to
-link like a baton: a link that has run its passes gives the lease back and, at
-once, takes it again for the next link, under an owner id made for that link
-alone, for as long as the pacing delay plus the keeper's patience; then it
-enqueues the next link with that owner id and the fence of that grant (its
-*parent* fence). So the loop stays held between links: status shows it held,
-and a standby runner does not take it from a live chain.
+link like a baton: a link that has run its passes hands the lease over
+(``Coordinator.hand_over``) to an owner id made for the next link alone, for as
+long as the pacing delay plus the keeper's patience; then it enqueues the next
+link with that owner id and the fence of that grant (its *parent* fence). So the
+loop stays held between links: status shows it held, and a standby runner does
+not take it from a live chain.
 
-The next link takes the baton up by giving it back as that owner, a step that
-succeeds for one copy of a link only, and asks for the lease under an owner id
-of its own: it runs only if that grant is exactly one fence above its parent's.
-A duplicate of a link (the same message delivered twice, at once or later), a
+The next link takes the baton up by handing the lease over from that owner to an
+owner id of its own, with the very next fence: a step that succeeds for one copy
+of a link only. A duplicate of a link (the same message delivered twice, at once or later), a
 link of an older chain (re-forged by the keeper after this one looked broken)
 or one whose loop another runner took meanwhile ends without running a pass and
 without enqueueing. A second forge of a live chain finds its lease held and does
@@ -66,7 +65,7 @@ class Tally:
     in the process that counted them.
     """
 
-    OUTCOMES = ("ran", "early", "stale", "held", "paused", "lost", "unreachable", "skipped")
+    OUTCOMES = ("ran", "early", "stale", "paused", "lost", "unreachable", "skipped")
 
     def __init__(self, shared: bool = True) -> None:
         self._local: Counter[str] = Counter()
@@ -201,23 +200,12 @@ def successor(of: RunnerInfo) -> RunnerInfo:
     return RunnerInfo(id=uuid.uuid4().hex, host=of.host, pid=of.pid, hosts=of.hosts)
 
 
-async def hand_over(
-    store: Coordinator, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float
-) -> int | None:
-    """Pass the lease of ``key`` from ``holder`` (with ``fence``) to ``heir`` for ``ttl`` seconds;
-    return the heir's fence, or ``None`` if another runner took it in between or it was paused."""
-    if not await store.release(key, holder, fence):
-        return None
-    answer = await store.acquire(key, heir, ttl)
-    return None if isinstance(answer, Denied) else answer.fence
-
-
 def run_link(
     app: App, data: Mapping[str, Any], enqueue: Enqueue, *, worker: RunnerInfo,
     options: JobOptions, stopping: Callable[[], bool] = lambda: False, tally: Tally = COUNTS,
 ) -> str:
     """Run one link of a chain (the body of the Celery task or RQ job); return what it did:
-    ``ran``, ``early`` (back to the queue), ``stale``, ``held``, ``paused``, ``lost`` or
+    ``ran``, ``early`` (back to the queue), ``stale``, ``paused``, ``lost`` or
     ``unreachable``."""
     link = Link.decode(data)
     spec = app.loops.get(link.loop)
@@ -274,19 +262,12 @@ class _Chain:
             refused = await self._refusal(store, handed, link, await record_of(store, self.key))
             if refused is not None:
                 return refused, None
-            # Giving back what it was handed is the one step only one copy of a link can take.
-            if not await store.release(self.key, handed, link.parent):
-                self._ends("stale", link, "the lease it was handed is no longer so: a copy of this "
-                           "link took it up, or it ran out and another runner took it")
-                return "stale", None
+            # Taking over what it was handed is the one step only one copy of a link can take.
             sent = time.monotonic()
-            answer = await store.acquire(self.key, me, self.spec.lease)
-            if isinstance(answer, Denied):
-                self._ends("held", link, f"{answer.holder or 'another runner'} took the lease first")
-                return "held", None
-            if answer.fence != link.parent + 1:
-                self._ends("stale", link, f"fence {answer.fence} granted where {link.parent + 1} was due")
-                await store.release(self.key, me, answer.fence)
+            answer = await store.hand_over(self.key, handed, link.parent, me, self.spec.lease)
+            if answer is None:
+                self._ends("stale", link, "the lease it was handed is no longer so: a copy of this "
+                           "link took it up, it was paused, or it ran out and another runner took it")
                 return "stale", None
             lease = LocalLease(answer.fence, self.spec.lease, max(sent, answer.sent or sent), answer.bound)
             turn = Turn(self.app.name, self.spec, store=store, owner=me, worker=self.worker, lease=lease,
@@ -309,16 +290,16 @@ class _Chain:
     ) -> tuple[str, Link | None]:
         delay = max(0.0, plan.start_at() - time.time())
         heir = successor(me)
-        fence = await hand_over(store, self.key, me, lease.fence, heir,
-                                delay + self.options.patience_for(self.spec))
-        if fence is None:
+        grant = await store.hand_over(self.key, me, lease.fence, heir,
+                                      delay + self.options.patience_for(self.spec))
+        if grant is None:
             log.warning("%s: the lease could not be handed to the next link (it ran out, was "
                         "paused, or another runner took it): the chain ends here", self.key,
                         extra=self._fields("link_lost", lease.fence))
             return "lost", None
         due = plan.due
         return "ran", Link(
-            self.spec.name, owner=heir.id, parent=fence, generation=link.generation,
+            self.spec.name, owner=heir.id, parent=grant.fence, generation=link.generation,
             not_before=plan.start_at(), slot=plan.slot, idle_streak=plan.idle_streak,
             error_streak=plan.error_streak, due=None if due is None else (due.at, due.start, due.missed),
         )

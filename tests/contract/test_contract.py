@@ -136,6 +136,53 @@ async def test_reacquire_by_owner_gets_a_new_fence(make: Make) -> None:
     assert answers[KEY] is Renewal.LOST
 
 
+async def test_hand_over_passes_the_lease_on_with_the_next_fence(make: Make) -> None:
+    """The heir holds the lease with the very next fence; the old owner's fence stops
+    renewing, and a third runner is refused as long as the heir's claim lasts."""
+    a, b, c = await make(), await make(), await make()
+    ra, rb, rc = runner(1), runner(2), runner(3)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    passed = await a.hand_over(KEY, ra, grant.fence, rb, 5.0)
+    assert isinstance(passed, Grant)
+    assert passed.fence == grant.fence + 1
+    assert (await a.renew(ra, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.LOST
+    assert isinstance(await c.acquire(KEY, rc, 5.0), Denied)
+    assert (await a.renew(rb, {KEY: (passed.fence, 5.0)}))[KEY] is Renewal.HELD
+    [record] = [r for r in await c.loops() if r.key == KEY]
+    assert (record.holder, record.fence) == (rb.label, passed.fence)
+
+
+async def test_hand_over_checks_owner_and_fence_and_leaves_a_refused_lease_alone(make: Make) -> None:
+    """Only the owner with its fence can hand a lease over (one copy of a link takes the
+    baton up); a refused hand-over changes nothing."""
+    a, b = await make(), await make()
+    ra, rb, rc = runner(1), runner(2), runner(3)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert await b.hand_over(KEY, rb, grant.fence, rc, 5.0) is None
+    assert await a.hand_over(KEY, ra, grant.fence - 1, rc, 5.0) is None
+    assert (await a.renew(ra, {KEY: (grant.fence, 5.0)}))[KEY] is Renewal.HELD
+    first = await a.hand_over(KEY, ra, grant.fence, rb, 5.0)
+    assert isinstance(first, Grant)
+    assert await a.hand_over(KEY, ra, grant.fence, rc, 5.0) is None  # a second copy of the step
+    [record] = [r for r in await b.loops() if r.key == KEY]
+    assert (record.holder, record.fence) == (rb.label, first.fence)
+
+
+async def test_hand_over_of_a_paused_loop_gives_the_lease_up(make: Make) -> None:
+    """A paused loop is handed to nobody: the hand-over is refused and the lease is free."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    await b.set_paused(KEY, True)
+    assert await a.hand_over(KEY, ra, grant.fence, rb, 5.0) is None
+    [record] = [r for r in await b.loops() if r.key == KEY]
+    assert record.paused
+    assert record.holder is None
+
+
 async def test_pause_refuses_grants_and_ends_the_holders_lease(make: Make) -> None:
     """A paused loop is granted to nobody, its holder learns at renewal, resume undoes it."""
     a, b = await make(), await make()

@@ -478,3 +478,29 @@ async def test_leases_are_granted_without_a_liveness_folder(
     a.locks.folder = blocker / "runners"
     assert isinstance(await a.acquire(KEY, runner(1), 30.0), Grant)
     assert "no liveness lock in" in caplog.text
+
+
+async def test_a_lease_handed_over_is_never_seen_free(make: MakeRedis) -> None:
+    """A hand-over is one step on the server: a reader of status between links (a chain
+    on job workers) never sees the loop without a holder."""
+    a, reader = await make(), await make()
+    owner = runner(1)
+    grant = await a.acquire(KEY, owner, 5.0)
+    assert isinstance(grant, Grant)
+    fence, seen, done = grant.fence, [], asyncio.Event()
+
+    async def read() -> None:
+        while not done.is_set():
+            seen.extend(record.holder for record in await reader.loops() if record.key == KEY)
+
+    reading = asyncio.create_task(read())
+    for n in range(300):
+        heir = runner(n + 2)
+        passed = await a.hand_over(KEY, owner, fence, heir, 5.0)
+        assert isinstance(passed, Grant)
+        owner, fence = heir, passed.fence
+        await asyncio.sleep(0)
+    done.set()
+    await reading
+    assert len(seen) >= 50, len(seen)
+    assert None not in seen, f"{seen.count(None)} of {len(seen)} reads saw no holder"

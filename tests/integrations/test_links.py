@@ -268,7 +268,7 @@ def test_a_tally_adds_up_what_processes_forked_from_its_maker_counted() -> None:
     child.join(10)
     tally.add("stale")
     counts = tally.counts()
-    assert (counts["stale"], counts["ran"], counts["held"]) == (2, 1, 0)
+    assert (counts["stale"], counts["ran"], counts["paused"]) == (2, 1, 0)
 
 
 def test_job_metrics_show_links_by_outcome_and_chains_by_kind() -> None:

@@ -424,6 +424,27 @@ class Coordinator(abc.ABC):
         whether a lease was released.
         """
 
+    async def hand_over(
+        self, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float
+    ) -> Grant | None:
+        """Pass the lease of ``key`` from ``holder`` (who owns it with ``fence``) to ``heir`` for
+        ``ttl`` seconds, with the very next fence; ``None`` if ``holder`` no longer owns it so,
+        the loop is paused (the lease is then given up) or another runner took it in between.
+
+        A coordinator that can do this in one step does, so the lease is never seen free
+        between the two owners (status would read ``no runner``); this default gives the
+        lease back and asks for it again.
+        """
+        if not await self.release(key, holder, fence):
+            return None
+        answer = await self.acquire(key, heir, ttl)
+        if isinstance(answer, Denied):
+            return None
+        if answer.fence != fence + 1:  # another runner held it in between
+            await self.release(key, heir, answer.fence)
+            return None
+        return answer
+
     @abc.abstractmethod
     async def revoke(self, key: str) -> int | None:
         """Drop the lease of ``key`` whoever holds it (an operator's hand-over).

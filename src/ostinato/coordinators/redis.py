@@ -91,6 +91,7 @@ from ostinato.coordinators.redis_connections import RedisConnections
 from ostinato.coordinators.redis_lua import (
     ACQUIRE,
     FORGET,
+    HAND_OVER,
     HEARTBEAT,
     LIVE_RUNNERS,
     RELEASE,
@@ -134,6 +135,7 @@ class RedisCoordinator(RedisConnections):
         self._renew_many = self._client.register_script(RENEW_MANY)
         self._report = self._client.register_script(REPORT)
         self._release = self._client.register_script(RELEASE)
+        self._hand_over = self._client.register_script(HAND_OVER)
         self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
         self._live_runners = self._client.register_script(LIVE_RUNNERS)
@@ -300,6 +302,24 @@ class RedisCoordinator(RedisConnections):
             del self._held[key]
             self._unwatched.discard(key)
         return bool(released)
+
+    async def hand_over(
+        self, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float
+    ) -> Grant | None:
+        with self._reaching():
+            answer = await self._hand_over(
+                [self._key("lease", key), self._key("fence", key), self._key("loop", key)],
+                [holder.id, str(fence), heir.id, heir.label, _ms(ttl), heir.pid, LINGER_MS],
+            )
+        if self._held.get(key) == fence:
+            del self._held[key]
+            self._unwatched.discard(key)
+        if answer[0] != "granted":
+            return None
+        # Taken once granted (a standby that looks before sees no lock file, and waits).
+        self._hold_liveness(heir)
+        self._held[key] = int(answer[1])
+        return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
 
     async def revoke(self, key: str) -> int | None:
         with self._reaching():

@@ -83,6 +83,30 @@ end
 return 0
 """
 
+# The lease passed from its owner to an heir in one step, with the next fence: never free
+# between the two. KEYS: lease, fence, loop hash. ARGV: owner, fence, heir's owner, heir's
+# holder label, ttl ms, heir's pid, linger ms. Returns {'granted', fence, last start},
+# {'paused'} (the lease given up) or {'lost'} (the owner no longer owns it with that fence).
+HAND_OVER = """
+local held = redis.call('HMGET', KEYS[1], 'owner', 'fence')
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return {'lost'} end
+if redis.call('HGET', KEYS[3], 'paused') == '1' then
+  redis.call('DEL', KEYS[1])
+  return {'paused'}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'lost'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('INCR', KEYS[2])
+local fence = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'holder', ARGV[4], 'fence', fence, 'pid', ARGV[6],
+  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[5],
+  'ends', string.format('%d', now + tonumber(ARGV[5])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]) + tonumber(ARGV[7]))
+return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
+"""
+
 # KEYS: lease. Returns the fence of the lease it dropped, or nil if none was held (a
 # claim that ended by the server's clock is dropped all the same).
 REVOKE = """
