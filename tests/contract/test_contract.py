@@ -139,7 +139,7 @@ async def test_reacquire_by_owner_gets_a_new_fence(make: Make) -> None:
 async def test_hand_over_passes_the_lease_on_with_the_next_fence(make: Make) -> None:
     """The heir holds the lease with the very next fence; the old owner's fence stops
     renewing, and a third runner is refused as long as the heir's claim lasts."""
-    a, b, c = await make(), await make(), await make()
+    a, c = await make(), await make()
     ra, rb, rc = runner(1), runner(2), runner(3)
     grant = await a.acquire(KEY, ra, 5.0)
     assert isinstance(grant, Grant)
