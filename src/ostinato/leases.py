@@ -1,0 +1,222 @@
+"""The one owner of a runner's leases: it asks for many in one call, renews every lease
+held in one call, and gives leases back.
+
+Keepers ask it for their lease (``acquire``) and are answered; it tells them what their
+renewal found (``LoopKeeper.lose``). Requests that arrive while a batch is out go in the
+next one, so thousands of loops starting at once cost a few round trips; the renewer
+extends every held lease about every third of its TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import itertools
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Protocol
+
+from ostinato.coordinators.protocol import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo
+from ostinato.errors import CoordinatorUnavailable
+from ostinato.host import FAREWELL
+from ostinato.keeper import LoopKeeper
+from ostinato.logs import fields
+from ostinato.loop import REVOKED, LocalLease
+
+log = logging.getLogger("ostinato.runner")
+
+#: The most lease requests sent in one call.
+ACQUIRE_BATCH = 1000
+#: From this many loops, a runner that owns its process keeps the objects of its start out
+#: of the garbage collector's rounds (``gc.freeze``, which acts on the whole process), once
+#: every loop is held or after ``SETTLE_WITHIN``.
+FREEZE_FROM = 1000
+SETTLE_WITHIN = 60.0
+
+
+class Owner(Protocol):
+    """The runner, as its leases see it."""
+
+    coordinator: Coordinator
+    info: RunnerInfo
+    @property
+    def keepers(self) -> Mapping[str, LoopKeeper]: ...
+
+    stopping: bool
+    freeze_gc: bool
+    calls: Counter[str]
+    loop: asyncio.AbstractEventLoop
+
+    async def wait(self, seconds: float, *early: asyncio.Event) -> None: ...
+
+
+class Leases:
+    """The leases of ``runner``'s loops; ``shortest`` is the shortest lease among them."""
+
+    def __init__(self, runner: Owner, shortest: float) -> None:
+        self.runner = runner
+        self._shortest_lease = shortest
+        #: Leases renewed since start (metrics).
+        self.renewals = 0
+        self._renew_now = asyncio.Event()
+        self._granted = asyncio.Event()
+        #: When the renewer's next round is due (monotonic).
+        self._due = float("inf")
+        #: Lease requests waiting for the next batch: key -> (ttl, answer).
+        self._wanted: dict[str, tuple[float, asyncio.Future[Grant | Denied]]] = {}
+        self._asking: asyncio.Future[None] | None = None
+        # The earliest a lease kept by the last renewal falls due again.
+        self._earliest_due = math.inf
+
+    def renew_now(self) -> None:
+        """Renew every lease at once (a loop was paused or revoked: its holder learns now)."""
+        self._renew_now.set()
+
+    async def acquire(self, key: str, ttl: float) -> Grant | Denied:
+        """Ask for the lease of ``key``: requests that arrive while a batch is out are sent
+        together in the next one (one call, on SQLite one transaction), so thousands of
+        loops starting at once cost a few round trips, not thousands."""
+        future: asyncio.Future[Grant | Denied] = self.runner.loop.create_future()
+        self._wanted[key] = (ttl, future)
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(self._ask_in_batches())
+        return await future
+
+    async def _ask_in_batches(self) -> None:
+        await asyncio.sleep(0)  # the requests of this turn of the event loop go together
+        while self._wanted:
+            batch = dict(itertools.islice(self._wanted.items(), ACQUIRE_BATCH))
+            for key in batch:
+                del self._wanted[key]
+            sent = time.monotonic()
+            try:
+                self.runner.calls["acquire"] += 1
+                answers = await self.runner.coordinator.acquire_many(
+                    self.runner.info, {key: ttl for key, (ttl, _) in batch.items()}
+                )
+            except Exception as exc:  # the same answer for everyone in the batch
+                for _, future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for key, (_, future) in batch.items():
+                answer = answers[key]
+                if isinstance(answer, Grant) and (answer.sent is None or answer.sent < sent):
+                    # The claim began no sooner than the batch left, whenever its keeper
+                    # asked: a request that waited for an earlier batch loses nothing.
+                    answer = dataclasses.replace(answer, sent=sent)
+                if not future.done():
+                    future.set_result(answer)
+
+    async def renew_forever(self) -> None:
+        began, frozen = time.monotonic(), not self.runner.freeze_gc or len(self.runner.keepers) < FREEZE_FROM
+        while not self.runner.stopping:
+            self._renew_now.clear()
+            started = time.monotonic()
+            held = await self.renew_once()
+            if not frozen and (held >= len(self.runner.keepers) or started - began > SETTLE_WITHIN):
+                # The keepers and the leases they hold now live as long as the runner: the
+                # collector need not look at them again (at 10,000 loops its full rounds
+                # over them took a third of the runner's CPU).
+                gc.freeze()
+                frozen = True
+            await self._until_renewal_due(started)
+
+    async def _until_renewal_due(self, started: float) -> None:
+        """Wait until a held lease is a third of the way through, counted from when it was
+        last asked for, and at most a third of the shortest lease from ``started``, so a
+        slow coordinator does not stretch the pace. A lease granted late in its life (its
+        request waited, or took two long round trips) is renewed as soon as it arrives,
+        not at the next regular turn, by which time it may have run out."""
+        regular = started + self._shortest_lease / 3
+        # Never sooner than this after the last start, whatever a lease says: no spinning.
+        floor = started + self._shortest_lease / 100
+        # Found by the round's renewal, over every lease it kept; a grant since only lowers
+        # it (``lease_granted``).
+        self._due = min(regular, self._earliest_due)
+        while not self.runner.stopping and not self._renew_now.is_set():
+            self._granted.clear()
+            wait = max(self._due, floor) - time.monotonic()
+            if wait <= 0:
+                return
+            await self.runner.wait(wait, self._renew_now, self._granted)
+
+    def granted(self, lease: LocalLease) -> None:
+        """A keeper got ``lease``: the renewer wakes if it falls due before its next turn."""
+        self._earliest_due = min(self._earliest_due, lease.renew_at)
+        if lease.renew_at < self._due:
+            self._due = lease.renew_at
+            self._granted.set()
+
+    def _held_leases(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
+        return {
+            key: (keeper, keeper.lease)
+            for key, keeper in self.runner.keepers.items()
+            if keeper.lease is not None and keeper.lease.deadline != REVOKED
+        }
+
+    async def renew_once(self) -> int:
+        """Extend every lease held here; a lease whose renewal fails stops its passes at once.
+        Returns how many were kept."""
+        self._earliest_due = math.inf
+        held = self._held_leases()
+        if not held:
+            return 0
+        request = {key: (lease.fence, lease.ttl) for key, (_, lease) in held.items()}
+        # The call must not outlive the latest lease: past that, every answer is moot. A
+        # lease that runs out sooner stops its own passes meanwhile; cutting the call
+        # short for it would cost the others their renewal (on PostgreSQL, their locks).
+        latest = max(lease.deadline for _, lease in held.values())
+        sent = time.monotonic()
+        self.runner.calls["renew"] += 1
+        try:
+            answers = await asyncio.wait_for(
+                self.runner.coordinator.renew(self.runner.info, request), timeout=max(latest - sent, 0.001)
+            )
+        except (CoordinatorUnavailable, TimeoutError) as exc:
+            why = str(exc) or "the renewal timed out"
+            for keeper, _ in held.values():
+                keeper.lose(f"coordinator unreachable: {why}")
+            return 0
+        earliest, kept = math.inf, 0
+        for key, answer in answers.items():
+            keeper, lease = held[key]
+            if keeper.lease is not lease:
+                continue
+            if answer is Renewal.HELD:
+                lease.extend(sent)
+                kept += 1
+                self.renewals += 1
+                if lease.renew_at < earliest:
+                    earliest = lease.renew_at
+            elif answer is Renewal.PAUSED:
+                keeper.paused = True
+                keeper.lose("the loop was paused")
+            else:
+                keeper.lose("another runner holds it now, or it was revoked", step_aside=True)
+        self._earliest_due = min(self._earliest_due, earliest)  # grants since lowered it
+        return kept
+
+
+    async def give_back(self, key: str, lease: LocalLease) -> None:
+        """Release a lease this runner no longer needs and tell standbys at once."""
+        try:
+            async with asyncio.timeout(FAREWELL if self.runner.stopping else None):
+                self.runner.calls["release"] += 1
+                released = await self.runner.coordinator.release(key, self.runner.info, lease.fence)
+                if released:
+                    await self.runner.coordinator.publish(Event("released", key))
+            if released:
+                log.info("%s: lease released (fence %d)", key, lease.fence,
+                         extra=fields("lease_released", loop=key, fence=lease.fence,
+                                      runner=self.runner.info.label))
+        except (CoordinatorUnavailable, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {FAREWELL}s"
+            log.warning("%s: could not release the lease, it will expire: %s", key, why,
+                        extra=fields("release_failed", loop=key, fence=lease.fence,
+                                     runner=self.runner.info.label))
+
