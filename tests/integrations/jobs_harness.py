@@ -263,7 +263,7 @@ def keeper_pid(env: dict[str, str], system: str) -> int | None:
     import asyncio
 
     import ostinato
-    from ostinato.chains import keeper_key
+    from ostinato.forge import keeper_key
 
     async def look() -> int | None:
         store = ostinato.from_url(env["JOBS_COORDINATOR"])

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 import ostinato
-from ostinato.chains import Keeper, first_start, forge, overdue, watches_early, woken_start
+from ostinato.chains import Keeper
 from ostinato.coordinators.protocol import LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError
+from ostinato.forge import first_start, forge, overdue, watches_early, woken_start
 from ostinato.links import JobOptions, Link, Tally, check_hostable, run_link
 from ostinato.testing import FakeClock, MemoryCoordinator, MemoryStore
 
