@@ -30,12 +30,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ostinato import logs
-from ostinato.app import App, run_sync
+from ostinato.app import App
 from ostinato.chains import Keeper, KeeperThread, seed
 from ostinato.coordinators.protocol import RunnerInfo
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import ConfigurationError, MissingExtraError
 from ostinato.links import JobOptions, Link, Tally, check_hostable, run_clock_pass, run_link
+from ostinato.operate import run_sync
 
 try:
     from celery import Celery, bootsteps  # type: ignore[import-untyped]

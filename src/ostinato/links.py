@@ -36,12 +36,13 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ostinato.app import App, run_sync
+from ostinato.app import App
 from ostinato.coordinators.memory import MemoryCoordinator
 from ostinato.coordinators.protocol import Coordinator, Denied, LoopRecord, RunnerInfo
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
+from ostinato.operate import run_sync
 from ostinato.pacing import Plan, Slot
 from ostinato.turn import Turn
 

@@ -129,8 +129,8 @@ def loops() -> dict[str, Any]:
 def read_loops(url: str) -> dict[str, Any]:
     """``loops()`` from any process (and from inside an event loop, as Playwright's): straight
     from the coordinator at ``url``."""
-    from ostinato.app import run_sync
     from ostinato.coordinators import from_url
+    from ostinato.operate import run_sync
 
     async def read() -> dict[str, Any]:
         store = from_url(url)

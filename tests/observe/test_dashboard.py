@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ostinato.app import run_sync
 from ostinato.coordinators import LoopRecord
 from ostinato.dashboard import Board, History
+from ostinato.operate import run_sync
 from tests.observe.conftest import Scripted, Stack, get, served, wait_for
 
 LOOPS = ("obs:tick", "obs:flaky", "obs:blocker")

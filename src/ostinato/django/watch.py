@@ -14,10 +14,10 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
-from ostinato.app import run_sync
 from ostinato.coordinators import Coordinator, LoopRecord
 from ostinato.dashboard import SAMPLE_EVERY, Board, History
 from ostinato.errors import CoordinatorUnavailable
+from ostinato.operate import run_sync
 
 T = TypeVar("T")
 
