@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from ostinato.coordinators.protocol import SessionBound, drift_margin
+from ostinato.coordinators.clocks import SessionBound, drift_margin
 from ostinato.durations import Duration, parse_duration
 from ostinato.errors import DeclarationError
 from ostinato.pacing import Pacing, check_cron

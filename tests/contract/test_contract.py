@@ -8,7 +8,7 @@ import random
 import time
 
 from ostinato.coordinators import Denied, Event, Grant, LoopStats, Renewal, RunnerInfo, Setting
-from ostinato.coordinators.protocol import drift_margin
+from ostinato.coordinators.clocks import drift_margin
 from tests.contract.conftest import Make
 
 KEY = "app:loop"

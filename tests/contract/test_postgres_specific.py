@@ -556,7 +556,7 @@ def test_a_standby_waits_longer_than_a_holder_trusts_a_silent_session() -> None:
     """The fast path's arithmetic, for round trips from nothing to a second: the quiet a
     holder asks for exceeds its window even on clocks 1% apart, and the window leaves room
     for two round trips and a beat before passes stop."""
-    from ostinato.coordinators.protocol import drift_margin
+    from ostinato.coordinators.clocks import drift_margin
     from ostinato.coordinators.quiet import BEAT, BOUND_MARGIN, MIN_QUIET, SLACK, quiet_for, window_for
 
     assert quiet_for(0.0) == MIN_QUIET

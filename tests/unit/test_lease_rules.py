@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ostinato.coordinators.protocol import SessionBound, Sightings, drift_margin
+from ostinato.coordinators.clocks import SessionBound, Sightings, drift_margin
 from ostinato.loop import LocalLease
 
 

@@ -53,6 +53,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow
 
+from ostinato.coordinators.clocks import Sightings
 from ostinato.coordinators.postgres_connections import (
     RENEWAL,
     REQUEST,
@@ -72,7 +73,6 @@ from ostinato.coordinators.protocol import (
     RunnerInfo,
     RunnerRecord,
     Setting,
-    Sightings,
     hosts_from,
     hosts_text,
 )

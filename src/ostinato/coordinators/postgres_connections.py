@@ -31,9 +31,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 
+from ostinato.coordinators.clocks import SessionBound
 from ostinato.coordinators.network import EventFeed, take_options, unavailable
 from ostinato.coordinators.postgres_sql import SQL
-from ostinato.coordinators.protocol import Coordinator, Event, RunnerInfo, SessionBound
+from ostinato.coordinators.protocol import Coordinator, Event, RunnerInfo
 from ostinato.coordinators.quiet import BEAT, BOUND_MARGIN, MIN_QUIET, QuietBook, window_for
 from ostinato.coordinators.urls import redact
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable

@@ -22,7 +22,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Iterator
 
-from ostinato.coordinators.protocol import drift_margin
+from ostinato.coordinators.clocks import drift_margin
 
 #: A holder hears from its session at least this often while it holds locks.
 BEAT = 0.05

@@ -71,6 +71,7 @@ from typing import Any, cast
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
+from ostinato.coordinators.clocks import Sightings
 from ostinato.coordinators.network import RECONNECT_MIN
 from ostinato.coordinators.protocol import (
     STAT_FIELDS,
@@ -82,7 +83,6 @@ from ostinato.coordinators.protocol import (
     RunnerInfo,
     RunnerRecord,
     Setting,
-    Sightings,
     hosts_from,
     hosts_text,
     stats_fields,
