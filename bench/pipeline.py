@@ -78,8 +78,10 @@ class Pipeline:
     def __init__(self, tmp: Path, store_url: str | None, schema: str) -> None:
         self.tmp = tmp
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OSTINATO_", "PIPELINE_"))}
-        self.env.update(PIPELINE_DATA=str(tmp), PIPELINE_SCHEMA=schema, PYTHONUNBUFFERED="1",
-                        PYTHONPATH=str(ROOT))
+        # A PYTHONPATH given to the benchmark is kept, after the repository's root (so the
+        # processes can run an ostinato other than the installed one, such as a snapshot).
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        self.env.update(PIPELINE_DATA=str(tmp), PIPELINE_SCHEMA=schema, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         if store_url:
             self.env["PIPELINE_STORE"] = store_url
         self.store: Store | RedisStore
@@ -167,10 +169,64 @@ class Pipeline:
                 proc.wait()
 
 
+def machine_cpu() -> tuple[float, float]:
+    """CPU-seconds this machine spent busy and in all, summed over its CPUs, since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+
+
+def process_cpu(pid: int) -> float:
+    """CPU-seconds (user and system) process ``pid`` used so far; 0 when it is gone."""
+    try:
+        fields = common.proc_stat(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShares:
+    """Who used the CPUs over a span: the ingest process, the load generator (a child reaped
+    meanwhile, read from ``RUSAGE_CHILDREN``), the runners, and everything else on the machine
+    (the database server, the kernel's own work, other people's processes)."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        import resource
+
+        self.pipe, self._resource = pipe, resource
+        self.server = pipe.procs[0].pid
+        self.runners = [p.pid for p in pipe.runners.values()]
+        self.began = time.monotonic()
+        self.machine = machine_cpu()
+        self.ingest = process_cpu(self.server)
+        self.runner_cpu = sum(process_cpu(pid) for pid in self.runners)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.children = usage.ru_utime + usage.ru_stime
+
+    def end(self, requests: int) -> dict[str, Any]:
+        took = time.monotonic() - self.began
+        busy, total = (b - a for a, b in zip(self.machine, machine_cpu(), strict=True))
+        ingest = process_cpu(self.server) - self.ingest
+        runners = sum(process_cpu(pid) for pid in self.runners) - self.runner_cpu
+        usage = self._resource.getrusage(self._resource.RUSAGE_CHILDREN)
+        generator = usage.ru_utime + usage.ru_stime - self.children
+        return {
+            "seconds": round(took, 2), "cpus": os.cpu_count(),
+            "busy_cores": round(busy / took, 2), "idle_cores": round((total - busy) / took, 2),
+            "ingest_cores": round(ingest / took, 2), "generator_cores": round(generator / took, 2),
+            "runners_cores": round(runners / took, 2),
+            "everything_else_cores": round((busy - ingest - generator - runners) / took, 2),
+            "ingest_cpu_ms_per_request": round(1000 * ingest / max(requests, 1), 3),
+        }
+
+
 def ingest_run(pipe: Pipeline, rate: float, seconds: float) -> dict[str, Any]:
-    """Load at ``rate`` for ``seconds``: the generator's summary, the deepest queue, the lag."""
+    """Load at ``rate`` for ``seconds``: the generator's summary, the deepest queue, the lag, and
+    who used the CPUs meanwhile."""
     began_wall = time.time()
     load_before = os.getloadavg()[0]
+    shares = CpuShares(pipe)
     load = pipe.load(rate, seconds)
     depths: list[int] = []
     stop = threading.Event()
@@ -187,15 +243,16 @@ def ingest_run(pipe: Pipeline, rate: float, seconds: float) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, _ = load.communicate(timeout=seconds + 120)
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    cpu = shares.end(summary["sent"])
     stop.set()
     sampler.join()
-    summary = json.loads(out.decode().strip().splitlines()[-1])
     pipe.wait("an empty queue", lambda: pipe.stats()["queue_depth"] == 0, timeout=120)
     with contextlib.closing(pipe.store.connect()) as conn:
         lag = pipe.store.lag_total(conn, began_wall - 10)
     return {
         "rate": rate, "seconds": seconds, "load": summary,
-        "max_queue_depth": max(depths, default=0),
+        "max_queue_depth": max(depths, default=0), "cpu": cpu,
         "lag_ms": {"count": lag.count, "p50": round(lag.quantile(0.5), 1),
                    "p99": round(lag.quantile(0.99), 1), "max": round(lag.max, 1)},
         "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
@@ -319,6 +376,12 @@ def report(result: dict[str, Any]) -> list[str]:
                          f"accepted {run['load']['accepted']}/{run['load']['sent']}  "
                          f"queue max {run['max_queue_depth']}  lag p50 {run['lag_ms']['p50']:.0f} ms  "
                          f"p99 {run['lag_ms']['p99']:.0f} ms  (load {run['loadavg_1m_before']:.1f})")
+            cpu = run["cpu"]
+            lines.append(f"         generator late p99 {run['load']['late_ms']['p99']:.1f} ms; cores busy "
+                         f"{cpu['busy_cores']} of {cpu['cpus']}: ingest {cpu['ingest_cores']} "
+                         f"({cpu['ingest_cpu_ms_per_request']} ms a request), generator "
+                         f"{cpu['generator_cores']}, runners {cpu['runners_cores']}, everything else "
+                         f"{cpu['everything_else_cores']}")
         c = r["capacity"]
         lines.append(f"  aggregation capacity {c['bundles_per_s']:.0f} bundles/s "
                      f"({c['bundles']} in {c['seconds']}s)")

@@ -29,8 +29,10 @@ def _serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     print(f"pipeline ingest on http://{args.host}:{args.port}/ storing in {display(store.url)}"
           + ("" if coordinator is None else f", waking {display(coordinator)}"), flush=True)
+    # No proxy-headers middleware around every request (it listens on its own address, not
+    # behind a proxy) and no Server header.
     uvicorn.run(web, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_keep_alive=30, backlog=4096)
+                timeout_keep_alive=30, backlog=4096, proxy_headers=False, server_header=False)
     return 0
 
 

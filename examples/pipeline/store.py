@@ -112,7 +112,7 @@ class Store:
         self.schema = schema or os.environ.get("PIPELINE_SCHEMA", DEFAULT_SCHEMA)
         self._ready = False
 
-    def connect(self, *, poll_lock: bool = False, flush: bool = True) -> Any:
+    def connect(self, *, poll_lock: bool = False, flush: bool = True, checkpoint: bool = True) -> Any:
         """A new connection, in autocommit mode (transactions are begun explicitly), tables made.
 
         SQLite only: ``poll_lock``: the connection does not wait for the write lock itself, and
@@ -120,7 +120,11 @@ class Store:
         5, 10, 15, 20, 25 ms... between tries, so a writer may get the lock up to twice as late
         as it was freed: a pass holding it 10 ms could delay the ingest tier's commit 18 ms.
         ``flush`` False: a commit is not flushed to disk by itself (``synchronous=NORMAL``),
-        which the loops use; see ``LOOPS_FLUSH``."""
+        which the loops use; see ``LOOPS_FLUSH``. ``checkpoint`` False: a commit never copies
+        the WAL into the database itself (SQLite's automatic checkpoint, which a commit that
+        takes the WAL past 1,000 pages runs before it returns, with an fsync of the database
+        file): the ingest tier's writer uses such a connection and leaves checkpoints to
+        ``checkpoint()`` in a thread of their own, so no request waits for one."""
         conn: Any
         if self.dialect == "sqlite":
             conn = sqlite3.connect(self.path, timeout=0.0 if poll_lock else LOCK_WAIT,
@@ -129,6 +133,8 @@ class Store:
             # FULL: a bundle answered 202 survives a power cut, not only a crash; the
             # ingest tier's group commit pays the fsync once per batch.
             conn.execute(f"PRAGMA synchronous={'FULL' if flush else 'NORMAL'}")
+            if not checkpoint:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
             if not self._ready:
                 conn.executescript(sql.SQLITE_SCHEMA)
         else:
@@ -174,6 +180,12 @@ class Store:
                        [b.source for b, _ in bundles], [received for _, received in bundles],
                        [len(b.samples) for b, _ in bundles], [b.samples_json() for b, _ in bundles])
             conn.execute(self.q["insert"], columns)
+
+    def checkpoint(self, conn: Any) -> None:
+        """SQLite: copy what the WAL holds into the database, as far as readers allow, without
+        waiting for a writer or reader (``PASSIVE``: commits go on meanwhile). Elsewhere nothing."""
+        if self.dialect == "sqlite":
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- the loops, each inside a fenced transaction ---------------------------------------
 

@@ -150,11 +150,14 @@ class RedisStore:
         #: fences table): a fresh store starts with no fence recorded.
         self.fence_prefix = f"{self.p}:fence:"
 
-    def connect(self, *, poll_lock: bool = False, flush: bool = True) -> Any:
+    def connect(self, *, poll_lock: bool = False, flush: bool = True, checkpoint: bool = True) -> Any:
         """A client; the flags are ``Store``'s (SQLite's), and mean nothing here."""
         import redis
 
         return redis.Redis.from_url(self.url)
+
+    def checkpoint(self, conn: Any) -> None:
+        """Nothing to do (SQLite's WAL checkpoint; see ``Store.checkpoint``)."""
 
     def _inbox(self, slot: int) -> str:
         return f"{self.p}:inbox:{slot}"
