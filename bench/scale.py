@@ -229,6 +229,10 @@ def measure(backend: str, size: int, url: str, folder: Path, steady: float,
         except subprocess.TimeoutExpired:
             runner.kill()
             runner.wait()
+    with contextlib.suppress(Exception):  # a graceful stop gives every lease back
+        result["held_after_stop"] = sum(
+            1 for _, holder, _ in asyncio.run(read_fences(url)).values() if holder
+        )
     text = log_path.read_text(errors="replace")
     result["leases_lost"] = text.count("lease lost")
     result["runner_exit"] = runner.returncode

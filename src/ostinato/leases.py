@@ -1,5 +1,5 @@
 """The one owner of a runner's leases: it asks for many in one call, renews every lease
-held in one call, and gives leases back.
+held in one call, and gives many back in one call.
 
 Keepers ask it for their lease (``acquire``) and are answered; it tells them what their
 renewal found (``LoopKeeper.lose``). Requests that arrive while a batch is out go in the
@@ -31,6 +31,8 @@ log = logging.getLogger("ostinato.runner")
 
 #: The most lease requests sent in one call.
 ACQUIRE_BATCH = 1000
+#: The most leases given back in one call.
+RELEASE_BATCH = 2000
 #: From this many loops, a runner that owns its process keeps the objects of its start out
 #: of the garbage collector's rounds (``gc.freeze``, which acts on the whole process), once
 #: every loop is held or after ``SETTLE_WITHIN``.
@@ -69,6 +71,9 @@ class Leases:
         #: Lease requests waiting for the next batch: key -> (ttl, answer).
         self._wanted: dict[str, tuple[float, asyncio.Future[Grant | Denied]]] = {}
         self._asking: asyncio.Future[None] | None = None
+        #: Leases given back, waiting for the next batch: key -> (fence, done).
+        self._returned: dict[str, tuple[int, asyncio.Future[None]]] = {}
+        self._releasing: asyncio.Future[None] | None = None
         # The earliest a lease kept by the last renewal falls due again.
         self._earliest_due = math.inf
 
@@ -203,20 +208,49 @@ class Leases:
 
 
     async def give_back(self, key: str, lease: LocalLease) -> None:
-        """Release a lease this runner no longer needs and tell standbys at once."""
+        """Release a lease this runner no longer needs and tell standbys at once. Leases given
+        back while a batch is out go together in the next one (one call, and one for the
+        events): a runner stopping with thousands of loops lets them all go within its
+        farewell, where one call each left most of them to expire."""
+        future: asyncio.Future[None] = self.runner.loop.create_future()
+        self._returned[key] = (lease.fence, future)
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.ensure_future(self._release_in_batches())
+        await future
+
+    async def _release_in_batches(self) -> None:
+        await asyncio.sleep(0)  # the leases given back in this turn of the event loop go together
+        while self._returned:
+            batch = dict(itertools.islice(self._returned.items(), RELEASE_BATCH))
+            for key in batch:
+                del self._returned[key]
+            fences = {key: fence for key, (fence, _) in batch.items()}
+            try:
+                await self._release(fences)
+            finally:
+                for _, future in batch.values():
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _release(self, fences: dict[str, int]) -> None:
+        runner = self.runner
         try:
-            async with asyncio.timeout(FAREWELL if self.runner.stopping else None):
-                self.runner.calls["release"] += 1
-                released = await self.runner.coordinator.release(key, self.runner.info, lease.fence)
+            async with asyncio.timeout(FAREWELL if runner.stopping else None):
+                runner.calls["release"] += 1
+                released = await runner.coordinator.release_many(runner.info, fences)
                 if released:
-                    await self.runner.coordinator.publish(Event("released", key))
-            if released:
-                log.info("%s: lease released (fence %d)", key, lease.fence,
-                         extra=fields("lease_released", loop=key, fence=lease.fence,
-                                      runner=self.runner.info.label))
+                    await runner.coordinator.publish_many(
+                        [Event("released", key) for key in fences if key in released]
+                    )
         except (CoordinatorUnavailable, TimeoutError) as exc:
             why = str(exc) or f"no answer within {FAREWELL}s"
-            log.warning("%s: could not release the lease, it will expire: %s", key, why,
-                        extra=fields("release_failed", loop=key, fence=lease.fence,
-                                     runner=self.runner.info.label))
-
+            for key, fence in fences.items():
+                log.warning("%s: could not release the lease, it will expire: %s", key, why,
+                            extra=fields("release_failed", loop=key, fence=fence,
+                                         runner=runner.info.label))
+            return
+        for key, fence in fences.items():
+            if key in released:
+                log.info("%s: lease released (fence %d)", key, fence,
+                         extra=fields("lease_released", loop=key, fence=fence,
+                                      runner=runner.info.label))

@@ -273,6 +273,40 @@ async def test_published_events_reach_subscribers(make: Make) -> None:
     assert event == Event("wake", KEY)
 
 
+async def test_many_events_published_at_once_reach_subscribers_in_order(make: Make) -> None:
+    """``publish_many``: every event reaches a runner subscribed through another coordinator,
+    in the order published."""
+    a, b = await make(), await make()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    await b.report(runner(2), 10.0, [])
+    sent = [Event("released", f"app:loop{i}") for i in range(50)]
+    await a.publish_many(sent)
+    received = [await asyncio.wait_for(got.get(), 2.0) for _ in sent]
+    assert received == sent
+
+
+async def test_release_many_gives_back_only_what_the_runner_owns_with_that_fence(make: Make) -> None:
+    """``release_many`` follows ``release`` per key: a lease of another runner, or under an
+    older fence, is kept; the ones given back are free at once."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    keys = [f"app:many{i}" for i in range(300)]
+    granted = await a.acquire_many(ra, dict.fromkeys(keys, 5.0))
+    fences = {key: answer.fence for key, answer in granted.items() if isinstance(answer, Grant)}
+    assert len(fences) == len(keys)
+    theirs = await b.acquire("app:theirs", rb, 5.0)
+    assert isinstance(theirs, Grant)
+    asked = {**fences, keys[0]: fences[keys[0]] - 1, "app:theirs": theirs.fence, "app:never": 1}
+    released = await a.release_many(ra, asked)
+    assert released == set(keys[1:])
+    assert (await a.renew(ra, {keys[0]: (fences[keys[0]], 5.0)}))[keys[0]] is Renewal.HELD
+    assert (await b.renew(rb, {"app:theirs": (theirs.fence, 5.0)}))["app:theirs"] is Renewal.HELD
+    again = await b.acquire_many(rb, dict.fromkeys(keys[1:], 5.0))
+    assert all(isinstance(answer, Grant) for answer in again.values())
+    assert await a.release_many(ra, {}) == set()
+
+
 async def test_only_one_of_many_simultaneous_acquires_wins(make: Make) -> None:
     """Runners racing for a free lease: exactly one is granted."""
     coordinators = [await make() for _ in range(6)]

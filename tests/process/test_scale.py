@@ -1,4 +1,5 @@
-"""One real runner process holding 2,000 loops: all held, then no lease changes hands.
+"""One real runner process holding 2,000 loops: all held, then no lease changes hands, and
+a graceful stop gives every lease back.
 
 The short version of ``bench/scale.py`` (10,000 loops, ten minutes). A runner that cannot
 renew what it holds in time loses leases, and each loss is a hand-over with a new fence,
@@ -103,3 +104,7 @@ def test_a_steady_runner_of_2000_loops_holds_them_all_and_loses_none(
     text = log.read_text(errors="replace")
     assert "lease lost" not in text, text[-2000:]
     assert runner.returncode == 0, text[-2000:]
+    # A graceful stop gives every lease back (a standby need not wait for them to expire).
+    still = sorted(k for k, (_, holder) in asyncio.run(claims(url)).items() if holder is not None)
+    assert still == [], f"{len(still)} leases left to expire after the stop, such as {still[:5]}"
+    assert "could not release" not in text, text[-2000:]

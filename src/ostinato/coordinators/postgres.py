@@ -273,6 +273,19 @@ class PostgresCoordinator(PostgresConnections):
             )
             return bool(row and row["released"])
 
+    async def release_many(self, runner: RunnerInfo, leases: Mapping[str, int]) -> set[str]:
+        if not leases:
+            return set()
+        for key in leases:
+            self._unbound.pop(key, None)
+        async with self._session(self._lease) as conn:
+            locks = [lock_id(self.schema, k) for k in self._forget(runner, dict(leases))]
+            row = await self._fetch(conn, "release_many", {
+                "keys": list(leases), "fences": list(leases.values()), "owner": runner.id,
+                "locks": locks,
+            })
+        return set(row["released"]) if row else set()
+
     async def revoke(self, key: str) -> int | None:
         # The holder's session keeps its lock until its next renewal, answered LOST.
         async with self._session() as conn:

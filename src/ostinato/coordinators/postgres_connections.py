@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -409,6 +409,13 @@ class PostgresConnections(Coordinator):
         payload = json.dumps({"kind": event.kind, "key": event.key})
         async with self._session(tables=False) as conn:  # a wake-up costs no schema check
             await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        payloads = [json.dumps({"kind": event.kind, "key": event.key}) for event in events]
+        async with self._session(tables=False) as conn:
+            await self._run(conn, "notify_many", {"channel": self.channel, "payloads": payloads})
 
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
         if self._closed:

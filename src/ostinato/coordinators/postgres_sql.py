@@ -130,6 +130,23 @@ WITH released AS (
 unlocked AS (SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x)
 SELECT EXISTS (SELECT 1 FROM released) AS released, (SELECT count(*) FROM unlocked) AS unlocked
 """,
+    # Many leases given back, their rows locked in key order (as a renewal locks them: no
+    # deadlock between the two), the unlocks of their own locks included.
+    "release_many": """
+WITH v AS MATERIALIZED (
+    SELECT * FROM unnest(%(keys)s::text[], %(fences)s::bigint[]) AS v(key, fence)),
+ordered AS MATERIALIZED (
+    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM v) ORDER BY key COLLATE "C"
+    FOR UPDATE),
+released AS (
+    UPDATE {s}.loops AS l SET owner = NULL, holder = NULL, expires = NULL, locked = false
+    FROM v
+    WHERE l.key = v.key AND l.key IN (SELECT key FROM ordered) AND l.fence = v.fence
+      AND l.owner = %(owner)s
+    RETURNING l.key),
+unlocked AS (SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x)
+SELECT array(SELECT key FROM released) AS released, (SELECT count(*) FROM unlocked) AS unlocked
+""",
     "revoke": """
 UPDATE {s}.loops SET owner = NULL, holder = NULL, expires = NULL, locked = false
 WHERE key = %(key)s AND owner IS NOT NULL AND expires > clock_timestamp() RETURNING fence
@@ -187,6 +204,7 @@ RETURNING key
     "known": "SELECT 1 FROM {s}.loops WHERE key = %(key)s",
     "unlock": "SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x",
     "notify": "SELECT pg_notify(%(channel)s, %(payload)s)",
+    "notify_many": "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p",
     "listen": "LISTEN {channel}",
     "drop": "DROP SCHEMA IF EXISTS {s} CASCADE",
     "setting": "SELECT value, fence FROM {s}.settings WHERE name = %(name)s",

@@ -326,6 +326,15 @@ class Coordinator(abc.ABC):
         whether a lease was released.
         """
 
+    async def release_many(self, runner: RunnerInfo, leases: Mapping[str, int]) -> set[str]:
+        """``release`` for each key of ``leases`` (key -> fence), by the rules of ``release``;
+        the keys released. A coordinator that can give many leases back in one round trip
+        does (a runner stopping with thousands of loops); this default gives each back on its
+        own, all at once."""
+        keys = list(leases)
+        answers = await asyncio.gather(*(self.release(key, runner, leases[key]) for key in keys))
+        return {key for key, released in zip(keys, answers, strict=True) if released}
+
     async def hand_over(
         self, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float
     ) -> Grant | None:
@@ -388,6 +397,12 @@ class Coordinator(abc.ABC):
     @abc.abstractmethod
     async def publish(self, event: Event) -> None:
         """Deliver ``event`` to every runner subscribed to this coordinator, on any host."""
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """``publish`` each of ``events``, in order; in one round trip where the coordinator
+        can."""
+        for event in events:
+            await self.publish(event)
 
     @abc.abstractmethod
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:

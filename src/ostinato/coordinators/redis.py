@@ -95,6 +95,7 @@ from ostinato.coordinators.redis_lua import (
     HEARTBEAT,
     LIVE_RUNNERS,
     RELEASE,
+    RELEASE_MANY,
     RENEW_MANY,
     REPORT,
     REVOKE,
@@ -135,6 +136,7 @@ class RedisCoordinator(RedisConnections):
         self._renew_many = self._client.register_script(RENEW_MANY)
         self._report = self._client.register_script(REPORT)
         self._release = self._client.register_script(RELEASE)
+        self._release_many = self._client.register_script(RELEASE_MANY)
         self._hand_over = self._client.register_script(HAND_OVER)
         self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
@@ -302,6 +304,23 @@ class RedisCoordinator(RedisConnections):
             del self._held[key]
             self._unwatched.discard(key)
         return bool(released)
+
+    async def release_many(self, runner: RunnerInfo, leases: Mapping[str, int]) -> set[str]:
+        keys = list(leases)
+        released: set[str] = set()
+        with self._reaching():
+            for start in range(0, len(keys), RENEW_CHUNK):  # the server runs each call alone
+                chunk = keys[start:start + RENEW_CHUNK]
+                answers = await self._release_many(
+                    [self._key("lease", key) for key in chunk],
+                    [runner.id, *(str(leases[key]) for key in chunk)],
+                )
+                released.update(key for key, done in zip(chunk, answers, strict=True) if done)
+        for key, fence in leases.items():
+            if self._held.get(key) == fence:
+                del self._held[key]
+                self._unwatched.discard(key)
+        return released
 
     async def hand_over(
         self, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float

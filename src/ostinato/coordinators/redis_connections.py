@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -173,6 +173,15 @@ class RedisConnections(Coordinator):
         payload = json.dumps({"kind": event.kind, "key": event.key})
         with self._reaching():
             await self._client.publish(self.channel, payload)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        with self._reaching():
+            pipe = self._client.pipeline(transaction=False)
+            for event in events:
+                pipe.publish(self.channel, json.dumps({"kind": event.kind, "key": event.key}))
+            await pipe.execute()
 
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
         if not self._events.started:

@@ -107,6 +107,21 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]) + tonumber(ARGV[7]))
 return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
 """
 
+# Gives many leases back. KEYS: each lease. ARGV: owner, then each lease's fence. Returns 1
+# for each lease given back, 0 for each one the owner no longer owned with that fence.
+RELEASE_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'owner') == ARGV[1]
+     and redis.call('HGET', KEYS[i], 'fence') == ARGV[i + 1] then
+    out[i] = redis.call('DEL', KEYS[i])
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 # KEYS: lease. Returns the fence of the lease it dropped, or nil if none was held (a
 # claim that ended by the server's clock is dropped all the same).
 REVOKE = """

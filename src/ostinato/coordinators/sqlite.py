@@ -279,6 +279,14 @@ class SQLiteCoordinator(Coordinator):
 
         return await self._run(drop)
 
+    async def release_many(self, runner: RunnerInfo, leases: Mapping[str, int]) -> set[str]:
+        def drop(conn: sqlite3.Connection) -> set[str]:
+            with self._write(conn):
+                return {key for key, fence in leases.items()
+                        if conn.execute(SQL["release"], (key, runner.id, fence)).rowcount == 1}
+
+        return await self._run(drop) if leases else set()
+
     async def revoke(self, key: str) -> int | None:
         def drop(conn: sqlite3.Connection) -> int | None:
             with self._write(conn):
@@ -389,14 +397,20 @@ class SQLiteCoordinator(Coordinator):
     # -- events ------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
+        await self.publish_many([event])
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
         def ports(conn: sqlite3.Connection) -> list[int]:
             rows = conn.execute(SQL["ports"], (self._boot, time.monotonic())).fetchall()
             return [r["port"] for r in rows]
 
-        payload = json.dumps({"kind": event.kind, "key": event.key}).encode()
+        if not events:
+            return
+        payloads = [json.dumps({"kind": event.kind, "key": event.key}).encode() for event in events]
         for port in await self._run(ports):
-            with contextlib.suppress(OSError):
-                self._send.sendto(payload, ("127.0.0.1", port))
+            for payload in payloads:
+                with contextlib.suppress(OSError):
+                    self._send.sendto(payload, ("127.0.0.1", port))
 
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:
         self._callbacks.append(callback)
