@@ -349,8 +349,8 @@ class Runner:
         return self._held_count >= self._share
 
     async def balance(self) -> None:
-        """Count the live runners that can run each loop, and hand over loops held beyond the
-        fair share, one at a time. Runners of other apps, or that do not host a loop
+        """Count the live runners that can run each loop, and hand over the loops held beyond
+        the fair share. Runners of other apps, or that do not host a loop
         (``--only``), do not count for it."""
         self.calls["runners"] += 1
         runners = await self.coordinator.runners()
@@ -377,10 +377,12 @@ class Runner:
         movable = [
             k for k in held if k.balance_cooldown_until <= now and self._candidates.get(k.key, 1) > 1
         ]
-        if movable:
-            # The one that most recently finished a pass is least likely to be mid-pass.
-            movable.sort(key=lambda k: (k.stats.running_since is not None, -(k.stats.last_end or 0)))
-            movable[0].hand_over()
+        # All the excess at once (a runner joining a fleet takes its share within a few
+        # rounds, not one loop a second); those that most recently finished a pass first,
+        # as least likely to be mid-pass.
+        movable.sort(key=lambda k: (k.stats.running_since is not None, -(k.stats.last_end or 0)))
+        for keeper in movable[:len(held) - self.fair_share()]:
+            keeper.hand_over()
 
     # -- reporting ----------------------------------------------------------------------
 

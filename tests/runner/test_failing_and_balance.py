@@ -136,3 +136,19 @@ async def test_a_runner_that_does_not_host_a_loop_does_not_count_for_it() -> Non
             await first.balance()
             assert first.fair_share() == 1
             await until(lambda: len(first.held()) == 1 and len(second.held()) == 1, timeout=10)
+
+
+async def test_a_runner_that_joins_is_handed_its_whole_share_in_one_round() -> None:
+    """Runner 1 holds all 40 loops; runner 2 joins: one balancing round of runner 1 hands
+    over all 20 beyond its share (not one a round), and runner 2 takes them."""
+    url = f"memory://{uuid.uuid4().hex}"
+    loops = [f"l{i}" for i in range(40)]
+    async with _app("b", url, loops).running() as first:
+        await _held_by([first], 40)
+        async with _app("b", url, loops).running() as second:
+            await first._report()
+            await second._report()
+            await first.balance()
+            assert first.fair_share() == 20
+            assert sum(k._handing_over for k in first.keepers.values()) == 20
+            await until(lambda: (len(first.held()), len(second.held())) == (20, 20), timeout=10)
