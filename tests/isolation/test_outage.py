@@ -43,7 +43,7 @@ async def test_isolated_child_and_async_pass_end_before_the_lease_deadline(
         def child_gone() -> bool:
             try:
                 stat = Path(f"/proc/{child}/stat").read_text()
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # reaped as it was read
                 return True
             return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
