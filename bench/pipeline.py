@@ -54,6 +54,7 @@ from examples.pipeline.model import Bundle  # noqa: E402
 from examples.pipeline.store import Store  # noqa: E402
 from examples.pipeline.store_redis import RedisStore  # noqa: E402
 
+import ostinato  # noqa: E402
 from ostinato.coordinators import from_url  # noqa: E402
 
 RESULTS = BENCH / "results" / "pipeline.json"
@@ -410,7 +411,11 @@ def main() -> int:
     stores = args.stores.split(",")
     result: dict[str, Any] = {"timestamp": common.timestamp(), "machine": common.base_machine_facts(),
                               "settings": {"seconds": args.seconds, "rates": args.rates, "kills": args.kills,
-                                           "runners": 2, "partitions": 4, "coordinator": "sqlite"},
+                                           "runners": 2, "partitions": 4, "coordinator": "sqlite",
+                                           # Which ostinato ran (a PYTHONPATH may name another
+                                           # than the working tree's, whose edits are listed above).
+                                           "ostinato": str(Path(ostinato.__file__).parent),
+                                           "pythonpath": os.environ.get("PYTHONPATH")},
                               "stores": stores, "problems": []}
     for kind in stores:
         result[kind] = run_store(kind, args)
