@@ -1,0 +1,271 @@
+"""Benchmark of a fleet: N loops of one ``keys=`` loop spread over R runners.
+
+Run it as ``.venv/bin/python bench/fleet.py --loops 10000 --runners 10`` (``--backends``
+to pick among ``redis`` and ``postgres``, ``--lease`` for the lease TTL, ``--out`` for
+another file than ``bench/results/fleet.json``). For each coordinator it:
+
+1. starts R ``ostinato run`` processes of an app with one loop of N keys, whose body
+   returns ``ostinato.IDLE`` (``idle=("1s", "30s")``) and appends a record of each pass
+   (key, fence, pid, start and end on ``CLOCK_MONOTONIC``) to its runner's file;
+2. reads every lease (``loops()``) every half second until all N are held and every
+   runner holds within one loop of N / R, rounded down or up (``balanced_in_s``; each
+   wait gives up after two minutes);
+3. kills one runner with SIGKILL and reads until every one of its loops is held by
+   another runner (``failover_s``: the last of them; the goal is the TTL plus 2 s);
+4. once the killed runner's heartbeat has run out, starts a new runner and reads until
+   it holds its share to within one loop (``join_s``; the goal is 30 s);
+5. stops every runner with SIGTERM, and checks the pass records: no two passes of one
+   key overlap in time (``overlaps``, from the records, a killed runner's unfinished
+   pass counted up to its kill), and fences never go down from one pass of a key to the
+   next (``fences_down``).
+
+Goals, from the issue that set them, at 100,000 loops over 10 runners: balanced to within
+one loop of the fair share; a killed runner's loops all running elsewhere within the
+TTL plus 2 s; a new runner holding its share within 30 s; never two passes of a loop at
+once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ostinato.coordinators import from_url
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from common import base_machine_facts, set_up_process, timestamp, write_json  # noqa: E402
+from coordinators import Namespaces  # noqa: E402
+
+log = logging.getLogger("bench.fleet")
+RESULTS = BENCH / "results" / "fleet.json"
+BACKENDS = ("redis", "postgres")
+LIMIT_S = 120.0
+READ_EVERY = 0.5
+#: A runner's heartbeat counts it alive this long (``ostinato.host.RUNNER_TTL``): the new
+#: runner joins once the killed one no longer counts, so the join is measured on its own.
+RUNNER_TTL = 5.0
+
+APP = '''
+import os
+import time
+
+import ostinato
+
+app = ostinato.App("fleet", grace="5s")
+size = int(os.environ["FLEET_LOOPS"])
+records = os.open(os.environ["FLEET_RECORDS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+pid = os.getpid()
+
+
+@app.loop(keys=lambda: [f"k{i}" for i in range(size)], refresh="1h", idle=("1s", "30s"),
+          lease=os.environ["FLEET_LEASE"])
+async def member(ctx):
+    start = time.monotonic_ns()
+    os.write(records, f"{ctx.key} {ctx.fence} {pid} {start} {time.monotonic_ns()}\\n".encode())
+    return ostinato.IDLE
+'''
+
+
+class Fleet:
+    """The runner processes of one coordinator's run."""
+
+    def __init__(self, url: str, folder: Path, loops: int, lease: float) -> None:
+        self.url, self.folder, self.loops, self.lease = url, folder, loops, lease
+        (folder / "fleet_app.py").write_text(APP)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.killed: dict[int, int] = {}  # pid -> CLOCK_MONOTONIC ns of the kill
+
+    def start(self) -> int:
+        n = len(self.procs)
+        env = {**os.environ, "FLEET_LOOPS": str(self.loops), "FLEET_LEASE": f"{self.lease:g}s",
+               "FLEET_RECORDS": str(self.folder / f"passes-{n}.log")}
+        with (self.folder / f"runner-{n}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ostinato", "run", "fleet_app:app", "--coordinator", self.url,
+                 "--log-level", "warning"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.folder,
+            )
+        self.procs[proc.pid] = proc
+        return proc.pid
+
+    def kill(self, pid: int) -> None:
+        self.killed[pid] = time.monotonic_ns()
+        os.kill(pid, signal.SIGKILL)
+        self.procs[pid].wait()
+
+    def stop(self) -> dict[int, int | None]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes: dict[int, int | None] = {}
+        for pid, proc in self.procs.items():
+            try:
+                codes[pid] = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[pid] = proc.wait()
+        return codes
+
+    def live(self) -> list[int]:
+        return [pid for pid, proc in self.procs.items() if proc.poll() is None]
+
+
+async def _holders(url: str) -> dict[str, str | None]:
+    coordinator = from_url(url)
+    await coordinator.open()
+    try:
+        return {r.key: r.holder for r in await coordinator.loops() if "[" in r.key}
+    finally:
+        await coordinator.close()
+
+
+def holders(url: str) -> dict[str, str | None]:
+    return asyncio.run(_holders(url))
+
+
+def by_pid(claims: dict[str, str | None]) -> collections.Counter[int]:
+    return collections.Counter(int(h.rpartition(":")[2]) for h in claims.values() if h)
+
+
+def balanced(counts: collections.Counter[int], runners: list[int], loops: int) -> bool:
+    share = loops / len(runners)
+    return (sum(counts[pid] for pid in runners) == loops
+            and all(math.floor(share) - 1 <= counts[pid] <= math.ceil(share) + 1 for pid in runners))
+
+
+def wait_for(what: str, check: Any, limit: float = LIMIT_S) -> tuple[float | None, Any]:
+    began = time.monotonic()
+    seen = None
+    while time.monotonic() - began < limit:
+        seen = check()
+        if seen[0]:
+            return time.monotonic() - began, seen[1]
+        time.sleep(READ_EVERY)
+    log.warning("%s: not within %.0f s (%s)", what, limit, seen[1] if seen else None)
+    return None, seen[1] if seen else None
+
+
+def check_records(folder: Path, killed: dict[int, int]) -> dict[str, Any]:
+    passes: dict[str, list[tuple[int, int, int, int]]] = collections.defaultdict(list)
+    for path in folder.glob("passes-*.log"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 5:
+                key, fence, pid, start, end = parts[0], *map(int, parts[1:])
+                passes[key].append((start, end, pid, fence))
+            elif len(parts) == 4:  # a killed runner's pass cut short: open until its kill
+                key, fence, pid, start = parts[0], *map(int, parts[1:])
+                passes[key].append((start, killed.get(pid, start), pid, fence))
+    overlaps = fences_down = 0
+    for runs in passes.values():
+        runs.sort()
+        for (_, end, pid, fence), (start2, _, pid2, fence2) in itertools.pairwise(runs):
+            overlaps += start2 < end and pid2 != pid
+            fences_down += fence2 < fence
+    return {"passes": sum(len(r) for r in passes.values()), "keys_run": len(passes),
+            "overlaps": overlaps, "fences_down": fences_down}
+
+
+def measure(backend: str, url: str, folder: Path, loops: int, runners: int, lease: float) -> dict[str, Any]:
+    fleet = Fleet(url, folder, loops, lease)
+    result: dict[str, Any] = {"backend": backend, "loops": loops, "runners": runners, "lease_s": lease}
+    try:
+        for _ in range(runners):
+            fleet.start()
+
+        def all_balanced() -> tuple[bool, Any]:
+            counts = by_pid(holders(url))
+            return balanced(counts, fleet.live(), loops), sorted(counts.values())
+
+        result["balanced_in_s"], result["held_by_runner"] = wait_for("balanced", all_balanced)
+        counts = by_pid(holders(url))
+        victim = max(fleet.live(), key=lambda pid: counts[pid])
+        theirs = {key for key, holder in holders(url).items() if holder and holder.endswith(f":{victim}")}
+        result["victim_held"] = len(theirs)
+        fleet.kill(victim)
+        killed_at = time.monotonic()
+
+        def moved() -> tuple[bool, Any]:
+            claims = holders(url)
+            left = 0
+            for key in theirs:
+                holder = claims.get(key)
+                left += holder is None or holder.endswith(f":{victim}")
+            return left == 0, left
+
+        took, left = wait_for("failover", moved)
+        result["failover_s"] = None if took is None else time.monotonic() - killed_at
+        result["failover_left"] = left
+        result["failover_goal_s"] = lease + 2.0
+        result["rebalanced_in_s"], result["held_after_failover"] = wait_for("rebalanced", all_balanced)
+        time.sleep(max(0.0, killed_at + RUNNER_TTL + 1.0 - time.monotonic()))
+        newcomer = fleet.start()
+
+        def joined() -> tuple[bool, Any]:
+            counts = by_pid(holders(url))
+            share = loops / len(fleet.live())
+            return counts[newcomer] >= math.floor(share) - 1, counts[newcomer]
+
+        result["join_s"], result["newcomer_held"] = wait_for("join", joined)
+        result["join_goal_s"] = 30.0
+        result["balanced_after_join_s"], result["held_after_join"] = wait_for("balanced", all_balanced)
+    finally:
+        result["exit_codes"] = sorted(set((fleet.stop()).values()), key=str)
+    result.update(check_records(folder, fleet.killed))
+    result["leases_lost_lines"] = sum(
+        path.read_text(errors="replace").count("lease lost") for path in folder.glob("runner-*.log")
+    )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loops", type=int, default=100_000)
+    parser.add_argument("--runners", type=int, default=10)
+    parser.add_argument("--lease", type=float, default=10.0, help="lease TTL in seconds")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    args = parser.parse_args()
+    set_up_process()
+    logging.getLogger("ostinato").setLevel(logging.WARNING)
+    result: dict[str, Any] = {"timestamp": timestamp(), "machine": base_machine_facts(), "runs": []}
+    cleanup: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ostinato-fleet-")))
+        spaces = Namespaces(tmp)
+        stack.callback(lambda: cleanup.update(spaces.drop()))
+        for backend in args.backends.split(","):
+            folder = tmp / backend
+            folder.mkdir()
+            log.info("%s: %d loops over %d runners", backend, args.loops, args.runners)
+            try:
+                row = measure(backend, spaces.url(backend, "fleet"), folder, args.loops,
+                              args.runners, args.lease)
+            except Exception as exc:  # the coordinator gave out: that is the finding
+                row = {"backend": backend, "loops": args.loops, "runners": args.runners,
+                       "error": f"{type(exc).__name__}: {exc}"}
+            log.info("%s", row)
+            result["runs"].append(row)
+    result["cleanup"] = cleanup
+    write_json(args.out, result)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
