@@ -14,7 +14,7 @@ import click
 from ostinato import control, logs
 from ostinato.app import App, resolve_url
 from ostinato.coordinators import Coordinator, from_url, redact
-from ostinato.coordinators.sqlite import sqlite_path
+from ostinato.coordinators.urls import sqlite_path
 from ostinato.durations import parse_duration
 from ostinato.errors import ConfigurationError, OstinatoError
 from ostinato.loading import import_target

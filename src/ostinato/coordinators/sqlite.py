@@ -28,12 +28,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from ostinato.coordinators.liveness import RunnerLocks, boot_id
@@ -55,39 +53,11 @@ from ostinato.coordinators.protocol import (
 from ostinato.coordinators.sqlite_sql import SCHEMA, SQL, STAT_COLUMNS, add_columns
 from ostinato.coordinators.sqlite_worker import RENEWAL, REQUEST, URGENT
 from ostinato.coordinators.sqlite_worker import Worker as _Worker
+from ostinato.coordinators.urls import sqlite_path
 from ostinato.errors import ConfigurationError, CoordinatorUnavailable
 
 log = logging.getLogger("ostinato.sqlite")
 T = TypeVar("T")
-
-def sqlite_path(url: str) -> Path:
-    """The database path of a ``sqlite:///`` URL; its folder must exist."""
-    rest = url[len("sqlite://"):]
-    if not rest.startswith("/") or rest == "/":
-        raise ConfigurationError(
-            f"bad SQLite URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
-        )
-    raw = rest[1:]
-    if raw in ("", ":memory:"):
-        raise ConfigurationError(
-            f"bad SQLite URL {url!r}: an in-memory SQLite database is private to one "
-            "connection; use memory:// for a coordinator inside one process"
-        )
-    path = Path(raw)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ConfigurationError(
-            f"SQLite database folder {str(folder)!r} does not exist (from {url!r}); "
-            "create it first, or point the URL elsewhere"
-        )
-    if not os.access(folder, os.W_OK):
-        raise ConfigurationError(
-            f"SQLite database folder {str(folder)!r} is not writable (from {url!r})"
-        )
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigurationError(f"SQLite database {str(path)!r} is not writable")
-    return path
-
 
 #: Whether this SQLite extends many leases in one statement (UPDATE ... FROM, RETURNING).
 BATCH_RENEWAL = sqlite3.sqlite_version_info >= (3, 35)
