@@ -18,7 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ostinato.coordinators.protocol import Coordinator, Denied, Event, Grant, Renewal, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
@@ -28,6 +28,7 @@ from ostinato.logs import fields
 from ostinato.loop import REVOKED, LocalLease
 
 log = logging.getLogger("ostinato.runner")
+T = TypeVar("T")
 
 #: The most lease requests sent in one call.
 ACQUIRE_BATCH = 1000
@@ -38,6 +39,14 @@ RELEASE_BATCH = 2000
 #: every loop is held or after ``SETTLE_WITHIN``.
 FREEZE_FROM = 1000
 SETTLE_WITHIN = 60.0
+
+
+def _next_batch(waiting: dict[str, T], size: int) -> dict[str, T]:
+    """The first ``size`` of ``waiting`` (in the order they came), taken out of it."""
+    batch = dict(itertools.islice(waiting.items(), size))
+    for key in batch:
+        del waiting[key]
+    return batch
 
 
 class Owner(Protocol):
@@ -94,9 +103,7 @@ class Leases:
     async def _ask_in_batches(self) -> None:
         await asyncio.sleep(0)  # the requests of this turn of the event loop go together
         while self._wanted:
-            batch = dict(itertools.islice(self._wanted.items(), ACQUIRE_BATCH))
-            for key in batch:
-                del self._wanted[key]
+            batch = _next_batch(self._wanted, ACQUIRE_BATCH)
             sent = time.monotonic()
             try:
                 self.runner.calls["acquire"] += 1
@@ -206,7 +213,6 @@ class Leases:
         self._earliest_due = min(self._earliest_due, earliest)  # grants since lowered it
         return kept
 
-
     async def give_back(self, key: str, lease: LocalLease) -> None:
         """Release a lease this runner no longer needs and tell standbys at once. Leases given
         back while a batch is out go together in the next one (one call, and one for the
@@ -221,9 +227,7 @@ class Leases:
     async def _release_in_batches(self) -> None:
         await asyncio.sleep(0)  # the leases given back in this turn of the event loop go together
         while self._returned:
-            batch = dict(itertools.islice(self._returned.items(), RELEASE_BATCH))
-            for key in batch:
-                del self._returned[key]
+            batch = _next_batch(self._returned, RELEASE_BATCH)
             fences = {key: fence for key, (fence, _) in batch.items()}
             try:
                 await self._release(fences)

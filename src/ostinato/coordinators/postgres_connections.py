@@ -406,15 +406,13 @@ class PostgresConnections(Coordinator):
     # -- events --------------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        payload = json.dumps({"kind": event.kind, "key": event.key})
-        async with self._session(tables=False) as conn:  # a wake-up costs no schema check
-            await self._run(conn, "notify", {"channel": self.channel, "payload": payload})
+        await self.publish_many([event])
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         if not events:
             return
         payloads = [json.dumps({"kind": event.kind, "key": event.key}) for event in events]
-        async with self._session(tables=False) as conn:
+        async with self._session(tables=False) as conn:  # a wake-up costs no schema check
             await self._run(conn, "notify_many", {"channel": self.channel, "payloads": payloads})
 
     async def subscribe(self, runner: RunnerInfo, callback: Callable[[Event], None]) -> None:

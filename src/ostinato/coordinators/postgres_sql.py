@@ -203,7 +203,6 @@ RETURNING key
 """,
     "known": "SELECT 1 FROM {s}.loops WHERE key = %(key)s",
     "unlock": "SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x",
-    "notify": "SELECT pg_notify(%(channel)s, %(payload)s)",
     "notify_many": "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p",
     "listen": "LISTEN {channel}",
     "drop": "DROP SCHEMA IF EXISTS {s} CASCADE",

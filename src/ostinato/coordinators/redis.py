@@ -94,7 +94,6 @@ from ostinato.coordinators.redis_lua import (
     HAND_OVER,
     HEARTBEAT,
     LIVE_RUNNERS,
-    RELEASE,
     RELEASE_MANY,
     RENEW_MANY,
     REPORT,
@@ -135,7 +134,6 @@ class RedisCoordinator(RedisConnections):
         self._acquire = self._client.register_script(ACQUIRE)
         self._renew_many = self._client.register_script(RENEW_MANY)
         self._report = self._client.register_script(REPORT)
-        self._release = self._client.register_script(RELEASE)
         self._release_many = self._client.register_script(RELEASE_MANY)
         self._hand_over = self._client.register_script(HAND_OVER)
         self._revoke = self._client.register_script(REVOKE)
@@ -298,12 +296,7 @@ class RedisCoordinator(RedisConnections):
         return answers
 
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
-        with self._reaching():
-            released = await self._release([self._key("lease", key)], [runner.id, str(fence)])
-        if self._held.get(key) == fence:
-            del self._held[key]
-            self._unwatched.discard(key)
-        return bool(released)
+        return key in await self.release_many(runner, {key: fence})
 
     async def release_many(self, runner: RunnerInfo, leases: Mapping[str, int]) -> set[str]:
         keys = list(leases)
@@ -317,10 +310,14 @@ class RedisCoordinator(RedisConnections):
                 )
                 released.update(key for key, done in zip(chunk, answers, strict=True) if done)
         for key, fence in leases.items():
-            if self._held.get(key) == fence:
-                del self._held[key]
-                self._unwatched.discard(key)
+            self._unheld(key, fence)
         return released
+
+    def _unheld(self, key: str, fence: int) -> None:
+        """The lease of ``key`` under ``fence`` is no longer this coordinator's to watch."""
+        if self._held.get(key) == fence:
+            del self._held[key]
+            self._unwatched.discard(key)
 
     async def hand_over(
         self, key: str, holder: RunnerInfo, fence: int, heir: RunnerInfo, ttl: float
@@ -330,9 +327,7 @@ class RedisCoordinator(RedisConnections):
                 [self._key("lease", key), self._key("fence", key), self._key("loop", key)],
                 [holder.id, str(fence), heir.id, heir.label, _ms(ttl), heir.pid, LINGER_MS],
             )
-        if self._held.get(key) == fence:
-            del self._held[key]
-            self._unwatched.discard(key)
+        self._unheld(key, fence)
         if answer[0] != "granted":
             return None
         # Taken once granted (a standby that looks before sees no lock file, and waits).

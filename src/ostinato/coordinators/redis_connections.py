@@ -170,9 +170,7 @@ class RedisConnections(Coordinator):
     # -- events ------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        payload = json.dumps({"kind": event.kind, "key": event.key})
-        with self._reaching():
-            await self._client.publish(self.channel, payload)
+        await self.publish_many([event])
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         if not events:

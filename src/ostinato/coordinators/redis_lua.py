@@ -74,15 +74,6 @@ end
 return out
 """
 
-# KEYS: lease. ARGV: owner, fence.
-RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
-   and redis.call('HGET', KEYS[1], 'fence') == ARGV[2] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 # The lease passed from its owner to an heir in one step, with the next fence: never free
 # between the two. KEYS: lease, fence, loop hash. ARGV: owner, fence, heir's owner, heir's
 # holder label, ttl ms, heir's pid, linger ms. Returns {'granted', fence, last start},

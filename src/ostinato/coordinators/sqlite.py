@@ -242,12 +242,7 @@ class SQLiteCoordinator(Coordinator):
         return await self._run(extend, priority=RENEWAL)
 
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
-        def drop(conn: sqlite3.Connection) -> bool:
-            with self._write(conn):
-                cursor = conn.execute(SQL["release"], (key, runner.id, fence))
-                return cursor.rowcount == 1
-
-        return await self._run(drop)
+        return key in await self.release_many(runner, {key: fence})
 
     async def release_many(self, runner: RunnerInfo, leases: Mapping[str, int]) -> set[str]:
         def drop(conn: sqlite3.Connection) -> set[str]:
