@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from ostinato.coordinators.protocol import Coordinator, Denied, Grant, RunnerInfo
     from ostinato.loop import LocalLease, LoopSpec
+    from ostinato.standbys import Standbys
 
 #: While stopping, how long a release or the last report may wait for the coordinator:
 #: a lease not released in time expires by itself, so a dead or hung coordinator
@@ -53,6 +54,7 @@ class Host(Protocol):
     started_wall: float
     live_ids: set[str]
     app_target: str | None
+    standbys: Standbys
 
     async def acquire(self, key: str, ttl: float) -> Grant | Denied: ...
 

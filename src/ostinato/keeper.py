@@ -79,6 +79,8 @@ class LoopKeeper(PassDriver):
         # Set when the runner gives up waiting for a pass: an isolated one is killed.
         self._abort = [False]
         self._handed_over_fence: int | None = None
+        #: The owner whose silence woke this standby (``ostinato.standbys``).
+        self.silent_owner: str | None = None
         self.balance_cooldown_until = 0.0
         #: Leases won and lost by this runner, for metrics.
         self.acquisitions = 0
@@ -235,6 +237,13 @@ class LoopKeeper(PassDriver):
             self.paused = denied.paused
             state = "paused" if denied.paused else "resumed"
             log.info("%s: %s", self.key, state, extra=self._fields(state))
+        woken_by, self.silent_owner = self.silent_owner, None
+        standbys = self.runner.standbys
+        if denied.owner is not None and standbys.counted and denied.owner != woken_by:
+            # Its owner is active: wait for an event, or for the owner to fall silent.
+            with standbys.waiting(self, denied.owner, self.spec.lease):
+                await self._wait_chance(standbys.patience() * random.uniform(0.5, 1))
+            return
         # Try again when the holder's claim runs out, and at least every third of a TTL.
         wait = self.spec.lease / 3
         if denied.expires_in is not None:

@@ -31,6 +31,7 @@ from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
 from ostinato.notices import Stall as Stall
 from ostinato.notices import StallHook as StallHook
+from ostinato.standbys import Standbys
 from ostinato.stats import StatsBook, wall_offset
 from ostinato.watchdog import Watchdog
 
@@ -88,10 +89,14 @@ class Runner:
         self.calls: Counter[str] = Counter()
         # Leases held and the fair share, as last counted (``at_fair_share``).
         self._held_count = self._share = 0
+        # This runner's exact share when every live runner can run every loop it hosts.
+        self._even: int | None = None
         self._recount_at = 0.0
         #: How child processes import the app (``isolation="process"``).
         self.app_target = app_target
-        self.leases = Leases(self, min((spec.lease for spec in specs), default=10.0))
+        shortest = min((spec.lease for spec in specs), default=10.0)
+        self.leases = Leases(self, shortest)
+        self.standbys = Standbys(self, shortest)
         self.watchdog = Watchdog(self, stall_hooks)
         #: Set once the coordinator answered and the loops started.
         self.connected = asyncio.Event()
@@ -182,12 +187,15 @@ class Runner:
         )
         if not await self._until(stop, self._subscribe()):
             return
+        if not await self._until(stop, self.standbys.probe()):
+            return
         for keeper in list(self.keepers.values()):
             self._start_keeper(keeper)
         jobs: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("renewer", self.leases.renew_forever),
             ("reporter", self._report_forever),
             ("watchdog", self.watchdog.watch_forever),
+            ("standbys", self.standbys.watch_forever),
         ]
         jobs += [(f"partitions {family}", guard.watch) for family, guard in self.guards.items()]
         jobs += [(f"keys {family}", keys.watch) for family, keys in self.key_sets.items()]
@@ -331,8 +339,13 @@ class Runner:
         return [k for k in self.keepers.values() if k.lease is not None and k.lease.valid()]
 
     def fair_share(self) -> int:
-        """The most loops this runner takes while others are alive: its share of each loop,
-        split evenly among the live runners that can run it, summed and rounded up."""
+        """The most loops this runner takes while others are alive. Where every live runner
+        can run every loop hosted here, the loops split exactly: ``n // runners`` each, and
+        one more for the first ``n % runners`` runners by id, so all of them end within one
+        loop of each other. Otherwise its share of each loop, split evenly among the live
+        runners that can run it, summed and rounded up."""
+        if self._even is not None:
+            return self._even
         share = sum(1 / self._candidates.get(key, 1) for key in self.keepers)
         return max(1, -(-round(share * 1000) // 1000))
 
@@ -367,6 +380,14 @@ class Runner:
         # Alone, nothing to count: every loop falls to this runner (``get(key, 1)``).
         self._candidates = {key: count + 1 for key, count in candidates.items()}
         self.live_runners = 1 + others
+        self._even = None
+        if len(candidates) == len(self.keepers) and all(
+            count == others for count in candidates.values()
+        ):
+            ids = sorted({record.id for record in runners} | {self.info.id})
+            if len(ids) == self.live_runners:
+                base, extra = divmod(len(self.keepers), self.live_runners)
+                self._even = base + (ids.index(self.info.id) < extra)
         self._recount_at = 0.0  # the share may have changed
         if self.live_runners <= 1:
             return

@@ -7,8 +7,9 @@ import json
 import random
 import time
 
-from ostinato.coordinators import Denied, Event, Grant, LoopStats, Renewal, RunnerInfo, Setting
+from ostinato.coordinators import Coordinator, Denied, Event, Grant, LoopStats, Renewal, RunnerInfo, Setting
 from ostinato.coordinators.clocks import drift_margin
+from ostinato.coordinators.sqlite import SQLiteCoordinator
 from tests.contract.conftest import Make
 
 KEY = "app:loop"
@@ -444,3 +445,86 @@ async def test_racing_setting_writes_leave_the_greatest_fence(make: Make) -> Non
     ))
     assert dict(zip(fences, answers, strict=True))[20] is True
     assert await coordinators[0].read_setting(SETTING) == Setting("value 20", 20)
+
+
+async def _silent_for(coordinator: Coordinator, owner: str, seconds: float) -> float:
+    """Read ``owner``'s silence until it reaches ``seconds``; return the last reading."""
+    while True:
+        silence = await coordinator.silence([owner])
+        assert silence is not None
+        if silence[owner] >= seconds:
+            return silence[owner]
+        await asyncio.sleep(0.05)
+
+
+async def test_silence_counts_every_grant_and_renewal(make: Make) -> None:
+    """An owner's silence grows while it makes no grant and no renewal, and starts again at
+    each; a coordinator that does not count says ``None`` (its standbys ask on their own)."""
+    a, b = await make(), await make()
+    ra = runner(1)
+    first = await b.silence([ra.id])
+    if first is None:
+        assert isinstance(b, SQLiteCoordinator)  # the one backend that does not count
+        return
+    assert first == {ra.id: 0.0}
+    grant = await a.acquire(KEY, ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert (await b.silence([ra.id]))[ra.id] == 0.0  # a count not seen before
+    await _silent_for(b, ra.id, 0.3)
+    assert await a.renew(ra, {KEY: (grant.fence, 5.0)}) == {KEY: Renewal.HELD}
+    assert (await b.silence([ra.id]))[ra.id] == 0.0
+    await _silent_for(b, ra.id, 0.3)
+    assert isinstance(await a.acquire(KEY + "-2", ra, 5.0), Grant)
+    assert (await b.silence([ra.id]))[ra.id] == 0.0
+
+
+async def test_a_claim_whose_owner_was_silent_for_its_ttl_is_taken(make: Make) -> None:
+    """A standby that saw the owner's activity count unchanged for the claim's TTL takes the
+    claim, though it never saw that claim itself unchanged for so long (the owner renewed
+    after the standby last asked)."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 1.0)
+    assert isinstance(grant, Grant)
+    denied = await b.acquire(KEY, rb, 1.0)
+    assert isinstance(denied, Denied)
+    if await b.silence([ra.id]) is None:
+        return
+    assert denied.owner == ra.id
+    await asyncio.sleep(0.3)
+    assert await a.renew(ra, {KEY: (grant.fence, 1.0)}) == {KEY: Renewal.HELD}
+    await _silent_for(b, ra.id, 1.0 + drift_margin(1.0))
+    taken = await b.acquire(KEY, rb, 1.0)
+    assert isinstance(taken, Grant)
+    assert taken.fence > grant.fence
+    assert await a.renew(ra, {KEY: (grant.fence, 1.0)}) == {KEY: Renewal.LOST}
+
+
+async def test_silence_takes_no_claim_of_an_active_owner_nor_one_longer_than_it(make: Make) -> None:
+    """While the owner renews, its claim is never taken however the standby asks; and a
+    silence shorter than a claim's TTL does not take that claim."""
+    a, b = await make(), await make()
+    ra, rb = runner(1), runner(2)
+    grant = await a.acquire(KEY, ra, 1.0)
+    assert isinstance(grant, Grant)
+    if await b.silence([ra.id]) is None:
+        return
+    ended = time.monotonic() + 2.5
+    while time.monotonic() < ended:
+        assert await a.renew(ra, {KEY: (grant.fence, 1.0)}) == {KEY: Renewal.HELD}
+        for _ in range(3):
+            await b.silence([ra.id])
+            assert isinstance(await b.acquire(KEY, rb, 1.0), Denied)
+            await asyncio.sleep(0.1)
+    long = await a.acquire(KEY + "-long", ra, 4.0)
+    assert isinstance(long, Grant)
+    assert isinstance(await b.acquire(KEY + "-long", rb, 4.0), Denied)
+    await _silent_for(b, ra.id, 1.5)
+    assert isinstance(await b.acquire(KEY + "-long", rb, 4.0), Denied)
+    # KEY's claim ran out unrenewed, and its owner took it again after the standby last read
+    # the owner's count: silent for longer than KEY's TTL as read, but not the owner's any more.
+    again = await a.acquire(KEY, ra, 1.0)
+    assert isinstance(again, Grant)
+    assert isinstance(await b.acquire(KEY, rb, 1.0), Denied)
+    assert await a.renew(ra, {KEY + "-long": (long.fence, 4.0), KEY: (again.fence, 1.0)}) == {
+        KEY + "-long": Renewal.HELD, KEY: Renewal.HELD}

@@ -152,3 +152,19 @@ async def test_a_runner_that_joins_is_handed_its_whole_share_in_one_round() -> N
             assert first.fair_share() == 20
             assert sum(k._handing_over for k in first.keepers.values()) == 20
             await until(lambda: (len(first.held()), len(second.held())) == (20, 20), timeout=10)
+
+
+async def test_loops_split_to_within_one_across_runners_that_all_can_run_them() -> None:
+    """Ten loops over three runners end 4, 3, 3, not 4, 4, 2 (the rounded-up share of each
+    runner): each runner's share is exact, the one extra loop going to the first by id."""
+    url = f"memory://{uuid.uuid4().hex}"
+    loops = [f"l{i}" for i in range(10)]
+    async with contextlib.AsyncExitStack() as stack:
+        runners = []
+        for _ in range(3):
+            runners.append(await stack.enter_async_context(_app("e", url, loops).running()))
+            await _held_by(runners, 10)
+        await until(lambda: sorted(len(r.held()) for r in runners) == [3, 3, 4], timeout=15)
+        assert sorted(r.fair_share() for r in runners) == [3, 3, 4]
+        first = min(runners, key=lambda r: r.info.id)
+        assert first.fair_share() == 4

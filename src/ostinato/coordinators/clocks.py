@@ -54,6 +54,48 @@ class Sightings:
         self._seen.pop(key, None)
 
 
+class Silence:
+    """Owners' activity counts as this host has read them, and since when each has stayed
+    unchanged, on this host's monotonic clock.
+
+    An owner's count moves with every grant and every renewal it makes, in the same atomic
+    step. Its claims were therefore last renewed before the count was first seen, and a
+    holder trusts a renewal for at most its TTL from when it left: once the count has
+    stayed unchanged for a claim's TTL (cut 1% short for drift, as ``Sightings``), that
+    claim's holder has stopped, and the claim may be taken if the count is still the same.
+    One read a second of a few owners' counts stands in for a sighting of each of their
+    thousands of claims.
+    """
+
+    #: Owners not read for this long are forgotten.
+    FORGET_AFTER = 300.0
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[object, float, float]] = {}
+
+    def saw(self, owner: str, count: object, now: float) -> float:
+        """Note ``count`` as ``owner``'s at ``now`` (a time after the server answered); return
+        for how long it has been seen unchanged."""
+        seen = self._seen.get(owner)
+        since = now if seen is None or seen[0] != count else seen[1]
+        self._seen[owner] = (count, since, now)
+        return now - since
+
+    def proof(self, owner: str | None, now: float) -> tuple[object, float] | None:
+        """``owner``'s count and the longest claim TTL its silence covers by ``now``: a claim
+        of ``owner`` with a TTL no longer may be taken while the count is still that."""
+        seen = self._seen.get(owner) if owner is not None else None
+        if seen is None:
+            return None
+        longest = (now - seen[1] - 0.002) / 1.01  # the inverse of ``drift_margin``
+        return (seen[0], longest) if longest > 0 else None
+
+    def prune(self, now: float) -> None:
+        for owner, seen in list(self._seen.items()):
+            if now - seen[2] > self.FORGET_AFTER:
+                del self._seen[owner]
+
+
 class Settable(Protocol):
     """What ``SessionBound.wake_when_heard`` sets: an ``asyncio.Event`` or the like."""
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ostinato.coordinators.clocks import Silence
 from ostinato.coordinators.protocol import (
     Coordinator,
     Denied,
@@ -49,6 +50,8 @@ class MemoryStore:
     leases: dict[str, _Lease] = field(default_factory=dict)
     runners: dict[str, tuple[str, float, frozenset[str]]] = field(default_factory=dict)
     settings: dict[str, Setting] = field(default_factory=dict)
+    #: Grants and renewal calls per owner (``Coordinator.silence``).
+    activity: dict[str, int] = field(default_factory=dict)
     subscribers: list[tuple[asyncio.AbstractEventLoop, Callable[[Event], None]]] = field(
         default_factory=list
     )
@@ -71,6 +74,7 @@ class MemoryCoordinator(Coordinator):
         self.store = store if store is not None else memory_store(name)
         self.display_url = f"memory://{name}"
         self._subscriptions: list[tuple[asyncio.AbstractEventLoop, Callable[[Event], None]]] = []
+        self._silence = Silence()
 
     async def close(self) -> None:
         with self.store.lock:
@@ -92,7 +96,8 @@ class MemoryCoordinator(Coordinator):
             if lease.paused:
                 return Denied(holder=None, expires_in=None, paused=True)
             if lease.owner not in (None, runner.id) and lease.expires > now:
-                return Denied(holder=lease.holder, expires_in=lease.expires - now)
+                return Denied(holder=lease.holder, expires_in=lease.expires - now, owner=lease.owner)
+            self._bump(runner.id)
             lease.owner, lease.holder = runner.id, runner.label
             lease.expires = now + ttl
             lease.fence += 1
@@ -100,12 +105,22 @@ class MemoryCoordinator(Coordinator):
             last = lease.record.last_start if lease.record else None
             return Grant(fence=lease.fence, last_start=last)
 
+    def _bump(self, owner: str) -> None:
+        self.store.activity[owner] = self.store.activity.get(owner, 0) + 1
+
+    async def silence(self, owners: Collection[str]) -> dict[str, float]:
+        now = self.store.clock()
+        with self.store.lock:
+            counts = {owner: self.store.activity.get(owner) for owner in owners}
+        return {owner: self._silence.saw(owner, count, now) for owner, count in counts.items()}
+
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
     ) -> dict[str, Renewal]:
         now = self.store.clock()
         answers: dict[str, Renewal] = {}
         with self.store.lock:
+            self._bump(runner.id)
             for key, (fence, ttl) in leases.items():
                 lease = self._lease(key)
                 mine = lease.owner == runner.id and lease.fence == fence and lease.expires > now

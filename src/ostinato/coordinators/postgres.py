@@ -47,13 +47,13 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import DictRow
 
-from ostinato.coordinators.clocks import Sightings
+from ostinato.coordinators.clocks import Sightings, Silence
 from ostinato.coordinators.postgres_connections import (
     RENEWAL,
     REQUEST,
@@ -84,7 +84,7 @@ log = logging.getLogger("ostinato.postgres")
 # A refused standby waits for each holder's lock on a connection of its own, so
 # the waits are capped to spare the server's connection slots; past the cap a
 # standby retries when the lease expires, as it would without advisory locks.
-MAX_WAITERS = 8
+MAX_WAITERS = 4
 
 
 class PostgresCoordinator(PostgresConnections):
@@ -94,6 +94,11 @@ class PostgresCoordinator(PostgresConnections):
         super().__init__(url)
         # Claims seen on refusals, so that expiry is judged on this host's clock.
         self._sightings = Sightings()
+        # The owner whose lock each waiter waits for.
+        self._waiting_on: dict[str, str | None] = {}
+        # Owners' activity counts as read, and the owner each refusal named.
+        self._silence = Silence()
+        self._claimed_by: dict[str, str] = {}
 
     # -- leases --------------------------------------------------------------------------
 
@@ -101,7 +106,7 @@ class PostgresCoordinator(PostgresConnections):
         lock = lock_id(self.schema, key)
         params: dict[str, Any] = {"key": key, "owner": runner.id, "holder": runner.label,
                                   "ttl": ttl, "dead": None, "dead_fence": None, "probe": lock,
-                                  **self._unchanged(key)}
+                                  **self._unchanged(key), **self._proof(key)}
         params["quiet"] = quiet = self._quiet.wanted()
         async with self._session(priority=URGENT if key in self._holders else REQUEST) as conn:
             sent = time.monotonic()
@@ -111,6 +116,7 @@ class PostgresCoordinator(PostgresConnections):
                 row = await self._fetch(conn, "acquire", params)
         if row is not None and row["granted"]:
             self._sightings.forget(key)
+            self._claimed_by.pop(key, None)
             return await self._granted(key, runner, row, params["locked"], sent, quiet)
         if row is None:  # a first grant raced ours and is not visible yet
             return Denied(holder=None, expires_in=None)
@@ -118,14 +124,21 @@ class PostgresCoordinator(PostgresConnections):
             return Denied(holder=None, expires_in=None, paused=True)
         # Seen now, at the latest: after the server ran the statement that last changed the row.
         matures_in = self._saw(key, row, ttl, time.monotonic())
+        owner = row["owner"]
+        if owner is None:
+            self._claimed_by.pop(key, None)
+        else:
+            self._claimed_by[key] = owner
         if row["locked"] and key not in self._holders and len(self._holders) < self.locks:
             if not row["lock_free"]:
                 self._watch(key, lock, row["owner"], row["fence"])
             elif (left := self._quiet_left(key, row)) > 0:
+                # The holder's session ended: ask again when the quiet is over, whatever
+                # its owner's activity count says (no ``owner``).
                 return Denied(holder=row["holder"], expires_in=left)
             elif (taken := await self._take_from_dead(key, runner, lock, row, params)) is not None:
                 return taken
-        return Denied(holder=row["holder"], expires_in=matures_in)
+        return Denied(holder=row["holder"], expires_in=matures_in, owner=owner)
 
     def _saw(self, key: str, row: DictRow, ttl: float, now: float) -> float:
         """Note the claim on ``key`` as seen ``now``; return how much longer it must stay
@@ -142,6 +155,26 @@ class PostgresCoordinator(PostgresConnections):
         if claim is None:
             return {"seen_fence": None, "seen_expires": None}
         return {"seen_fence": claim[0], "seen_expires": claim[1]}
+
+    def _proof(self, key: str) -> dict[str, Any]:
+        """The acquire statement's leave to take a claim of an owner seen silent for at least
+        the claim's TTL (``Silence``)."""
+        owner = self._claimed_by.get(key)
+        proof = self._silence.proof(owner, time.monotonic())
+        if proof is None:
+            return {"silent": None, "silent_count": None, "silent_ttl": None}
+        return {"silent": owner, "silent_count": proof[0], "silent_ttl": proof[1]}
+
+    async def silence(self, owners: Collection[str]) -> dict[str, float]:
+        owners = list(owners)
+        if not owners:
+            return {}
+        async with self._session() as conn:
+            cursor = await self._run(conn, "activity", {"owners": owners})
+            counts = {row["owner"]: int(row["count"]) for row in await cursor.fetchall()}
+        now = time.monotonic()
+        self._silence.prune(now)
+        return {owner: self._silence.saw(owner, counts.get(owner, -1), now) for owner in owners}
 
     async def _take_from_dead(
         self, key: str, runner: RunnerInfo, lock: int, row: DictRow, params: dict[str, Any]
@@ -360,9 +393,12 @@ class PostgresCoordinator(PostgresConnections):
     # -- waiting for a holder's lock ------------------------------------------------------------
 
     def _watch(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
+        """Wait for the lock of ``key``'s holder, unless one of that holder's locks is waited
+        for already: its session ending frees them all at once."""
         if (self._closed or not self._events.callbacks or key in self._waiters
-                or len(self._waiters) >= MAX_WAITERS):
+                or len(self._waiters) >= MAX_WAITERS or owner in self._waiting_on.values()):
             return
+        self._waiting_on[key] = owner
         self._waiters[key] = asyncio.get_running_loop().create_task(
             self._await_holder(key, lock, owner, fence)
         )
@@ -382,8 +418,12 @@ class PostgresCoordinator(PostgresConnections):
             log.debug("stopped waiting for the holder of %s: %s", key, self._unavailable(exc))
             return
         finally:
-            if self._waiters.get(key) is asyncio.current_task():
-                del self._waiters[key]
+            if self._waiters.get(key) in (None, asyncio.current_task()):  # not replaced
+                self._waiters.pop(key, None)
+                self._waiting_on.pop(key, None)
             if conn is not None:
                 await self._close_quietly(conn)
-        self._events.deliver(Event("released", key))
+        # Its other leases last refused here went with the same session.
+        others = [other for other, by in self._claimed_by.items() if by == owner and other != key]
+        for other in [key, *others]:
+            self._events.deliver(Event("released", other))

@@ -282,7 +282,7 @@ class PostgresConnections(Coordinator):
 
     async def _ensure_schema(self, conn: Connection) -> None:
         names = {"loops": f'"{self.schema}".loops', "runners": f'"{self.schema}".runners',
-                 "settings": f'"{self.schema}".settings'}
+                 "settings": f'"{self.schema}".settings', "activity": f'"{self.schema}".activity'}
         found = await self._fetch(conn, "exists", names)
         if found and found["ok"]:
             return

@@ -41,10 +41,14 @@ CREATE TABLE IF NOT EXISTS {s}.runners (
 ALTER TABLE {s}.runners ADD COLUMN IF NOT EXISTS hosts text;
 CREATE TABLE IF NOT EXISTS {s}.settings (
     name text PRIMARY KEY, value text NOT NULL, fence bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.activity (owner text PRIMARY KEY, count bigint NOT NULL);
 """,
     # Granted when unclaimed, seen unchanged for its ttl by the caller (%(seen_fence)s,
-    # %(seen_expires)s), asked again by its owner, or taken from a dead holder (%(dead)s,
-    # %(dead_fence)s: the row whose lock the caller just took). On
+    # %(seen_expires)s), held by an owner whose activity count the caller saw unchanged for
+    # at least the row's ttl (%(silent)s, %(silent_count)s, %(silent_ttl)s: -1 for a count
+    # never seen), asked again by its owner, or taken from a dead holder (%(dead)s,
+    # %(dead_fence)s: the row whose lock the caller just took). A grant moves the caller's
+    # activity count (seeded from the clock in microseconds, so that it never repeats). On
     # refusal the second SELECT shows the row as it was before this statement and, for
     # a locked row, whether its lock is free (taken and given back at once: this
     # connection holds no lease locks).
@@ -62,8 +66,15 @@ WITH granted AS (
     WHERE NOT l.paused AND (
         l.owner IS NULL OR l.owner = excluded.owner
         OR (l.fence = %(seen_fence)s AND l.expires = %(seen_expires)s)
+        OR (l.owner = %(silent)s AND l.ttl <= %(silent_ttl)s
+            AND coalesce((SELECT a.count FROM {s}.activity AS a WHERE a.owner = l.owner), -1)
+                = %(silent_count)s)
         OR (l.locked AND l.owner = %(dead)s AND l.fence = %(dead_fence)s))
-    RETURNING l.fence, l.last_start)
+    RETURNING l.fence, l.last_start),
+bumped AS (
+    INSERT INTO {s}.activity AS a (owner, count)
+    SELECT %(owner)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint FROM granted
+    ON CONFLICT (owner) DO UPDATE SET count = a.count + 1)
 SELECT true AS granted, fence, last_start, NULL AS owner, NULL AS holder, false AS paused,
        false AS locked, NULL::timestamptz AS expires, NULL::float8 AS ttl,
        NULL::float8 AS quiet, NULL::float8 AS expires_in, false AS lock_free FROM granted
@@ -76,7 +87,7 @@ SELECT false, fence, NULL, owner, holder, paused, locked, expires, ttl, quiet,
 FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
-              " AND to_regclass(%(settings)s) IS NOT NULL"
+              " AND to_regclass(%(settings)s) IS NOT NULL AND to_regclass(%(activity)s) IS NOT NULL"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
               " AND attname = 'forgotten' AND NOT attisdropped)"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(runners)s)"
@@ -99,7 +110,11 @@ SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
     # unlocked one takes its lock now if it is free (locks: NULL where this session
     # already holds that loop's lock for another grant).
     "renew": """
-WITH v AS MATERIALIZED (
+WITH bumped AS (
+    INSERT INTO {s}.activity AS a (owner, count)
+    VALUES (%(owner)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+    ON CONFLICT (owner) DO UPDATE SET count = a.count + 1),
+v AS MATERIALIZED (
     SELECT * FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[],
                          %(locks)s::bigint[], %(mine)s::boolean[])
         AS v(key, fence, ttl, lock, mine)),
@@ -202,6 +217,7 @@ WHERE key = %(key)s AND NOT (owner IS NOT NULL AND expires > clock_timestamp())
 RETURNING key
 """,
     "known": "SELECT 1 FROM {s}.loops WHERE key = %(key)s",
+    "activity": "SELECT owner, count FROM {s}.activity WHERE owner = ANY(%(owners)s::text[])",
     "unlock": "SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x",
     "notify_many": "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p",
     "listen": "LISTEN {channel}",

@@ -21,7 +21,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ostinato.coordinators.clocks import SessionBound
@@ -67,11 +67,16 @@ class Grant:
 
 @dataclass(frozen=True)
 class Denied:
-    """The lease was not granted: another runner holds it, or the loop is paused."""
+    """The lease was not granted: another runner holds it, or the loop is paused.
+
+    ``holder`` is the holder's label, ``owner`` its runner id where the coordinator tells
+    it (standbys of a loop whose owner is active need not ask again: see ``silence``).
+    """
 
     holder: str | None
     expires_in: float | None
     paused: bool = False
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,21 @@ class Coordinator(abc.ABC):
             await self.release(key, heir, answer.fence)
             return None
         return answer
+
+    async def silence(self, owners: Collection[str]) -> dict[str, float] | None:
+        """For each of ``owners`` (runner ids), for how long this coordinator has seen it make
+        no grant and no renewal, in seconds of this host's monotonic clock (0 the first time
+        it looks); ``None`` if this coordinator does not count them.
+
+        Every grant and every renewal call moves its owner's activity count in the same
+        atomic step, and the count is read here, so a standby refused by an owner that is
+        not silent need not ask again: its lease is renewed. Once an owner has been silent
+        for a claim's TTL, its claims may be taken (on Redis and PostgreSQL the acquire
+        checks that the count is still the one seen), so a runner looks at many owners'
+        counts once a second instead of asking for each of thousands of leases every third
+        of a TTL. Where this answers ``None``, standbys ask on their own.
+        """
+        return None
 
     @abc.abstractmethod
     async def revoke(self, key: str) -> int | None:

@@ -47,7 +47,8 @@ Keys, all under ``<prefix>:``: ``lease:<key>`` (hash: owner, holder, fence,
 since; expires), ``fence:<key>`` (counter), ``loop:<key>`` (hash: paused flag,
 counts and latest stats), ``loops`` (set of every key seen), ``runners``
 (sorted set of runner ids by expiry), ``runner-labels`` and ``runner-hosts`` (hashes),
-``setting:<name>`` (hash: value, fence). The scripts are in ``redis_lua``; the
+``setting:<name>`` (hash: value, fence), ``activity:<runner id>`` (a count every grant and
+renewal call of that runner moves: ``silence``). The scripts are in ``redis_lua``; the
 clients, key names and events in ``redis_connections``.
 
 Needs Redis 5 or later: a script that reads ``TIME`` and then writes relies on
@@ -65,13 +66,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, cast
 
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
-from ostinato.coordinators.clocks import Sightings
+from ostinato.coordinators.clocks import Sightings, Silence
 from ostinato.coordinators.network import RECONNECT_MIN
 from ostinato.coordinators.protocol import (
     STAT_FIELDS,
@@ -144,6 +145,9 @@ class RedisCoordinator(RedisConnections):
         self._liveness_broken = False
         # Claims seen on refusals, so that expiry is judged on this host's clock.
         self._sightings = Sightings()
+        # Owners' activity counts as read, and the owner each refusal named.
+        self._silence = Silence()
+        self._claimed_by: dict[str, str] = {}
 
     # -- leases --------------------------------------------------------------------
 
@@ -158,19 +162,42 @@ class RedisCoordinator(RedisConnections):
         self._hold_liveness(runner)
         generation, watched = self._events.generation, self._events.connected
         now = time.monotonic()
-        unchanged: dict[str, tuple[str, str]] = {}
+        unchanged: dict[str, tuple[str, ...]] = {}
         for key in requests:
             seen = self._sightings.unchanged(key, now)
-            unchanged[key] = ("", "") if seen is None else (str(seen[0]), str(seen[1]))
+            claim = ("", "") if seen is None else (str(seen[0]), str(seen[1]))
+            unchanged[key] = claim + self._proof(key, now)
         answers = await self._ask_many(runner, requests, unchanged)
         return {
             key: await self._settle(key, runner, ttl, answer, unchanged[key], generation, watched)
             for (key, ttl), answer in zip(requests.items(), answers, strict=True)
         }
 
+    def _proof(self, key: str, now: float) -> tuple[str, str, str]:
+        """The owner that last refused ``key``, its activity count and the longest claim TTL
+        (ms) its silence covers, if it has been silent at all ('' for none)."""
+        owner = self._claimed_by.get(key)
+        proof = self._silence.proof(owner, now)
+        if owner is None or proof is None:
+            return ("", "", "")
+        return (owner, str(proof[0]), str(int(proof[1] * 1000)))
+
+    async def silence(self, owners: Collection[str]) -> dict[str, float]:
+        owners = list(owners)
+        if not owners:
+            return {}
+        with self._reaching():
+            counts = await self._client.mget([self._key("activity", owner) for owner in owners])
+        now = time.monotonic()
+        self._silence.prune(now)
+        return {
+            owner: self._silence.saw(owner, count or "", now)
+            for owner, count in zip(owners, counts, strict=True)
+        }
+
     async def _settle(
         self, key: str, runner: RunnerInfo, ttl: float, answer: list[Any],
-        unchanged: tuple[str, str], generation: int, watched: bool,
+        unchanged: tuple[str, ...], generation: int, watched: bool,
     ) -> Grant | Denied:
         """What one answer of the acquire script means for ``key``."""
         if answer[0] == "denied" and len(answer) == 8:  # refused by a holder, not by a restart
@@ -188,8 +215,10 @@ class RedisCoordinator(RedisConnections):
             # Seen now, at the latest: after the server ran the script that last changed it.
             claim_ttl = int(answer[7]) / 1000 if answer[7] else ttl
             matures_in = self._sightings.saw(key, (answer[4], answer[6]), claim_ttl, time.monotonic())
-            return Denied(holder=answer[1] or None, expires_in=matures_in)
+            self._claimed_by[key] = owner = answer[3]
+            return Denied(holder=answer[1] or None, expires_in=matures_in, owner=owner or None)
         self._sightings.forget(key)
+        self._claimed_by.pop(key, None)
         if self._events.callbacks and self._events.generation != generation:
             # The events connection dropped or came back while this was asked: the grant
             # may come from a server that has since restarted and forgotten it, unseen.
@@ -217,39 +246,45 @@ class RedisCoordinator(RedisConnections):
 
     async def _ask(
         self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
-        unchanged: tuple[str, str] = ("", ""),
+        unchanged: tuple[str, ...] = ("", "", "", "", ""),
     ) -> list[Any]:
         with self._reaching():
             answer: list[Any] = await self._acquire(
-                self._acquire_keys(key), self._acquire_args(key, runner, ttl, dead, unchanged)
+                self._acquire_keys(key, runner, unchanged),
+                self._acquire_args(key, runner, ttl, dead, unchanged),
             )
         return answer
 
     async def _ask_many(
-        self, runner: RunnerInfo, requests: Mapping[str, float], unchanged: Mapping[str, tuple[str, str]]
+        self, runner: RunnerInfo, requests: Mapping[str, float], unchanged: Mapping[str, tuple[str, ...]]
     ) -> list[list[Any]]:
         """The acquire script for every request, in one pipeline."""
         with self._reaching():
             pipe = self._client.pipeline(transaction=False)
             for key, ttl in requests.items():
                 await self._acquire(
-                    self._acquire_keys(key), self._acquire_args(key, runner, ttl, unchanged=unchanged[key]),
+                    self._acquire_keys(key, runner, unchanged[key]),
+                    self._acquire_args(key, runner, ttl, unchanged=unchanged[key]),
                     client=pipe,
                 )
             answers: list[list[Any]] = await pipe.execute()
         return answers
 
-    def _acquire_keys(self, key: str) -> list[str]:
+    def _acquire_keys(self, key: str, runner: RunnerInfo, unchanged: tuple[str, ...]) -> list[str]:
+        """The script's keys; ``unchanged[2]`` names the silent owner whose count it reads."""
         return [self._key("lease", key), self._key("fence", key), self._key("loop", key),
-                self._key("loops")]
+                self._key("loops"), self._key("activity", runner.id),
+                self._key("activity", unchanged[2] or runner.id)]
 
     @staticmethod
     def _acquire_args(
         key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
-        unchanged: tuple[str, str] = ("", ""),
+        unchanged: tuple[str, ...] = ("", "", "", "", ""),
     ) -> list[EncodableT]:
+        """``unchanged``: a claim seen unchanged (fence, renewal count), then a silent owner
+        (owner, count, longest TTL ms)."""
         return [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead,
-                *unchanged, LINGER_MS]
+                *unchanged[:2], LINGER_MS, *unchanged[2:]]
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
@@ -262,7 +297,8 @@ class RedisCoordinator(RedisConnections):
         chunks = [keys[i:i + RENEW_CHUNK] for i in range(0, len(keys), RENEW_CHUNK)]
         calls = []
         for chunk in chunks:
-            names = [name for key in chunk for name in (self._key("lease", key), self._key("loop", key))]
+            names = [self._key("activity", runner.id)]
+            names += [name for key in chunk for name in (self._key("lease", key), self._key("loop", key))]
             values: list[str | int] = [runner.id, LINGER_MS]
             for key in chunk:
                 fence, ttl = leases[key]
@@ -324,7 +360,8 @@ class RedisCoordinator(RedisConnections):
     ) -> Grant | None:
         with self._reaching():
             answer = await self._hand_over(
-                [self._key("lease", key), self._key("fence", key), self._key("loop", key)],
+                [self._key("lease", key), self._key("fence", key), self._key("loop", key),
+                 self._key("activity", heir.id)],
                 [holder.id, str(fence), heir.id, heir.label, _ms(ttl), heir.pid, LINGER_MS],
             )
         self._unheld(key, fence)

@@ -8,11 +8,30 @@ numbers, which are doubles and would round the large fences Redis grants.
 
 from __future__ import annotations
 
-# KEYS: lease, fence, loop hash, loop set. ARGV: owner, holder, ttl ms, loop key, quiet s,
-# pid, the owner and fence of a holder known to be dead, and the fence and renewal count
-# of a claim the caller saw unchanged for its TTL ('' for none). A refusal says who
-# holds it, ms left by the server's clock, owner, fence, pid, renewal count and TTL ms.
-ACQUIRE = """
+#: How long an owner's activity count outlives its last grant or renewal.
+ACTIVITY_KEEP_MS = 86_400_000
+
+# Moves the activity count of an owner (its key in ``key``, the server's time in ``t``),
+# seeded from the server's clock in microseconds when missing, so that a count that
+# expired and came back never repeats one seen before (``Coordinator.silence``).
+BUMP = """
+local function bump(key, t)
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SET', key, t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  redis.call('INCR', key)
+  redis.call('PEXPIRE', key, ACTIVITY_KEEP_MS)
+end
+""".replace("ACTIVITY_KEEP_MS", str(ACTIVITY_KEEP_MS))
+
+# KEYS: lease, fence, loop hash, loop set, the caller's activity count, the activity count
+# of the owner of ARGV[12]. ARGV: owner, holder, ttl ms, loop key, quiet s, pid, the owner
+# and fence of a holder known to be dead, the fence and renewal count of a claim the
+# caller saw unchanged for its TTL ('' for none), linger ms, and an owner whose activity
+# count the caller saw unchanged, that count, and the longest claim TTL (ms) its silence
+# covers ('' for none). A refusal says who holds it, ms left by the server's clock, owner,
+# fence, pid, renewal count and TTL ms.
+ACQUIRE = BUMP + """
 redis.call('SADD', KEYS[4], ARGV[4])
 if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
 local t = redis.call('TIME')
@@ -20,8 +39,12 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local held = redis.call('HGET', KEYS[1], 'fence')
 local beat = redis.call('HGET', KEYS[1], 'beat') or '0'
+local silent = ARGV[12] ~= '' and owner == ARGV[12]
+  and (redis.call('GET', KEYS[6]) or '') == ARGV[13]
+  and tonumber(redis.call('HGET', KEYS[1], 'ttl') or 'x') ~= nil
+  and tonumber(redis.call('HGET', KEYS[1], 'ttl')) <= tonumber(ARGV[14])
 if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8])
-   and not (held == ARGV[9] and beat == ARGV[10]) then
+   and not (held == ARGV[9] and beat == ARGV[10]) and not silent then
   local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
   local left = ends and string.format('%d', ends - now) or redis.call('PTTL', KEYS[1])
   return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', left, owner, held or '',
@@ -42,20 +65,23 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence,
   'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[3],
   'ends', string.format('%d', now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[11]))
+bump(KEYS[5], t)
 return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
 """
 
 # Extends many leases in one call. A renewal after the claim ended by the server's clock is
-# refused, and changes nothing; a paused loop's lease is given up. KEYS: the lease and loop hash of
-# each lease, in pairs. ARGV: owner, linger ms, then the fence and ttl ms of each lease.
-# Returns 'held', 'lost' or 'paused' for each lease, in order.
-RENEW_MANY = """
+# refused, and changes nothing; a paused loop's lease is given up. KEYS: the owner's activity
+# count, then the lease and loop hash of each lease, in pairs. ARGV: owner, linger ms, then
+# the fence and ttl ms of each lease. Returns 'held', 'lost' or 'paused' for each lease, in
+# order.
+RENEW_MANY = BUMP + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local linger = tonumber(ARGV[2])
 local out = {}
-for i = 1, #KEYS / 2 do
-  local lease, loop = KEYS[2 * i - 1], KEYS[2 * i]
+bump(KEYS[1], t)
+for i = 1, (#KEYS - 1) / 2 do
+  local lease, loop = KEYS[2 * i], KEYS[2 * i + 1]
   local fence, ttl = ARGV[2 * i + 1], tonumber(ARGV[2 * i + 2])
   local held = redis.call('HMGET', lease, 'owner', 'fence', 'ends')
   local ends = tonumber(held[3] or '')
@@ -75,10 +101,11 @@ return out
 """
 
 # The lease passed from its owner to an heir in one step, with the next fence: never free
-# between the two. KEYS: lease, fence, loop hash. ARGV: owner, fence, heir's owner, heir's
-# holder label, ttl ms, heir's pid, linger ms. Returns {'granted', fence, last start},
-# {'paused'} (the lease given up) or {'lost'} (the owner no longer owns it with that fence).
-HAND_OVER = """
+# between the two. KEYS: lease, fence, loop hash, the heir's activity count. ARGV: owner,
+# fence, heir's owner, heir's holder label, ttl ms, heir's pid, linger ms. Returns
+# {'granted', fence, last start}, {'paused'} (the lease given up) or {'lost'} (the owner no
+# longer owns it with that fence).
+HAND_OVER = BUMP + """
 local held = redis.call('HMGET', KEYS[1], 'owner', 'fence')
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return {'lost'} end
 if redis.call('HGET', KEYS[3], 'paused') == '1' then
@@ -95,6 +122,7 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'holder', ARGV[4], 'fence', fence,
   'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[5],
   'ends', string.format('%d', now + tonumber(ARGV[5])))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]) + tonumber(ARGV[7]))
+bump(KEYS[4], t)
 return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
 """
 

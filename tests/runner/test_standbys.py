@@ -1,0 +1,84 @@
+"""Standbys wait quietly while the runner holding their lease is active, and take over once
+it falls silent (``ostinato.standbys``)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import ostinato
+from ostinato.coordinators.memory import MemoryCoordinator
+from ostinato.coordinators.protocol import RunnerInfo
+from ostinato.errors import CoordinatorUnavailable
+from ostinato.loop import Pass
+from ostinato.runner import Runner
+from tests.runner.test_runner import until
+
+LOOPS = 40
+
+
+def _app(url: str) -> ostinato.App:
+    app = ostinato.App("q", coordinator=url, grace="1s")
+    for i in range(LOOPS):
+
+        def body(ctx: Pass) -> None:
+            return None
+
+        app.loop(name=f"l{i}", pause="50ms", lease="1s")(body)
+    return app
+
+
+@contextlib.contextmanager
+def _counted_asks() -> Iterator[collections.Counter[str]]:
+    """Lease requests made through any memory coordinator, by the asking runner's id."""
+    asks: collections.Counter[str] = collections.Counter()
+    original = MemoryCoordinator.acquire
+
+    async def counting(self: MemoryCoordinator, key: str, runner: RunnerInfo, ttl: float) -> Any:
+        asks[runner.id] += 1
+        return await original(self, key, runner, ttl)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MemoryCoordinator, "acquire", counting)
+        yield asks
+
+
+def _cut_off(runner: Runner) -> None:
+    """The runner can no longer reach its coordinator, and the leases it holds stay
+    claimed until they expire: as a runner cut off by the network, or killed."""
+
+    async def unreachable(*args: object, **kwargs: object) -> Any:
+        raise CoordinatorUnavailable("cut off by the test")
+
+    for name in ("acquire", "acquire_many", "renew", "release_many", "report", "runners",
+                 "silence", "publish_many"):
+        setattr(runner.coordinator, name, unreachable)
+
+
+async def test_standbys_stay_quiet_while_the_holder_is_active_and_take_over_once_it_is_silent() -> None:
+    url = f"memory://{uuid.uuid4().hex}"
+    with _counted_asks() as asks:
+        async with _app(url).running() as first, _app(url).running() as second:
+            await until(lambda: len(first.held()) + len(second.held()) == LOOPS, timeout=10)
+            await until(lambda: first.standbys.counted and second.standbys.counted, timeout=5)
+            await until(lambda: abs(len(first.held()) - len(second.held())) <= 1, timeout=15)
+            # Every loop held by one runner and waited for quietly by the other.
+            await until(lambda: all(len(r.held()) + r.standbys.quiet == LOOPS for r in (first, second)))
+            # Three TTLs of steady state: a standby that asked every third of its TTL would
+            # have asked about 9 times, 360 requests in all.
+            before = dict(asks)
+            await asyncio.sleep(3.0)
+            quiet = sum(asks.values()) - sum(before.values())
+            assert quiet <= 4, f"{quiet} lease requests from standbys of active owners"
+            assert abs(len(first.held()) - len(second.held())) <= 1  # nothing changed hands
+
+            _cut_off(first)
+            # Woken by the silence of the owner (after the 1 s TTL), not by their patience
+            # (15 s at the soonest).
+            await until(lambda: len(second.held()) == LOOPS, timeout=8)
