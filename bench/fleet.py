@@ -12,6 +12,8 @@ another file than ``bench/results/fleet.json``). For each coordinator it:
    wait gives up after two minutes);
 3. kills one runner with SIGKILL and reads until every one of its loops is held by
    another runner (``failover_s``: the last of them; the goal is the TTL plus 2 s);
+   Each runner has a liveness folder of its own, as on separate hosts: no standby learns
+   of the kill from a lock the kernel frees on a shared host.
 4. once the killed runner's heartbeat has run out, starts a new runner and reads until
    it holds its share to within one loop (``join_s``; the goal is 30 s);
 5. stops every runner with SIGTERM, and checks the pass records: no two passes of one
@@ -92,8 +94,13 @@ class Fleet:
 
     def start(self) -> int:
         n = len(self.procs)
+        # A liveness folder of its own (``ostinato.coordinators.liveness``): to the others it
+        # runs on another host, so a standby learns of its death as across hosts, not from
+        # the kernel of a shared one.
+        host = self.folder / f"host-{n}"
+        host.mkdir(mode=0o700)
         env = {**os.environ, "FLEET_LOOPS": str(self.loops), "FLEET_LEASE": f"{self.lease:g}s",
-               "FLEET_RECORDS": str(self.folder / f"passes-{n}.log")}
+               "FLEET_RECORDS": str(self.folder / f"passes-{n}.log"), "XDG_RUNTIME_DIR": str(host)}
         with (self.folder / f"runner-{n}.log").open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ostinato", "run", "fleet_app:app", "--coordinator", self.url,
