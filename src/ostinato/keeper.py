@@ -52,7 +52,9 @@ class LoopKeeper(PassDriver):
         self.gate = gate
         #: Set when a key leaves the list: finish the pass, let the lease go, end.
         self.retired = False
-        self.key = f"{runner.app_name}:{spec.name}{member_suffix(partition, key)}"
+        #: The loop as declared (``app:loop``), of which this is a partition or key, if one.
+        self.family = f"{runner.app_name}:{spec.name}"
+        self.key = f"{self.family}{member_suffix(partition, key)}"
         self.stats = StatsBook(self.key, spec.stall_after, spec.fail_after)
         self.lease: LocalLease | None = None
         self.held_at = 0.0
@@ -191,7 +193,13 @@ class LoopKeeper(PassDriver):
                 await self._wait_chance(STEP_ASIDE, chances=False)
                 if runner.stopping:
                     return
-            if runner.at_fair_share():
+            if self._handed_over_fence is not None:
+                # Handed over for balance: the runner it went to has a third of the lease to
+                # take it, however busy, before this one asks again.
+                await self._wait_chance(self.spec.lease / 3, chances=False)
+                if runner.stopping:
+                    return
+            elif runner.at_fair_share():
                 yield_for = min(YIELD_DELAY, self.spec.lease / 10)
                 await self._wait_chance(yield_for * random.uniform(0.8, 1.2), chances=False)
                 if runner.stopping:

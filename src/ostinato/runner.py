@@ -82,8 +82,11 @@ class Runner:
         #: The statistics with something new to report.
         self._changed: set[StatsBook] = set()
         self.live_runners = 1
-        #: Live runners (this one included) that can run each loop, from the last count.
+        #: Live runners (this one included) that can run each loop, from the last count, by
+        #: loop declared (``app:loop``: its partitions and keys all count alike).
         self._candidates: dict[str, int] = {}
+        # How many loops hosted here each declared loop makes, counted when they change.
+        self._members: Counter[str] | None = None
         #: Calls to the coordinator by kind (acquire: one batch of requests), since start
         #: (metrics).
         self.calls: Counter[str] = Counter()
@@ -141,6 +144,7 @@ class Runner:
         keeper.stats.changed = self._changed
         self._changed.add(keeper.stats)
         self.keepers[keeper.key] = keeper
+        self._members = None
         self.watchdog.forget()
         if self.connected.is_set() and not self.stopping:
             self._start_keeper(keeper)
@@ -153,6 +157,7 @@ class Runner:
     def _keeper_ended(self, keeper: LoopKeeper) -> None:
         if keeper.retired and self.keepers.get(keeper.key) is keeper:
             del self.keepers[keeper.key]
+            self._members = None
             self.watchdog.forget()
             self._keeper_tasks.pop(keeper.key, None)
 
@@ -291,6 +296,9 @@ class Runner:
         self.watchdog.check_passes(now, everything=everything)
 
     def _on_event(self, event: Event) -> None:
+        if event.kind == "missed":
+            self.standbys.wake_all()
+            return
         if event.kind == "changed":
             family = self.guards.get(event.key) or self.key_sets.get(event.key)
             if family is not None:
@@ -335,6 +343,12 @@ class Runner:
 
     # -- spreading loops across runners -------------------------------------------------
 
+    def members(self) -> Counter[str]:
+        """How many loops hosted here each declared loop (``app:loop``) makes."""
+        if self._members is None:
+            self._members = Counter(keeper.family for keeper in self.keepers.values())
+        return self._members
+
     def held(self) -> list[LoopKeeper]:
         return [k for k in self.keepers.values() if k.lease is not None and k.lease.valid()]
 
@@ -346,7 +360,7 @@ class Runner:
         runners that can run it, summed and rounded up."""
         if self._even is not None:
             return self._even
-        share = sum(1 / self._candidates.get(key, 1) for key in self.keepers)
+        share = sum(n / self._candidates.get(family, 1) for family, n in self.members().items())
         return max(1, -(-round(share * 1000) // 1000))
 
     def at_fair_share(self) -> bool:
@@ -368,22 +382,21 @@ class Runner:
         self.calls["runners"] += 1
         runners = await self.coordinator.runners()
         self.live_ids = {record.id for record in runners}
+        members = self.members()
         candidates: dict[str, int] = {}  # the other runners that can run each loop
         others = 0
         for record in runners:
             if record.id == self.info.id:
                 continue
-            shares = [key for key in self.keepers if record.can_run(key)]
+            shares = [family for family in members if record.can_run(family)]
             others += bool(shares)
-            for key in shares:
-                candidates[key] = candidates.get(key, 0) + 1
-        # Alone, nothing to count: every loop falls to this runner (``get(key, 1)``).
-        self._candidates = {key: count + 1 for key, count in candidates.items()}
+            for family in shares:
+                candidates[family] = candidates.get(family, 0) + 1
+        # Alone, nothing to count: every loop falls to this runner (``get(family, 1)``).
+        self._candidates = {family: count + 1 for family, count in candidates.items()}
         self.live_runners = 1 + others
         self._even = None
-        if len(candidates) == len(self.keepers) and all(
-            count == others for count in candidates.values()
-        ):
+        if len(candidates) == len(members) and all(count == others for count in candidates.values()):
             ids = sorted({record.id for record in runners} | {self.info.id})
             if len(ids) == self.live_runners:
                 base, extra = divmod(len(self.keepers), self.live_runners)
@@ -396,7 +409,7 @@ class Runner:
             return
         now = time.monotonic()
         movable = [
-            k for k in held if k.balance_cooldown_until <= now and self._candidates.get(k.key, 1) > 1
+            k for k in held if k.balance_cooldown_until <= now and self._candidates.get(k.family, 1) > 1
         ]
         # All the excess at once (a runner joining a fleet takes its share within a few
         # rounds, not one loop a second); those that most recently finished a pass first,

@@ -11,7 +11,8 @@ count. A standby wakes when
 * an event says its lease may be free (``released``, ``resumed``, ``revoked``),
 * its owner has been silent for the lease's TTL: its claims may then be taken (the
   coordinator checks that the count is still the one it saw), or
-* it has waited ``patience()``: a missed event costs at most that long.
+* the events connection came back after a loss (``missed``), or
+* it has waited ``patience()``: an event lost otherwise costs at most that long.
 
 On a coordinator that does not count activity (``silence`` answers ``None``) standbys ask
 on their own, as before.
@@ -35,11 +36,12 @@ log = logging.getLogger("ostinato.runner")
 #: shortest lease, within these bounds. A standby wakes within about two of these of the
 #: moment its owner has been silent for the TTL.
 LOOK_EVERY = (0.05, 0.5)
-#: A quiet standby asks anyway after about this long (an event it missed)...
-PATIENCE = 30.0
+#: A quiet standby asks anyway after about this long, in case an event was lost without
+#: its connection dropping (a connection that drops and comes back wakes every standby)...
+PATIENCE = 60.0
 #: ...or longer in a big fleet, so that a runner's quiet standbys ask at most this many
 #: times a second in all.
-QUIET_ASKS = 500.0
+QUIET_ASKS = 20.0
 
 
 class Waiter(Protocol):
@@ -96,6 +98,12 @@ class Standbys:
                 waiters.pop(waiter, None)
                 if not waiters:
                     del self._waiting[owner]
+
+    def wake_all(self) -> None:
+        """Every quiet standby asks again now (events may have been missed)."""
+        for waiters in list(self._waiting.values()):
+            for waiter in list(waiters):
+                waiter.chance()
 
     async def probe(self) -> None:
         """Find out, before any standby waits, whether the coordinator counts activity."""

@@ -145,6 +145,7 @@ class EventFeed(Generic[C]):
                         self.generation += 1
                         if self._on_reopen is not None:
                             self._on_reopen()
+                        self.deliver(Event("missed", ""))
                     self.connected = True
                     async for payload in self._receive(conn):
                         self.deliver_payload(payload)

@@ -107,7 +107,9 @@ class Event:
       (the server restarted) and its passes stop until it is granted again;
     * ``unconfirmed``: the session holding the lease went unheard too long (see
       ``SessionBound``), so the pass in flight stops if it can; the lease is kept, and
-      passes start again once the session answers.
+      passes start again once the session answers;
+    * ``missed`` (no key): the events connection came back after a loss, so events may
+      have been missed meanwhile: every quiet standby asks again.
     """
 
     kind: str
