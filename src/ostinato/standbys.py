@@ -36,6 +36,10 @@ log = logging.getLogger("ostinato.runner")
 #: shortest lease, within these bounds. A standby wakes within about two of these of the
 #: moment its owner has been silent for the TTL.
 LOOK_EVERY = (0.05, 0.5)
+#: Past the TTL and its drift margin, how much longer an owner must be silent before its
+#: standbys ask: the acquire must find the silence at least as long as the claim's TTL,
+#: with no rounding (the TTL travels in milliseconds) to refuse it.
+MATURE = 0.01
 #: A quiet standby asks anyway after about this long, in case an event was lost without
 #: its connection dropping (a connection that drops and comes back wakes every standby)...
 PATIENCE = 60.0
@@ -126,7 +130,7 @@ class Standbys:
                 if silent < self.shortest:
                     continue  # the common case: an active owner
                 for waiter, ttl in list(self._waiting.get(owner, {}).items()):
-                    if silent >= ttl + drift_margin(ttl):
+                    if silent >= ttl + drift_margin(ttl) + MATURE:
                         waiter.silent_owner = owner
                         waiter.chance()
             await self.runner.wait(self.look_every)
