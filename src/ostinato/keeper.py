@@ -81,6 +81,7 @@ class LoopKeeper(PassDriver):
         # Set when the runner gives up waiting for a pass: an isolated one is killed.
         self._abort = [False]
         self._handed_over_fence: int | None = None
+        self._just_handed_over = False
         #: The owner whose silence woke this standby (``ostinato.standbys``).
         self.silent_owner: str | None = None
         self.balance_cooldown_until = 0.0
@@ -193,9 +194,11 @@ class LoopKeeper(PassDriver):
                 await self._wait_chance(STEP_ASIDE, chances=False)
                 if runner.stopping:
                     return
-            if self._handed_over_fence is not None:
+            if self._just_handed_over:
                 # Handed over for balance: the runner it went to has a third of the lease to
-                # take it, however busy, before this one asks again.
+                # take it, however busy, before this one asks again (once: from then on it
+                # stands by like any other).
+                self._just_handed_over = False
                 await self._wait_chance(self.spec.lease / 3, chances=False)
                 if runner.stopping:
                     return
@@ -308,4 +311,5 @@ class LoopKeeper(PassDriver):
             if self._handing_over:
                 self._handing_over = False
                 self._handed_over_fence = lease.fence
+                self._just_handed_over = True
 
