@@ -138,7 +138,11 @@ class PostgresCoordinator(PostgresConnections):
                 return Denied(holder=row["holder"], expires_in=left)
             elif (taken := await self._take_from_dead(key, runner, lock, row, params)) is not None:
                 return taken
-        return Denied(holder=row["holder"], expires_in=matures_in, owner=owner)
+        # A standby waits quietly only on a locked row: it has watched the lock above, or
+        # the holder's silence tells. An unlocked row may be a grant not marked yet, whose
+        # lock a later try watches.
+        return Denied(holder=row["holder"], expires_in=matures_in,
+                      owner=owner if row["locked"] else None)
 
     def _saw(self, key: str, row: DictRow, ttl: float, now: float) -> float:
         """Note the claim on ``key`` as seen ``now``; return how much longer it must stay
