@@ -207,17 +207,23 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
         fleet.kill(victim)
         killed_at = time.monotonic()
 
+        timeline: list[tuple[float, int]] = []
+
         def moved() -> tuple[bool, Any]:
             claims = holders(url)
             left = 0
             for key in theirs:
                 holder = claims.get(key)
                 left += holder is None or holder.endswith(f":{victim}")
+            timeline.append((round(time.monotonic() - killed_at, 2), left))
             return left == 0, left
 
         took, left = wait_for("failover", moved)
         result["failover_s"] = None if took is None else time.monotonic() - killed_at
         result["failover_left"] = left
+        # How many of the killed runner's loops were still its own at each read: the shape
+        # says whether failover waits on one step (silence, then a burst) or trickles.
+        result["failover_timeline"] = timeline
         result["failover_goal_s"] = lease + 2.0
         result["rebalanced_in_s"], result["held_after_failover"] = wait_for("rebalanced", all_balanced)
         time.sleep(max(0.0, killed_at + RUNNER_TTL + 1.0 - time.monotonic()))
