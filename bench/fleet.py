@@ -11,7 +11,10 @@ another file than ``bench/results/fleet.json``). For each coordinator it:
    runner holds within one loop of N / R, rounded down or up (``balanced_in_s``; each
    wait gives up after two minutes);
 3. kills one runner with SIGKILL and reads until every one of its loops is held by
-   another runner (``failover_s``: the last of them; the goal is the TTL plus 2 s);
+   another runner (``failover_s``: the last of them, as read; a read of every lease takes
+   seconds at this size, so the figure that counts is ``failover_runs_s``, from the pass
+   records: when each of those loops first ran on another runner; the goal is the TTL
+   plus 2 s);
    Each runner has a liveness folder of its own, as on separate hosts: no standby learns
    of the kill from a lock the kernel frees on a shared host.
 4. once the killed runner's heartbeat has run out, starts a new runner and reads until
@@ -167,7 +170,8 @@ def wait_for(what: str, check: Any, limit: float = LIMIT_S) -> tuple[float | Non
     return None, seen[1] if seen else None
 
 
-def check_records(folder: Path, killed: dict[int, int]) -> dict[str, Any]:
+def read_passes(folder: Path, killed: dict[int, int]) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Every recorded pass, by key: (start, end, pid, fence), in start order."""
     passes: dict[str, list[tuple[int, int, int, int]]] = collections.defaultdict(list)
     for path in folder.glob("passes-*.log"):
         for line in path.read_text().splitlines():
@@ -178,9 +182,14 @@ def check_records(folder: Path, killed: dict[int, int]) -> dict[str, Any]:
             elif len(parts) == 4:  # a killed runner's pass cut short: open until its kill
                 key, fence, pid, start = parts[0], *map(int, parts[1:])
                 passes[key].append((start, killed.get(pid, start), pid, fence))
-    overlaps = fences_down = 0
     for runs in passes.values():
         runs.sort()
+    return passes
+
+
+def check_records(passes: dict[str, list[tuple[int, int, int, int]]]) -> dict[str, Any]:
+    overlaps = fences_down = 0
+    for runs in passes.values():
         for (_, end, pid, fence), (start2, _, pid2, fence2) in itertools.pairwise(runs):
             overlaps += start2 < end and pid2 != pid
             fences_down += fence2 < fence
@@ -191,6 +200,9 @@ def check_records(folder: Path, killed: dict[int, int]) -> dict[str, Any]:
 def measure(backend: str, url: str, folder: Path, loops: int, runners: int, lease: float) -> dict[str, Any]:
     fleet = Fleet(url, folder, loops, lease)
     result: dict[str, Any] = {"backend": backend, "loops": loops, "runners": runners, "lease_s": lease}
+    lost_by_phase: dict[str, int] = {}
+    theirs: set[str] = set()
+    victim = 0
     try:
         for _ in range(runners):
             fleet.start()
@@ -200,6 +212,7 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
             return balanced(counts, fleet.live(), loops), sorted(counts.values())
 
         result["balanced_in_s"], result["held_by_runner"] = wait_for("balanced", all_balanced)
+        lost_by_phase["start"] = lost_lines(folder)
         counts = by_pid(holders(url))
         victim = max(fleet.live(), key=lambda pid: counts[pid])
         theirs = {key for key, holder in holders(url).items() if holder and holder.endswith(f":{victim}")}
@@ -226,6 +239,7 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
         result["failover_timeline"] = timeline
         result["failover_goal_s"] = lease + 2.0
         result["rebalanced_in_s"], result["held_after_failover"] = wait_for("rebalanced", all_balanced)
+        lost_by_phase["failover"] = lost_lines(folder)
         time.sleep(max(0.0, killed_at + RUNNER_TTL + 1.0 - time.monotonic()))
         newcomer = fleet.start()
 
@@ -237,13 +251,49 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
         result["join_s"], result["newcomer_held"] = wait_for("join", joined)
         result["join_goal_s"] = 30.0
         result["balanced_after_join_s"], result["held_after_join"] = wait_for("balanced", all_balanced)
+        lost_by_phase["join"] = lost_lines(folder)
     finally:
         result["exit_codes"] = sorted(set((fleet.stop()).values()), key=str)
-    result.update(check_records(folder, fleet.killed))
-    result["leases_lost_lines"] = sum(
-        path.read_text(errors="replace").count("lease lost") for path in folder.glob("runner-*.log")
+    passes = read_passes(folder, fleet.killed)
+    result.update(check_records(passes))
+    if victim in fleet.killed:
+        result.update(moved_runs(passes, theirs, victim, fleet.killed[victim]))
+    result["leases_lost_lines"] = lost_lines(folder)
+    # Counted at the end of each phase: start-up, failover, join, then the stop.
+    lost_by_phase["stop"] = result["leases_lost_lines"]
+    totals = list(lost_by_phase.values())
+    result["leases_lost_lines_by_phase"] = dict(
+        zip(lost_by_phase, [b - a for a, b in zip([0, *totals], totals, strict=False)], strict=True)
     )
     return result
+
+
+def lost_lines(folder: Path) -> int:
+    """``lease lost`` lines in every runner's log so far."""
+    return sum(path.read_text(errors="replace").count("lease lost") for path in folder.glob("runner-*.log"))
+
+
+def moved_runs(
+    passes: dict[str, list[tuple[int, int, int, int]]], theirs: set[str], victim: int, killed_ns: int
+) -> dict[str, Any]:
+    """From the pass records: how long after the kill each of the killed runner's loops
+    first ran on another runner (the failover a user sees; the holder reads above are as
+    slow as reading every lease)."""
+    delays = []
+    for lease in theirs:
+        key = lease[lease.index("[") + 1:-1]  # fleet:member[k12] is recorded as k12
+        elsewhere = (start for start, _, pid, _ in passes.get(key, []) if pid != victim and start > killed_ns)
+        first = next(elsewhere, None)
+        if first is not None:
+            delays.append((first - killed_ns) / 1e9)
+    delays.sort()
+    return {
+        "failover_runs_s": {
+            "p50": delays[len(delays) // 2] if delays else None,
+            "max": delays[-1] if delays else None,
+            "ran_elsewhere": len(delays), "of": len(theirs),
+        }
+    }
 
 
 def main() -> int:
