@@ -259,6 +259,7 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
     if victim in fleet.killed:
         result.update(moved_runs(passes, theirs, victim, fleet.killed[victim]))
     result["leases_lost_lines"] = lost_lines(folder)
+    result["leases_lost_reasons"] = lost_reasons(folder)
     # Counted at the end of each phase: start-up, failover, join, then the stop.
     lost_by_phase["stop"] = result["leases_lost_lines"]
     totals = list(lost_by_phase.values())
@@ -266,6 +267,16 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
         zip(lost_by_phase, [b - a for a, b in zip([0, *totals], totals, strict=False)], strict=True)
     )
     return result
+
+
+def lost_reasons(folder: Path) -> dict[str, int]:
+    """``lease lost`` lines by the reason each gives."""
+    reasons: collections.Counter[str] = collections.Counter()
+    for path in folder.glob("runner-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if "lease lost (fence" in line:
+                reasons[line.partition("): ")[2].strip()[:80]] += 1
+    return dict(reasons.most_common())
 
 
 def lost_lines(folder: Path) -> int:
