@@ -528,3 +528,73 @@ async def test_silence_takes_no_claim_of_an_active_owner_nor_one_longer_than_it(
     assert isinstance(await b.acquire(KEY, rb, 1.0), Denied)
     assert await a.renew(ra, {KEY + "-long": (long.fence, 4.0), KEY: (again.fence, 1.0)}) == {
         KEY + "-long": Renewal.HELD, KEY: Renewal.HELD}
+
+
+async def test_a_batch_answers_each_key_by_the_rules_of_acquire(make: Make) -> None:
+    """``acquire_many`` grants what ``acquire`` would grant and refuses the rest, key by key:
+    free and never-seen keys are granted, a live holder's and a paused loop's refused, and
+    a claim whose owner fell silent for its TTL taken while an active owner's is kept."""
+    a, b, c = await make(), await make(), await make()
+    ra, rb, rc = runner(1), runner(2), runner(3)
+    active = await a.acquire("app:active", ra, 1.0)
+    silent = await c.acquire("app:silent", rc, 1.0)
+    freed = await a.acquire("app:freed", ra, 1.0)
+    assert isinstance(active, Grant)
+    assert isinstance(silent, Grant)
+    assert isinstance(freed, Grant)
+    assert await a.release("app:freed", ra, freed.fence)
+    await a.set_paused("app:paused", True)
+    keys = ["app:silent", "app:new", "app:active", "app:freed", "app:paused"]
+    first = await b.acquire_many(rb, dict.fromkeys(keys, 1.0))
+    assert list(first) == keys  # answered in the order asked
+    assert isinstance(first["app:new"], Grant)
+    assert isinstance(first["app:freed"], Grant)
+    assert first["app:freed"].fence > freed.fence
+    refused = {key: first[key] for key in ("app:active", "app:silent", "app:paused")}
+    assert all(isinstance(answer, Denied) for answer in refused.values())
+    paused = refused["app:paused"]
+    assert isinstance(paused, Denied)
+    assert paused.paused
+    if await b.silence([rc.id, ra.id]) is None:
+        return  # no activity counts here: the silent owner's claim is taken when it expires
+    # ``c`` renews once more (the claim ``b`` saw is not the claim any more), then stops;
+    # ``a`` keeps renewing.
+    await asyncio.sleep(0.3)
+    assert await c.renew(rc, {"app:silent": (silent.fence, 1.0)}) == {"app:silent": Renewal.HELD}
+    ended = time.monotonic() + 1.0 + drift_margin(1.0) + 0.3
+    while time.monotonic() < ended:
+        assert await a.renew(ra, {"app:active": (active.fence, 1.0)}) == {"app:active": Renewal.HELD}
+        await b.silence([rc.id, ra.id])
+        await asyncio.sleep(0.1)
+    second = await b.acquire_many(rb, dict.fromkeys(["app:active", "app:silent"], 1.0))
+    assert isinstance(second["app:active"], Denied)
+    taken = second["app:silent"]
+    assert isinstance(taken, Grant)
+    assert taken.fence > silent.fence
+    assert await c.renew(rc, {"app:silent": (silent.fence, 1.0)}) == {"app:silent": Renewal.LOST}
+
+
+async def test_racing_batches_grant_each_key_to_exactly_one_runner(make: Make) -> None:
+    """Four runners ask for the same 200 leases at once, each in its own order: every key is
+    granted once, and no batch fails (rows locked in different orders would deadlock)."""
+    coordinators = [await make() for _ in range(4)]
+    runners = [runner(n) for n in range(4)]
+    keys = [f"app:race{i}" for i in range(200)]
+    orders = [random.Random(n).sample(keys, len(keys)) for n in range(4)]
+    for _ in range(2):  # once on new keys, once more on keys released in between
+        answers = await asyncio.gather(*(
+            c.acquire_many(r, dict.fromkeys(order, 5.0))
+            for c, r, order in zip(coordinators, runners, orders, strict=True)
+        ))
+        winners: dict[str, list[int]] = {key: [] for key in keys}
+        for n, batch in enumerate(answers):
+            assert set(batch) == set(keys)
+            for key, answer in batch.items():
+                if isinstance(answer, Grant):
+                    winners[key].append(n)
+        assert all(len(won) <= 1 for won in winners.values())
+        granted = sum(len(won) for won in winners.values())
+        assert granted >= len(keys) - 5  # a key inserted by a racer may be asked again later
+        for n, batch in enumerate(answers):
+            fences = {key: a.fence for key, a in batch.items() if isinstance(a, Grant)}
+            assert await coordinators[n].release_many(runners[n], fences) == set(fences)

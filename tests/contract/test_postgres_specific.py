@@ -691,3 +691,74 @@ async def test_renewals_and_reports_of_many_loops_at_once_never_deadlock(make: M
             a.renew(ra, {key: leases[key] for key in order}), a.report(ra, 60.0, stats)
         )
         assert set(renewed.values()) == {Renewal.HELD}
+
+
+async def test_a_batch_of_grants_takes_advisory_locks_up_to_the_budget(
+    url: str, make: MakePostgres
+) -> None:
+    """``acquire_many`` marks its grants with advisory locks while the budget lasts (those
+    fail over the moment the holder's session ends); the rest are held unlocked, with no
+    session bound, and a standby's batch waits for them to expire."""
+    from ostinato.coordinators.postgres import PostgresCoordinator
+
+    a = from_url(f"{url}&locks=2")
+    assert isinstance(a, PostgresCoordinator)
+    b = await make()
+    ra, rb = runner(1), runner(2)
+    keys = [f"app:b{i}" for i in range(5)]
+    try:
+        granted = await a.acquire_many(ra, dict.fromkeys(keys, 60.0))
+        assert all(isinstance(answer, Grant) for answer in granted.values())
+        bound = [key for key, answer in granted.items() if isinstance(answer, Grant) and answer.bound]
+        assert len(bound) == 2
+        for key in keys:
+            assert bool(await lock_holders(a.schema, key)) == (key in bound)
+        leases = {key: (answer.fence, 60.0) for key, answer in granted.items() if isinstance(answer, Grant)}
+        assert set((await a.renew(ra, leases)).values()) == {Renewal.HELD}
+        refused = await b.acquire_many(rb, dict.fromkeys(keys, 60.0))
+        assert all(isinstance(answer, Denied) for answer in refused.values())
+        await kill_holder_session(a.schema, bound[0])  # frees both locks: one session
+        waiting = await b.acquire_many(rb, dict.fromkeys(keys, 60.0))
+        for key, answer in waiting.items():
+            assert isinstance(answer, Denied)
+            assert answer.expires_in is not None
+            assert (answer.expires_in < 1.0) == (key in bound), key
+        await asyncio.sleep(max(w.expires_in or 0 for k, w in waiting.items() if k in bound))
+        taken = await b.acquire_many(rb, dict.fromkeys(keys, 60.0))
+        for key, answer in taken.items():
+            assert isinstance(answer, Grant) == (key in bound), key
+    finally:
+        await a.close()
+
+
+async def test_a_standby_waits_quietly_on_a_lease_held_past_the_lock_budget(
+    url: str, make: MakePostgres
+) -> None:
+    """A refusal names the owner (the standby may wait for its silence) for a locked row at
+    once, and for an unlocked one only once it was seen unlocked under the same fence: a
+    grant not marked yet looks unlocked for a moment, and its lock is then worth watching."""
+    from ostinato.coordinators.postgres import PostgresCoordinator
+
+    a = from_url(f"{url}&locks=1")
+    assert isinstance(a, PostgresCoordinator)
+    b = await make()
+    ra, rb = runner(1), runner(2)
+    try:
+        locked = await a.acquire("app:locked", ra, 60.0)
+        unlocked = await a.acquire("app:unlocked", ra, 60.0)
+        assert isinstance(locked, Grant)
+        assert isinstance(unlocked, Grant)
+        assert locked.bound is not None
+        assert unlocked.bound is None
+        first = await b.acquire_many(rb, dict.fromkeys(["app:locked", "app:unlocked"], 60.0))
+        assert [getattr(answer, "owner", "granted") for answer in first.values()] == [ra.id, None]
+        second = await b.acquire_many(rb, dict.fromkeys(["app:locked", "app:unlocked"], 60.0))
+        assert [getattr(answer, "owner", "granted") for answer in second.values()] == [ra.id, ra.id]
+        # A new grant of the key (a new fence) is not settled until seen twice again.
+        assert await a.release("app:unlocked", ra, unlocked.fence)
+        assert isinstance(await a.acquire("app:unlocked", ra, 60.0), Grant)
+        third = await b.acquire("app:unlocked", rb, 60.0)
+        assert isinstance(third, Denied)
+        assert third.owner is None
+    finally:
+        await a.close()

@@ -36,36 +36,37 @@ tables live in, created on first use; ``timeout`` (seconds, default 2) bounds
 connecting and every statement, so one renewal cannot outlive a short lease.
 Events travel by LISTEN/NOTIFY on a channel named after the schema.
 
+A runner asks for many leases in one statement (``acquire_many``: rows locked in key
+order, as renewals lock them), and marks the grants with their advisory locks in one more.
+
 The statements are in ``postgres_sql``; the connections, their turns and the session
-bound in ``postgres_connections``.
+bound in ``postgres_connections``; what a refusal leads to (sightings, silent owners,
+waiting for a holder's lock) in ``postgres_standbys``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import psycopg
 from psycopg.rows import DictRow
 
-from ostinato.coordinators.clocks import Sightings, Silence
 from ostinato.coordinators.postgres_connections import (
     RENEWAL,
     REQUEST,
     URGENT,
     Connection,
-    PostgresConnections,
     lock_id,
 )
 from ostinato.coordinators.postgres_sql import STAT_COLUMNS
+from ostinato.coordinators.postgres_standbys import PostgresStandbys
 from ostinato.coordinators.protocol import (
     Denied,
-    Event,
     Grant,
     LoopRecord,
     LoopStats,
@@ -76,29 +77,18 @@ from ostinato.coordinators.protocol import (
     hosts_from,
     hosts_text,
 )
-from ostinato.coordinators.quiet import MIN_QUIET
 from ostinato.errors import CoordinatorUnavailable
 
 log = logging.getLogger("ostinato.postgres")
 
-# A refused standby waits for each holder's lock on a connection of its own, so
-# the waits are capped to spare the server's connection slots; past the cap a
-# standby retries when the lease expires, as it would without advisory locks.
-MAX_WAITERS = 4
+#: The per-key columns of the batched acquire statement, and the parameter each comes from.
+_BATCH_COLUMNS = (("ttls", "ttl"), ("seen_fences", "seen_fence"), ("seen_expires", "seen_expires"),
+                  ("silent", "silent"), ("silent_counts", "silent_count"),
+                  ("silent_ttls", "silent_ttl"), ("probes", "probe"))
 
 
-class PostgresCoordinator(PostgresConnections):
+class PostgresCoordinator(PostgresStandbys):
     """Leases in table rows judged by the server's clock; advisory locks speed up failover."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        # Claims seen on refusals, so that expiry is judged on this host's clock.
-        self._sightings = Sightings()
-        # The owner whose lock each waiter waits for.
-        self._waiting_on: dict[str, str | None] = {}
-        # Owners' activity counts as read, and the owner each refusal named.
-        self._silence = Silence()
-        self._claimed_by: dict[str, str] = {}
 
     # -- leases --------------------------------------------------------------------------
 
@@ -115,101 +105,104 @@ class PostgresCoordinator(PostgresConnections):
             with self._promising(quiet) if params["locked"] else contextlib.nullcontext():
                 row = await self._fetch(conn, "acquire", params)
         if row is not None and row["granted"]:
-            self._sightings.forget(key)
-            self._claimed_by.pop(key, None)
+            self._forget_claim(key)
             return await self._granted(key, runner, row, params["locked"], sent, quiet)
         if row is None:  # a first grant raced ours and is not visible yet
             return Denied(holder=None, expires_in=None)
-        if row["paused"]:
-            return Denied(holder=None, expires_in=None, paused=True)
-        # Seen now, at the latest: after the server ran the statement that last changed the row.
-        matures_in = self._saw(key, row, ttl, time.monotonic())
-        owner = row["owner"]
-        if owner is None:
-            self._claimed_by.pop(key, None)
-        else:
-            self._claimed_by[key] = owner
-        if row["locked"] and key not in self._holders and len(self._holders) < self.locks:
-            if not row["lock_free"]:
-                self._watch(key, lock, row["owner"], row["fence"])
-            elif (left := self._quiet_left(key, row)) > 0:
-                # The holder's session ended: ask again when the quiet is over, whatever
-                # its owner's activity count says (no ``owner``).
-                return Denied(holder=row["holder"], expires_in=left)
-            elif (taken := await self._take_from_dead(key, runner, lock, row, params)) is not None:
-                return taken
-        # A standby waits quietly only on a locked row: it has watched the lock above, or
-        # the holder's silence tells. An unlocked row may be a grant not marked yet, whose
-        # lock a later try watches.
-        return Denied(holder=row["holder"], expires_in=matures_in,
-                      owner=owner if row["locked"] else None)
+        return await self._refused(key, runner, ttl, row, params)
 
-    def _saw(self, key: str, row: DictRow, ttl: float, now: float) -> float:
-        """Note the claim on ``key`` as seen ``now``; return how much longer it must stay
-        unchanged before it may be taken (its holder has stopped by then)."""
-        if row["owner"] is None or row["expires"] is None:
-            self._sightings.forget(key)
-            return 0.0
-        claim_ttl = float(row["ttl"] if row["ttl"] is not None else ttl)
-        return self._sightings.saw(key, (row["fence"], row["expires"]), claim_ttl, now)
+    async def acquire_many(
+        self, runner: RunnerInfo, requests: Mapping[str, float]
+    ) -> dict[str, Grant | Denied]:
+        """Leases this session holds no lock for are asked for in one statement, their first
+        grants (keys without a row) in a second, and the grants' locks taken in a third;
+        the others (asked again by their holder) one by one, by ``acquire``."""
+        again = [key for key in requests if key in self._holders]
+        fresh = {key: ttl for key, ttl in requests.items() if key not in self._holders}
+        answers: dict[str, Grant | Denied] = {}
+        if fresh:
+            answers.update(await self._acquire_fresh(runner, fresh))
+        for key in again:
+            answers[key] = await self.acquire(key, runner, requests[key])
+        return {key: answers[key] for key in requests}
 
-    def _unchanged(self, key: str) -> dict[str, Any]:
-        """The acquire statement's leave to take a claim seen unchanged for its TTL."""
-        claim = self._sightings.unchanged(key, time.monotonic())
-        if claim is None:
-            return {"seen_fence": None, "seen_expires": None}
-        return {"seen_fence": claim[0], "seen_expires": claim[1]}
-
-    def _proof(self, key: str) -> dict[str, Any]:
-        """The acquire statement's leave to take a claim of an owner seen silent for at least
-        the claim's TTL (``Silence``)."""
-        owner = self._claimed_by.get(key)
-        proof = self._silence.proof(owner, time.monotonic())
-        if proof is None:
-            return {"silent": None, "silent_count": None, "silent_ttl": None}
-        return {"silent": owner, "silent_count": proof[0], "silent_ttl": proof[1]}
-
-    async def silence(self, owners: Collection[str]) -> dict[str, float]:
-        owners = list(owners)
-        if not owners:
-            return {}
-        async with self._session() as conn:
-            cursor = await self._run(conn, "activity", {"owners": owners})
-            counts = {row["owner"]: int(row["count"]) for row in await cursor.fetchall()}
-        now = time.monotonic()
-        self._silence.prune(now)
-        return {owner: self._silence.saw(owner, counts.get(owner, -1), now) for owner in owners}
-
-    async def _take_from_dead(
-        self, key: str, runner: RunnerInfo, lock: int, row: DictRow, params: dict[str, Any]
-    ) -> Grant | None:
-        """The holder's session is gone: take its lock on the lease connection, then its lease."""
-        async with self._session(self._lease) as conn:
+    async def _acquire_fresh(
+        self, runner: RunnerInfo, requests: Mapping[str, float]
+    ) -> dict[str, Grant | Denied]:
+        quiet = self._quiet.wanted()
+        params = {key: {"key": key, "owner": runner.id, "holder": runner.label, "ttl": ttl,
+                        "dead": None, "dead_fence": None, "probe": lock_id(self.schema, key),
+                        "locked": False, "quiet": quiet, **self._unchanged(key), **self._proof(key)}
+                  for key, ttl in requests.items()}
+        keys = list(requests)
+        async with self._session(priority=REQUEST) as conn:
             sent = time.monotonic()
-            took = await self._fetch(conn, "try_lock", {"lock": lock})
-            if took is None or not took["ok"]:
-                return None
-            params.update(locked=True, dead=row["owner"], dead_fence=row["fence"], probe=None)
-            with self._promising(params["quiet"]):
-                again = await self._fetch(conn, "acquire", params)
-            if again is not None and again["granted"]:
-                self._held(key, runner, int(again["fence"]), params["quiet"])
-                return Grant(fence=int(again["fence"]), last_start=again["last_start"], sent=sent,
-                             bound=self.bound)
-            await self._run(conn, "unlock", {"locks": [lock]})
-        return None
+            cursor = await self._run(conn, "acquire_many", {
+                "owner": runner.id, "holder": runner.label, "quiet": quiet, "keys": keys,
+                **{column: [params[key][name] for key in keys] for column, name in _BATCH_COLUMNS},
+            })
+            rows: dict[str, dict[str, Any]] = {row["key"]: row for row in await cursor.fetchall()}
+            missing = [key for key in keys if key not in rows]
+            if missing:
+                cursor = await self._run(conn, "acquire_new", {
+                    "owner": runner.id, "holder": runner.label, "quiet": quiet, "keys": missing,
+                    "ttls": [requests[key] for key in missing],
+                })
+                for row in await cursor.fetchall():
+                    rows[row["key"]] = {**row, "granted": True}
+        granted = {key: row for key, row in rows.items() if row["granted"]}
+        answers = await self._granted_many(runner, granted, sent, quiet)
+        for key, ttl in requests.items():
+            if key not in rows:  # a first grant raced ours and is not visible yet
+                answers[key] = Denied(holder=None, expires_in=None)
+            elif not rows[key]["granted"]:
+                try:
+                    answers[key] = await self._refused(key, runner, ttl, rows[key], params[key])
+                except CoordinatorUnavailable:  # taking it from a dead holder failed: later
+                    answers[key] = Denied(holder=rows[key]["holder"], expires_in=None)
+        return answers
 
-    def _quiet_left(self, key: str, row: DictRow) -> float:
-        """How much longer the lock of ``key``'s holder must stay free before its lease is
-        taken (0: long enough): the quiet its row asks for. The first sighting starts the
-        clock. The row cannot change meanwhile: only the ended session could."""
-        now = time.monotonic()
-        quiet = max(MIN_QUIET, float(row["quiet"] or 0.0))
-        seen = self._freed.get(key)
-        if seen is None or seen[:2] != (row["owner"], row["fence"]):
-            self._freed[key] = (row["owner"], row["fence"], now)
-            return quiet
-        return max(0.0, seen[2] + quiet - now)
+    async def _granted_many(
+        self, runner: RunnerInfo, rows: Mapping[str, Any], sent: float, quiet: float
+    ) -> dict[str, Grant | Denied]:
+        """Fresh grants, their rows marked with advisory locks taken on the lease connection
+        as far as the budget goes; past it, or without a lease connection, granted unlocked
+        (standbys then wait for the lease to expire; a renewal takes a lock later if room)."""
+        room = max(0, self.locks - len(self._holders))
+        marking = dict(itertools.islice(((key, int(row["fence"])) for key, row in rows.items()), room))
+        answers: dict[str, Grant | Denied] = {}
+        for key, row in rows.items():
+            self._forget_claim(key)
+            fence = int(row["fence"])
+            if key not in marking:
+                self._unbound[key] = fence
+            answers[key] = Grant(fence=fence, last_start=row["last_start"], sent=sent,
+                                 bound=self.bound if key in marking else None)
+        if not marking:
+            return answers
+        asked = False
+        try:
+            async with self._session(self._lease) as conn:
+                asked = True
+                with self._promising(quiet):
+                    cursor = await self._run(conn, "mark_many", {
+                        "keys": list(marking), "fences": list(marking.values()),
+                        "locks": [lock_id(self.schema, key) for key in marking],
+                        "owner": runner.id, "quiet": quiet,
+                    })
+                    marks = await cursor.fetchall()
+                    for mark in marks:
+                        if mark["marked"]:
+                            self._held(mark["key"], runner, marking[mark["key"]], quiet)
+                stray = [lock_id(self.schema, m["key"]) for m in marks if m["ok"] and not m["marked"]]
+                if stray:
+                    await self._run(conn, "unlock", {"locks": stray})
+        except CoordinatorUnavailable as exc:
+            # Once asked, rows may be marked with locks that went with the connection.
+            if asked or self._closed:
+                raise
+            log.info("%d lease(s) granted without their advisory locks (%s)", len(marking), exc)
+        return answers
 
     async def _granted(
         self, key: str, runner: RunnerInfo, row: DictRow, locked: bool, sent: float, quiet: float
@@ -393,41 +386,3 @@ class PostgresCoordinator(PostgresConnections):
         async with self._session() as conn:
             row = await self._fetch(conn, "write_setting", {"name": name, "value": value, "fence": fence})
         return row is not None
-
-    # -- waiting for a holder's lock ------------------------------------------------------------
-
-    def _watch(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
-        """Wait for the lock of ``key``'s holder, unless one of that holder's locks is waited
-        for already: its session ending frees them all at once."""
-        if (self._closed or not self._events.callbacks or key in self._waiters
-                or len(self._waiters) >= MAX_WAITERS or owner in self._waiting_on.values()):
-            return
-        self._waiting_on[key] = owner
-        self._waiters[key] = asyncio.get_running_loop().create_task(
-            self._await_holder(key, lock, owner, fence)
-        )
-
-    async def _await_holder(self, key: str, lock: int, owner: str | None, fence: int | None) -> None:
-        """Announce ``released`` once the holder's lock has been free for ``MIN_QUIET``:
-        its session ended."""
-        conn: Connection | None = None
-        try:
-            conn = await self._connect(statement_timeout=0)
-            await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
-            await conn.execute("SELECT pg_advisory_unlock(%s)", [lock])
-            self._freed[key] = (owner, fence, time.monotonic())
-            await asyncio.sleep(MIN_QUIET)
-        except (psycopg.Error, OSError) as exc:
-            # Only an accelerator: the standby still retries when the lease expires.
-            log.debug("stopped waiting for the holder of %s: %s", key, self._unavailable(exc))
-            return
-        finally:
-            if self._waiters.get(key) in (None, asyncio.current_task()):  # not replaced
-                self._waiters.pop(key, None)
-                self._waiting_on.pop(key, None)
-            if conn is not None:
-                await self._close_quietly(conn)
-        # Its other leases last refused here went with the same session.
-        others = [other for other, by in self._claimed_by.items() if by == owner and other != key]
-        for other in [key, *others]:
-            self._events.deliver(Event("released", other))

@@ -86,6 +86,71 @@ SELECT false, fence, NULL, owner, holder, paused, locked, expires, ttl, quiet,
             THEN pg_advisory_unlock(%(probe)s::bigint) ELSE false END
 FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
 """,
+    # Many leases asked for at once, none of them held by this session (no advisory lock to
+    # carry over): existing rows locked in key order, as a renewal locks them, and granted by
+    # the rules of ``acquire``, each with its own leave (a claim seen unchanged, a silent
+    # owner); granted rows are marked ``locked`` afterwards (``mark_many``). Every key with a
+    # row is answered, granted or not; a key without one is left to ``acquire_new``.
+    "acquire_many": """
+WITH v AS MATERIALIZED (
+    SELECT * FROM unnest(%(keys)s::text[], %(ttls)s::float8[], %(seen_fences)s::bigint[],
+                         %(seen_expires)s::timestamptz[], %(silent)s::text[],
+                         %(silent_counts)s::bigint[], %(silent_ttls)s::float8[],
+                         %(probes)s::bigint[])
+        AS v(key, ttl, seen_fence, seen_expires, silent, silent_count, silent_ttl, probe)),
+ordered AS MATERIALIZED (
+    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM v) ORDER BY key COLLATE "C"
+    FOR UPDATE),
+granted AS (
+    UPDATE {s}.loops AS l SET
+        fence = l.fence + 1, owner = %(owner)s, holder = %(holder)s,
+        expires = clock_timestamp() + make_interval(secs => v.ttl),
+        held_since = extract(epoch FROM clock_timestamp()), locked = false, ttl = v.ttl,
+        quiet = %(quiet)s
+    FROM v
+    WHERE l.key = v.key AND l.key IN (SELECT key FROM ordered) AND NOT l.paused AND (
+        l.owner IS NULL OR l.owner = %(owner)s
+        OR (l.fence = v.seen_fence AND l.expires = v.seen_expires)
+        OR (l.owner = v.silent AND l.ttl <= v.silent_ttl
+            AND coalesce((SELECT a.count FROM {s}.activity AS a WHERE a.owner = l.owner), -1)
+                = v.silent_count))
+    RETURNING l.key, l.fence, l.last_start),
+bumped AS (
+    INSERT INTO {s}.activity AS a (owner, count)
+    SELECT %(owner)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+    WHERE EXISTS (SELECT 1 FROM granted)
+    ON CONFLICT (owner) DO UPDATE SET count = a.count + 1)
+SELECT true AS granted, key, fence, last_start, NULL AS owner, NULL AS holder,
+       false AS paused, false AS locked, NULL::timestamptz AS expires, NULL::float8 AS ttl,
+       NULL::float8 AS quiet, NULL::float8 AS expires_in, false AS lock_free FROM granted
+UNION ALL
+SELECT false, l.key, l.fence, NULL, l.owner, l.holder, l.paused, l.locked, l.expires, l.ttl,
+       l.quiet, extract(epoch FROM l.expires - clock_timestamp())::float8,
+       CASE WHEN l.locked AND NOT l.paused AND v.probe IS NOT NULL
+                 AND pg_try_advisory_lock(v.probe)
+            THEN pg_advisory_unlock(v.probe) ELSE false END
+FROM {s}.loops AS l JOIN v ON v.key = l.key
+WHERE l.key NOT IN (SELECT key FROM granted)
+""",
+    # First grants of keys that had no row, in key order; a key another runner inserted
+    # first is left out (asked again later).
+    "acquire_new": """
+WITH granted AS (
+    INSERT INTO {s}.loops AS l (key, fence, owner, holder, expires, held_since, locked, ttl,
+                                quiet)
+    SELECT v.key, 1, %(owner)s, %(holder)s, clock_timestamp() + make_interval(secs => v.ttl),
+           extract(epoch FROM clock_timestamp()), false, v.ttl, %(quiet)s
+    FROM unnest(%(keys)s::text[], %(ttls)s::float8[]) AS v(key, ttl)
+    ORDER BY v.key COLLATE "C"
+    ON CONFLICT (key) DO NOTHING
+    RETURNING l.key, l.fence, l.last_start),
+bumped AS (
+    INSERT INTO {s}.activity AS a (owner, count)
+    SELECT %(owner)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+    WHERE EXISTS (SELECT 1 FROM granted)
+    ON CONFLICT (owner) DO UPDATE SET count = a.count + 1)
+SELECT key, fence, last_start FROM granted
+""",
     "exists": "SELECT to_regclass(%(loops)s) IS NOT NULL AND to_regclass(%(runners)s) IS NOT NULL"
               " AND to_regclass(%(settings)s) IS NOT NULL AND to_regclass(%(activity)s) IS NOT NULL"
               " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%(loops)s)"
@@ -100,6 +165,22 @@ marked AS (UPDATE {s}.loops SET locked = true, quiet = %(quiet)s FROM got
            WHERE got.ok AND key = %(key)s AND owner = %(owner)s AND fence = %(fence)s
            RETURNING 1)
 SELECT (SELECT ok FROM got) AS ok, EXISTS (SELECT 1 FROM marked) AS marked
+""",
+    # The advisory locks of many fresh grants taken on the lease connection, and their rows
+    # marked with them (in key order, as every statement of many rows locks them).
+    "mark_many": """
+WITH got AS MATERIALIZED (
+    SELECT v.key, v.fence, v.lock, pg_try_advisory_lock(v.lock) AS ok
+    FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(locks)s::bigint[]) AS v(key, fence, lock)),
+ordered AS MATERIALIZED (
+    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM got WHERE ok)
+    ORDER BY key COLLATE "C" FOR UPDATE),
+marked AS (
+    UPDATE {s}.loops AS l SET locked = true, quiet = %(quiet)s FROM got
+    WHERE got.ok AND l.key = got.key AND l.key IN (SELECT key FROM ordered)
+      AND l.owner = %(owner)s AND l.fence = got.fence
+    RETURNING l.key)
+SELECT got.key, got.ok, got.key IN (SELECT key FROM marked) AS marked FROM got
 """,
     # Rows are locked in key order first (by code point, "C"), as a report locks them (its
     # rows sorted by key in Python): two statements of many rows that lock in different
