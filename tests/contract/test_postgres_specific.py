@@ -762,3 +762,36 @@ async def test_a_standby_waits_quietly_on_a_lease_held_past_the_lock_budget(
         assert third.owner is None
     finally:
         await a.close()
+
+
+async def test_a_batch_skips_a_row_another_statement_holds_instead_of_waiting(
+    url: str, make: MakePostgres
+) -> None:
+    """A lease request never queues behind another statement's row lock (a renewal of
+    thousands of rows, another runner's batch): that key is answered busy, to be asked
+    again soon, and the rest of the batch is answered at once."""
+    import psycopg
+    from psycopg import sql
+
+    from ostinato.coordinators.postgres import BUSY_RETRY
+
+    a = await make()
+    ra, rb = runner(1), runner(2)
+    keys = ["app:held", "app:free"]
+    granted = await a.acquire_many(ra, dict.fromkeys(keys, 60.0))
+    assert all(isinstance(answer, Grant) for answer in granted.values())
+    assert await a.release("app:free", ra, granted["app:free"].fence)  # type: ignore[union-attr]
+    b = await make()
+    schema = a.schema
+    async with await psycopg.AsyncConnection.connect(postgres_url()) as holder:
+        await holder.execute(sql.SQL("SELECT 1 FROM {}.loops WHERE key = %s FOR UPDATE").format(
+            sql.Identifier(schema)), ["app:free"])
+        # Waiting for the row would end in the statement timeout: unreachable.
+        answers = await b.acquire_many(rb, dict.fromkeys(keys, 60.0))
+        busy = answers["app:free"]
+        assert isinstance(busy, Denied)
+        assert busy.expires_in == BUSY_RETRY
+        assert isinstance(answers["app:held"], Denied)
+        await holder.rollback()
+    again = await b.acquire_many(rb, {"app:free": 60.0})
+    assert isinstance(again["app:free"], Grant)

@@ -81,6 +81,9 @@ from ostinato.errors import CoordinatorUnavailable
 
 log = logging.getLogger("ostinato.postgres")
 
+#: How soon a request whose row another statement had locked (and skipped) is asked again.
+BUSY_RETRY = 0.05
+
 #: The per-key columns of the batched acquire statement, and the parameter each comes from.
 _BATCH_COLUMNS = (("ttls", "ttl"), ("seen_fences", "seen_fence"), ("seen_expires", "seen_expires"),
                   ("silent", "silent"), ("silent_counts", "silent_count"),
@@ -149,12 +152,14 @@ class PostgresCoordinator(PostgresStandbys):
                     "ttls": [requests[key] for key in missing],
                 })
                 for row in await cursor.fetchall():
-                    rows[row["key"]] = {**row, "granted": True}
+                    rows[row["key"]] = {**row, "granted": True, "busy": False}
         granted = {key: row for key, row in rows.items() if row["granted"]}
         answers = await self._granted_many(runner, granted, sent, quiet)
         for key, ttl in requests.items():
             if key not in rows:  # a first grant raced ours and is not visible yet
                 answers[key] = Denied(holder=None, expires_in=None)
+            elif rows[key]["busy"]:  # another statement had the row: nothing seen, ask soon
+                answers[key] = Denied(holder=None, expires_in=BUSY_RETRY)
             elif not rows[key]["granted"]:
                 try:
                     answers[key] = await self._refused(key, runner, ttl, rows[key], params[key])

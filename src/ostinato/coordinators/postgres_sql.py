@@ -89,8 +89,10 @@ FROM {s}.loops WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM granted)
     # Many leases asked for at once, none of them held by this session (no advisory lock to
     # carry over): existing rows locked in key order, as a renewal locks them, and granted by
     # the rules of ``acquire``, each with its own leave (a claim seen unchanged, a silent
-    # owner); granted rows are marked ``locked`` afterwards (``mark_many``). Every key with a
-    # row is answered, granted or not; a key without one is left to ``acquire_new``.
+    # owner); granted rows are marked ``locked`` afterwards (``mark_many``). A row another
+    # statement has locked is skipped, never waited for, and answered ``busy``: requests
+    # never queue behind one another, nor hold up the renewals queued behind them. Every key
+    # with a row is answered; a key without one is left to ``acquire_new``.
     "acquire_many": """
 WITH v AS MATERIALIZED (
     SELECT * FROM unnest(%(keys)s::text[], %(ttls)s::float8[], %(seen_fences)s::bigint[],
@@ -100,7 +102,7 @@ WITH v AS MATERIALIZED (
         AS v(key, ttl, seen_fence, seen_expires, silent, silent_count, silent_ttl, probe)),
 ordered AS MATERIALIZED (
     SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM v) ORDER BY key COLLATE "C"
-    FOR UPDATE),
+    FOR UPDATE SKIP LOCKED),
 granted AS (
     UPDATE {s}.loops AS l SET
         fence = l.fence + 1, owner = %(owner)s, holder = %(holder)s,
@@ -122,13 +124,15 @@ bumped AS (
     ON CONFLICT (owner) DO UPDATE SET count = a.count + 1)
 SELECT true AS granted, key, fence, last_start, NULL AS owner, NULL AS holder,
        false AS paused, false AS locked, NULL::timestamptz AS expires, NULL::float8 AS ttl,
-       NULL::float8 AS quiet, NULL::float8 AS expires_in, false AS lock_free FROM granted
+       NULL::float8 AS quiet, NULL::float8 AS expires_in, false AS lock_free,
+       false AS busy FROM granted
 UNION ALL
 SELECT false, l.key, l.fence, NULL, l.owner, l.holder, l.paused, l.locked, l.expires, l.ttl,
        l.quiet, extract(epoch FROM l.expires - clock_timestamp())::float8,
        CASE WHEN l.locked AND NOT l.paused AND v.probe IS NOT NULL
                  AND pg_try_advisory_lock(v.probe)
-            THEN pg_advisory_unlock(v.probe) ELSE false END
+            THEN pg_advisory_unlock(v.probe) ELSE false END,
+       l.key NOT IN (SELECT key FROM ordered)
 FROM {s}.loops AS l JOIN v ON v.key = l.key
 WHERE l.key NOT IN (SELECT key FROM granted)
 """,
