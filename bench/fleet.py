@@ -18,7 +18,8 @@ another file than ``bench/results/fleet.json``). For each coordinator it:
    Each runner has a liveness folder of its own, as on separate hosts: no standby learns
    of the kill from a lock the kernel frees on a shared host.
 4. once the killed runner's heartbeat has run out, starts a new runner and reads until
-   it holds its share to within one loop (``join_s``; the goal is 30 s);
+   it holds its share to within one loop (``join_s``, as read; ``join_runs_s``, from the
+   pass records: when it had run passes of that many loops; the goal is 30 s);
 5. stops every runner with SIGTERM, and checks the pass records: no two passes of one
    key overlap in time (``overlaps``, from the records, a killed runner's unfinished
    pass counted up to its kill), and fences never go down from one pass of a key to the
@@ -202,7 +203,7 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
     result: dict[str, Any] = {"backend": backend, "loops": loops, "runners": runners, "lease_s": lease}
     lost_by_phase: dict[str, int] = {}
     theirs: set[str] = set()
-    victim = 0
+    victim = newcomer = joined_ns = 0
     try:
         for _ in range(runners):
             fleet.start()
@@ -241,6 +242,7 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
         result["rebalanced_in_s"], result["held_after_failover"] = wait_for("rebalanced", all_balanced)
         lost_by_phase["failover"] = lost_lines(folder)
         time.sleep(max(0.0, killed_at + RUNNER_TTL + 1.0 - time.monotonic()))
+        joined_ns = time.monotonic_ns()
         newcomer = fleet.start()
 
         def joined() -> tuple[bool, Any]:
@@ -258,6 +260,8 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
     result.update(check_records(passes))
     if victim in fleet.killed:
         result.update(moved_runs(passes, theirs, victim, fleet.killed[victim]))
+    if newcomer:
+        result["join_runs_s"] = joined_runs(passes, newcomer, joined_ns, loops // runners - 1)
     result["leases_lost_lines"] = lost_lines(folder)
     result["leases_lost_reasons"] = lost_reasons(folder)
     # Counted at the end of each phase: start-up, failover, join, then the stop.
@@ -282,6 +286,18 @@ def lost_reasons(folder: Path) -> dict[str, int]:
 def lost_lines(folder: Path) -> int:
     """``lease lost`` lines in every runner's log so far."""
     return sum(path.read_text(errors="replace").count("lease lost") for path in folder.glob("runner-*.log"))
+
+
+def joined_runs(
+    passes: dict[str, list[tuple[int, int, int, int]]], newcomer: int, started_ns: int, share: int
+) -> float | None:
+    """From the pass records: how long after the new runner was started it had run passes
+    of ``share`` different loops (its share to within one)."""
+    firsts = sorted(
+        next(start for start, _, pid, _ in runs if pid == newcomer)
+        for runs in passes.values() if any(pid == newcomer for _, _, pid, _ in runs)
+    )
+    return (firsts[share - 1] - started_ns) / 1e9 if len(firsts) >= share else None
 
 
 def moved_runs(
