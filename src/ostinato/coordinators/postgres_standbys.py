@@ -37,8 +37,8 @@ class PostgresStandbys(PostgresConnections):
         # Owners' activity counts as read, and the owner each refusal named.
         self._silence = Silence()
         self._claimed_by: dict[str, str] = {}
-        # The fence of each claim last refused here from an unlocked row.
-        self._unlocked: dict[str, int] = {}
+        # The claim (fence, expiry) first refused here from an unlocked row, by key.
+        self._unlocked: dict[str, tuple[Any, Any]] = {}
 
     async def _refused(
         self, key: str, runner: RunnerInfo, ttl: float, row: DictRow, params: dict[str, Any]
@@ -64,14 +64,18 @@ class PostgresStandbys(PostgresConnections):
             elif (taken := await self._take_from_dead(key, runner, params["probe"], row, params)) is not None:
                 return taken
         # A standby waits quietly (for the holder's silence, or the lock watched above) on a
-        # locked row, or on an unlocked one seen unlocked before under the same fence: held
-        # past its owner's lock budget. Seen once, an unlocked row may be a grant not marked
-        # yet, whose lock a later try watches.
-        settled = row["locked"] or self._unlocked.get(key) == row["fence"]
+        # locked row: its holder marked it, so it knows it holds it. An unlocked row may be a
+        # grant whose reply was lost: an active owner that does not know it holds it never
+        # falls silent, so only the claim's own sightings can take it. Once such a row was
+        # renewed under the same fence (its holder knows), it is held past its owner's lock
+        # budget, and the standby waits quietly on it too.
+        claim = (row["fence"], row["expires"])
+        seen = self._unlocked.get(key)
+        settled = row["locked"] or (seen is not None and seen[0] == claim[0] and seen[1] != claim[1])
         if row["locked"]:
             self._unlocked.pop(key, None)
-        else:
-            self._unlocked[key] = row["fence"]
+        elif seen is None or seen[0] != claim[0]:
+            self._unlocked[key] = claim
         return Denied(holder=row["holder"], expires_in=matures_in, owner=owner if settled else None)
 
     def _forget_claim(self, key: str) -> None:
