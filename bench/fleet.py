@@ -61,6 +61,10 @@ log = logging.getLogger("bench.fleet")
 RESULTS = BENCH / "results" / "fleet.json"
 BACKENDS = ("redis", "postgres")
 LIMIT_S = 120.0
+#: How long one read of every lease may take.
+READ_TIMEOUT_S = 60.0
+#: Once balanced, how long each runner's CPU is measured.
+STEADY_S = 30.0
 READ_EVERY = 0.5
 #: A runner's heartbeat counts it alive this long (``ostinato.host.RUNNER_TTL``): the new
 #: runner joins once the killed one no longer counts, so the join is measured on its own.
@@ -137,7 +141,8 @@ class Fleet:
 
 
 async def _holders(url: str) -> dict[str, str | None]:
-    coordinator = from_url(url)
+    # Reading 100,000 leases from a busy server takes longer than a runner's call may.
+    coordinator = from_url(f"{url}{'&' if '?' in url else '?'}timeout={READ_TIMEOUT_S:g}")
     await coordinator.open()
     try:
         return {r.key: r.holder for r in await coordinator.loops() if "[" in r.key}
@@ -159,7 +164,8 @@ def balanced(counts: collections.Counter[int], runners: list[int], loops: int) -
             and all(math.floor(share) - 1 <= counts[pid] <= math.ceil(share) + 1 for pid in runners))
 
 
-def wait_for(what: str, check: Any, limit: float = LIMIT_S) -> tuple[float | None, Any]:
+def wait_for(what: str, check: Any, limit: float | None = None) -> tuple[float | None, Any]:
+    limit = LIMIT_S if limit is None else limit
     began = time.monotonic()
     seen = None
     while time.monotonic() - began < limit:
@@ -198,7 +204,10 @@ def check_records(passes: dict[str, list[tuple[int, int, int, int]]]) -> dict[st
             "overlaps": overlaps, "fences_down": fences_down}
 
 
-def measure(backend: str, url: str, folder: Path, loops: int, runners: int, lease: float) -> dict[str, Any]:
+def measure(
+    backend: str, url: str, folder: Path, loops: int, runners: int, lease: float,
+    settle_limit: float = LIMIT_S,
+) -> dict[str, Any]:
     fleet = Fleet(url, folder, loops, lease)
     result: dict[str, Any] = {"backend": backend, "loops": loops, "runners": runners, "lease_s": lease}
     lost_by_phase: dict[str, int] = {}
@@ -212,8 +221,9 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
             counts = by_pid(holders(url))
             return balanced(counts, fleet.live(), loops), sorted(counts.values())
 
-        result["balanced_in_s"], result["held_by_runner"] = wait_for("balanced", all_balanced)
+        result["balanced_in_s"], result["held_by_runner"] = wait_for("balanced", all_balanced, settle_limit)
         lost_by_phase["start"] = lost_lines(folder)
+        result["steady"] = steady_use(fleet.live(), STEADY_S)
         counts = by_pid(holders(url))
         victim = max(fleet.live(), key=lambda pid: counts[pid])
         theirs = {key for key, holder in holders(url).items() if holder and holder.endswith(f":{victim}")}
@@ -273,6 +283,27 @@ def measure(backend: str, url: str, folder: Path, loops: int, runners: int, leas
     return result
 
 
+def steady_use(pids: list[int], seconds: float) -> dict[str, Any]:
+    """Each runner's CPU (share of one core) over ``seconds`` and its RSS at the end."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    before, began = {pid: cpu(pid) for pid in pids}, time.monotonic()
+    time.sleep(seconds)
+    took = time.monotonic() - began
+    shares = sorted(round((cpu(pid) - before[pid]) / took * 100, 1) for pid in pids)
+    rss = sorted(
+        int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if line.startswith("VmRSS:"))) // 1024
+        for pid in pids
+    )
+    return {"seconds": round(took, 1), "runner_cpu_pct": shares, "runner_rss_mb": rss,
+            "fleet_cpu_cores": round(sum(shares) / 100, 2)}
+
+
 def lost_reasons(folder: Path) -> dict[str, int]:
     """``lease lost`` lines by the reason each gives."""
     reasons: collections.Counter[str] = collections.Counter()
@@ -330,6 +361,8 @@ def main() -> int:
     parser.add_argument("--lease", type=float, default=10.0, help="lease TTL in seconds")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--settle-limit", type=float, default=600.0,
+                        help="how long to wait for the first balance, in seconds")
     args = parser.parse_args()
     set_up_process()
     logging.getLogger("ostinato").setLevel(logging.WARNING)
@@ -345,7 +378,7 @@ def main() -> int:
             log.info("%s: %d loops over %d runners", backend, args.loops, args.runners)
             try:
                 row = measure(backend, spaces.url(backend, "fleet"), folder, args.loops,
-                              args.runners, args.lease)
+                              args.runners, args.lease, args.settle_limit)
             except Exception as exc:  # the coordinator gave out: that is the finding
                 row = {"backend": backend, "loops": args.loops, "runners": args.runners,
                        "error": f"{type(exc).__name__}: {exc}"}

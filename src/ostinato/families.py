@@ -28,6 +28,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -335,9 +336,13 @@ class KeySet:
         """Start a member for each new key; retire those of keys no longer listed (each
         finishes its pass and lets its lease go)."""
         wanted = set(keys)
-        for key in keys:
-            if key not in self.members:
-                self.members[key] = self.runner.new_member(self.spec, key)
+        fresh = [key for key in dict.fromkeys(keys) if key not in self.members]
+        # Started, and so asked for, in an order of this runner's own: runners starting
+        # together then each find a spread of free leases, instead of all but the first
+        # finding taken the leases it has just asked for, in the same order.
+        random.shuffle(fresh)
+        for key in fresh:
+            self.members[key] = self.runner.new_member(self.spec, key)
         for key in [key for key in self.members if key not in wanted]:
             self.members.pop(key).retire()
 

@@ -72,6 +72,7 @@ class LoopKeeper(PassDriver):
         self._woken = False
         self._async_signal: Signal | None = None
         self._outage_logged = False
+        self._failures = 0
         self._handing_over = False
         self._async_pass: asyncio.Task[Any] | None = None
         self._cancelled_for_lease: bool = False
@@ -105,7 +106,10 @@ class LoopKeeper(PassDriver):
 
     def chance(self) -> None:
         """The lease may be free: try for it now instead of at the next retry."""
-        self._chance.set()
+        if self.runner.standbys.unpark(self):
+            self.runner.resume(self)
+        else:
+            self._chance.set()
 
     def lose(self, why: str, *, step_aside: bool = False) -> None:
         """Stop starting passes at once: a renewal failed or said the lease is gone.
@@ -181,54 +185,75 @@ class LoopKeeper(PassDriver):
 
     # -- the lease ------------------------------------------------------------
 
-    async def keep(self) -> None:
-        """Acquire, hold, release, again, until the runner stops."""
+    async def keep(self, answer: Grant | Denied | None = None, *, wait_out: Denied | None = None) -> None:
+        """Acquire, hold, release, again, until the runner stops. The runner may have asked
+        for the lease already, with no task for this keeper: ``answer`` is what it was told,
+        or ``wait_out`` a refusal to stand by on before asking again."""
         runner = self.runner
-        failures = 0
-        while not runner.stopping and not self.retired:
-            if self.gate is not None and not self.gate.open:
-                await self.gate.wait_open()
-                continue
-            if self._step_aside:
-                self._step_aside = False
-                await self._wait_chance(STEP_ASIDE, chances=False)
-                if runner.stopping:
+        if wait_out is not None:
+            await self._wait_out(wait_out)
+        sent = 0.0  # a grant the runner asked for carries when its request left
+        while True:
+            if answer is None:
+                if runner.stopping or self.retired:
                     return
-            if self._just_handed_over:
-                # Handed over for balance: the runner it went to has a third of the lease to
-                # take it, however busy, before this one asks again (once: from then on it
-                # stands by like any other).
-                self._just_handed_over = False
-                await self._wait_chance(self.spec.lease / 3, chances=False)
-                if runner.stopping:
+                if self.gate is not None and not self.gate.open:
+                    await self.gate.wait_open()
+                    continue
+                if not await self._before_asking():
                     return
-            elif runner.at_fair_share():
-                yield_for = min(YIELD_DELAY, self.spec.lease / 10)
-                await self._wait_chance(yield_for * random.uniform(0.8, 1.2), chances=False)
-                if runner.stopping:
-                    return
-            sent = time.monotonic()
-            try:
-                answer = await runner.acquire(self.key, self.spec.lease)
-            except CoordinatorUnavailable as exc:
-                failures += 1
-                if not self._outage_logged:
-                    log.error("%s: cannot reach the coordinator, retrying: %s", self.key, exc,
-                              extra=self._fields("coordinator_unreachable"))
-                    self._outage_logged = True
-                await self._wait_chance(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+                sent = time.monotonic()
+                answer = await self._ask()
+                if answer is None:
+                    continue
+            got, answer = answer, None
+            if isinstance(got, Denied):
+                if self.parks(got):
+                    return  # no task while parked: ``chance`` starts it again
+                await self._wait_out(got)
                 continue
-            if self._outage_logged:
-                log.warning("%s: coordinator reachable again", self.key,
-                            extra=self._fields("coordinator_reachable"))
-                self._outage_logged = False
-            failures = 0
-            if isinstance(answer, Denied):
-                await self._stand_by(answer)
+            if self.gate is not None and not await self._gate_confirms(got):
                 continue
-            if self.gate is not None and not await self._gate_confirms(answer):
-                continue
-            await self._hold(answer, sent)
+            await self._hold(got, sent)
+
+    async def _before_asking(self) -> bool:
+        """Wait as the last lease's end and the balance of loops require; False if the
+        runner stopped meanwhile."""
+        if self._step_aside:
+            self._step_aside = False
+            await self._wait_chance(STEP_ASIDE, chances=False)
+        if self._just_handed_over:
+            # Handed over for balance: the runner it went to has a third of the lease to
+            # take it, however busy, before this one asks again (once: from then on it
+            # stands by like any other).
+            self._just_handed_over = False
+            await self._wait_chance(self.spec.lease / 3, chances=False)
+        elif self.runner.at_fair_share():
+            await self._wait_chance(self.yield_delay(), chances=False)
+        return not self.runner.stopping
+
+    def yield_delay(self) -> float:
+        """How long a runner holding its fair share waits before asking for a free lease."""
+        return min(YIELD_DELAY, self.spec.lease / 10) * random.uniform(0.8, 1.2)
+
+    async def _ask(self) -> Grant | Denied | None:
+        """Ask for the lease; None (after a wait) if the coordinator cannot be reached."""
+        try:
+            answer = await self.runner.acquire(self.key, self.spec.lease)
+        except CoordinatorUnavailable as exc:
+            self._failures += 1
+            if not self._outage_logged:
+                log.error("%s: cannot reach the coordinator, retrying: %s", self.key, exc,
+                          extra=self._fields("coordinator_unreachable"))
+                self._outage_logged = True
+            await self._wait_chance(min(5.0, 0.1 * 2 ** min(self._failures, 6)) * random.uniform(0.5, 1))
+            return None
+        if self._outage_logged:
+            log.warning("%s: coordinator reachable again", self.key,
+                        extra=self._fields("coordinator_reachable"))
+            self._outage_logged = False
+        self._failures = 0
+        return answer
 
     async def _gate_confirms(self, grant: Grant) -> bool:
         """Whether the partition count in force is still this runner's, read after the grant
@@ -243,7 +268,10 @@ class LoopKeeper(PassDriver):
         await self.runner.give_back(self.key, lease)
         return False
 
-    async def _stand_by(self, denied: Denied) -> None:
+    def parks(self, denied: Denied) -> bool:
+        """Take in a refusal; if its owner is active, park as a quiet standby (no task: it waits
+        for an event, for the owner to fall silent, or for the standbys' patience to run
+        out, and ``chance`` starts it again). Whether it was parked."""
         if denied.paused != self.paused:
             self.paused = denied.paused
             state = "paused" if denied.paused else "resumed"
@@ -251,11 +279,13 @@ class LoopKeeper(PassDriver):
         woken_by, self.silent_owner = self.silent_owner, None
         standbys = self.runner.standbys
         if denied.owner is not None and standbys.counted and denied.owner != woken_by:
-            # Its owner is active: wait for an event, or for the owner to fall silent.
-            with standbys.waiting(self, denied.owner, self.spec.lease):
-                await self._wait_chance(standbys.patience() * random.uniform(0.5, 1))
-            return
-        # Try again when the holder's claim runs out, and at least every third of a TTL.
+            standbys.park(self, denied.owner, self.spec.lease)
+            return True
+        return False
+
+    async def _wait_out(self, denied: Denied) -> None:
+        """Wait until a lease refused, not parked on, is worth asking for again: when the
+        holder's claim runs out, and at least every third of a TTL."""
         wait = self.spec.lease / 3
         if denied.expires_in is not None:
             wait = min(wait, max(denied.expires_in, 0.0) + 0.002)
@@ -276,7 +306,7 @@ class LoopKeeper(PassDriver):
         if self.paused:
             self.paused = False
         self.lease = lease
-        self.runner.lease_granted(lease)
+        self.runner.lease_granted(self.key, lease)
         self.held_at = time.monotonic()
         self.acquisitions += 1
         log.info("%s: lease acquired (fence %d)", self.key, lease.fence,

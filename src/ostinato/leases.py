@@ -26,6 +26,7 @@ from ostinato.host import FAREWELL
 from ostinato.keeper import LoopKeeper
 from ostinato.logs import fields
 from ostinato.loop import REVOKED, LocalLease
+from ostinato.standbys import Standbys
 
 log = logging.getLogger("ostinato.runner")
 T = TypeVar("T")
@@ -35,8 +36,9 @@ ACQUIRE_BATCH = 1000
 #: The most leases given back in one call.
 RELEASE_BATCH = 2000
 #: From this many loops, a runner that owns its process keeps the objects of its start out
-#: of the garbage collector's rounds (``gc.freeze``, which acts on the whole process), once
-#: every loop is held or after ``SETTLE_WITHIN``.
+#: of the garbage collector's rounds (``gc.freeze``, which acts on the whole process): once
+#: its loops are set up, and again once every loop is held here or waits quietly for
+#: another runner, or after ``SETTLE_WITHIN``.
 FREEZE_FROM = 1000
 SETTLE_WITHIN = 60.0
 
@@ -59,6 +61,7 @@ class Owner(Protocol):
 
     stopping: bool
     freeze_gc: bool
+    standbys: Standbys
     calls: Counter[str]
     loop: asyncio.AbstractEventLoop
 
@@ -85,6 +88,11 @@ class Leases:
         self._releasing: asyncio.Future[None] | None = None
         # The earliest a lease kept by the last renewal falls due again.
         self._earliest_due = math.inf
+        # The leases granted here, by key, with their keepers: a renewal round and the
+        # balance count look at these, not at every loop hosted (at 100,000 loops, most of
+        # them held elsewhere, a scan of every keeper per round was the runner's hot spot).
+        # A lease its keeper has let go, lost or had revoked is dropped when next looked at.
+        self._held: dict[str, tuple[LoopKeeper, LocalLease]] = {}
 
     def renew_now(self) -> None:
         """Renew every lease at once (a loop was paused or revoked: its holder learns now)."""
@@ -94,11 +102,24 @@ class Leases:
         """Ask for the lease of ``key``: requests that arrive while a batch is out are sent
         together in the next one (one call, on SQLite one transaction), so thousands of
         loops starting at once cost a few round trips, not thousands."""
+        return await self.request(key, ttl)
+
+    def request(self, key: str, ttl: float) -> asyncio.Future[Grant | Denied]:
+        """``acquire`` with no coroutine: the answer comes in the future returned (a runner
+        asks so for loops that have no task yet)."""
         future: asyncio.Future[Grant | Denied] = self.runner.loop.create_future()
         self._wanted[key] = (ttl, future)
         if self._asking is None or self._asking.done():
             self._asking = asyncio.ensure_future(self._ask_in_batches())
-        return await future
+        return future
+
+    async def answered(self, within: float) -> None:
+        """Wait, at most ``within`` seconds, until every request made so far is answered and
+        its answer taken in (a runner stopping starts the tasks of loops just granted, which
+        then let their leases go)."""
+        if self._asking is not None and not self._asking.done():
+            await asyncio.wait({self._asking}, timeout=within)
+        await asyncio.sleep(0)  # the answers' callbacks run
 
     async def _ask_in_batches(self) -> None:
         await asyncio.sleep(0)  # the requests of this turn of the event loop go together
@@ -124,16 +145,22 @@ class Leases:
                 if not future.done():
                     future.set_result(answer)
 
+    def freezes_gc(self) -> bool:
+        """Whether this runner keeps the objects of its start out of the collector's rounds."""
+        return self.runner.freeze_gc and len(self.runner.keepers) >= FREEZE_FROM
+
     async def renew_forever(self) -> None:
-        began, frozen = time.monotonic(), not self.runner.freeze_gc or len(self.runner.keepers) < FREEZE_FROM
+        began, frozen = time.monotonic(), not self.freezes_gc()
         while not self.runner.stopping:
             self._renew_now.clear()
             started = time.monotonic()
             held = await self.renew_once()
-            if not frozen and (held >= len(self.runner.keepers) or started - began > SETTLE_WITHIN):
-                # The keepers and the leases they hold now live as long as the runner: the
-                # collector need not look at them again (at 10,000 loops its full rounds
-                # over them took a third of the runner's CPU).
+            settled = held + self.runner.standbys.quiet >= len(self.runner.keepers)
+            if not frozen and (settled or started - began > SETTLE_WITHIN):
+                # The keepers, the leases they hold and the standbys' records now live as
+                # long as the runner: the collector need not look at them again (at 10,000
+                # loops its full rounds over them took a third of the runner's CPU; in a
+                # fleet of 100,000, most of it).
                 gc.freeze()
                 frozen = True
             await self._until_renewal_due(started)
@@ -157,25 +184,29 @@ class Leases:
                 return
             await self.runner.wait(wait, self._renew_now, self._granted)
 
-    def granted(self, lease: LocalLease) -> None:
-        """A keeper got ``lease``: the renewer wakes if it falls due before its next turn."""
+    def granted(self, keeper: LoopKeeper, lease: LocalLease) -> None:
+        """``keeper`` got ``lease``: the renewer wakes if it falls due before its next turn."""
+        self._held[keeper.key] = (keeper, lease)
         self._earliest_due = min(self._earliest_due, lease.renew_at)
         if lease.renew_at < self._due:
             self._due = lease.renew_at
             self._granted.set()
 
-    def _held_leases(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
-        return {
-            key: (keeper, keeper.lease)
-            for key, keeper in self.runner.keepers.items()
-            if keeper.lease is not None and keeper.lease.deadline != REVOKED
-        }
+    def held(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
+        """The leases held now (not let go, lost or revoked), by key, with their keepers."""
+        gone = [
+            key for key, (keeper, lease) in self._held.items()
+            if keeper.lease is not lease or lease.deadline == REVOKED
+        ]
+        for key in gone:
+            del self._held[key]
+        return dict(self._held)
 
     async def renew_once(self) -> int:
         """Extend every lease held here; a lease whose renewal fails stops its passes at once.
         Returns how many were kept."""
         self._earliest_due = math.inf
-        held = self._held_leases()
+        held = self.held()
         if not held:
             return 0
         request = {key: (lease.fence, lease.ttl) for key, (_, lease) in held.items()}

@@ -2,17 +2,19 @@
 again while that runner is seen active.
 
 A runner stands by for every loop it hosts that another runner holds: in a fleet of ten
-runners sharing 10,000 loops, 9,000 of them. Asking for each every third of its TTL would
-be thousands of requests a second for nothing. Instead a standby refused by an owner
-waits here, and the runner reads the activity counts of the owners waited on
-(``Coordinator.silence``) twice a second: every grant and every renewal moves its owner's
-count. A standby wakes when
+runners sharing 100,000 loops, 90,000 of them. Asking for each every third of its TTL would
+be thousands of requests a second for nothing. Instead a standby refused by an owner is
+parked here, with no task of its own (a task and its timers for each of 90,000 standbys
+cost a runner hundreds of megabytes), and the runner reads the activity counts of the
+owners waited on (``Coordinator.silence``) twice a second: every grant and every renewal
+moves its owner's count. A parked standby's keeper starts again when
 
 * an event says its lease may be free (``released``, ``resumed``, ``revoked``),
 * its owner has been silent for the lease's TTL: its claims may then be taken (the
   coordinator checks that the count is still the one it saw), or
 * the events connection came back after a loss (``missed``), or
-* it has waited ``patience()``: an event lost otherwise costs at most that long.
+* it has waited ``patience()`` (randomly between half and all of it): an event lost
+  otherwise costs at most that long.
 
 On a coordinator that does not count activity (``silence`` answers ``None``) standbys ask
 on their own, as before.
@@ -22,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
-from collections.abc import Iterator
+import random
+import time
 from typing import Protocol
 
 from ostinato.coordinators.clocks import drift_margin
@@ -67,7 +72,7 @@ class Watcher(Protocol):
 
 
 class Standbys:
-    """The quiet standbys of one runner, by the owner they wait on."""
+    """The quiet standbys of one runner, parked by the owner they wait on."""
 
     def __init__(self, runner: Watcher, shortest: float) -> None:
         self.runner = runner
@@ -76,38 +81,63 @@ class Standbys:
         self.look_every = min(max(shortest / 10, LOOK_EVERY[0]), LOOK_EVERY[1])
         #: Whether the coordinator counts its owners' activity (standbys may wait quietly).
         self.counted = False
+        # By owner: each parked standby and the TTL of its lease.
         self._waiting: dict[str, dict[Waiter, float]] = {}
-        self._count = 0
+        # Each parked standby: its owner, and the number of its parking (a patience entry
+        # of an earlier parking is stale).
+        self._parked: dict[Waiter, tuple[str, int]] = {}
+        # When each parked standby's patience runs out: (monotonic time, parking, standby).
+        self._patience: list[tuple[float, int, Waiter]] = []
+        self._parkings = itertools.count()
 
     @property
     def quiet(self) -> int:
         """How many standbys wait quietly now."""
-        return self._count
+        return len(self._parked)
 
     def patience(self) -> float:
         """How long a quiet standby waits at most before it asks anyway."""
-        return max(PATIENCE, self._count / QUIET_ASKS)
+        return max(PATIENCE, len(self._parked) / QUIET_ASKS)
 
-    @contextlib.contextmanager
-    def waiting(self, waiter: Waiter, owner: str, ttl: float) -> Iterator[None]:
-        """``waiter`` stands by for a lease of ``ttl`` seconds that ``owner`` holds."""
+    def park(self, waiter: Waiter, owner: str, ttl: float) -> None:
+        """``waiter`` stands by, quietly, for a lease of ``ttl`` seconds that ``owner`` holds;
+        ``waiter.chance()`` is called when it should ask again (and must ``unpark`` it)."""
+        self.unpark(waiter)
+        parking = next(self._parkings)
+        self._parked[waiter] = (owner, parking)
         self._waiting.setdefault(owner, {})[waiter] = ttl
-        self._count += 1
-        try:
-            yield
-        finally:
-            self._count -= 1
-            waiters = self._waiting.get(owner)
-            if waiters is not None:
-                waiters.pop(waiter, None)
-                if not waiters:
-                    del self._waiting[owner]
+        due = time.monotonic() + self.patience() * random.uniform(0.5, 1)
+        heapq.heappush(self._patience, (due, parking, waiter))
+
+    def unpark(self, waiter: Waiter) -> bool:
+        """Take ``waiter`` out of the quiet standbys; whether it was one."""
+        found = self._parked.pop(waiter, None)
+        if found is None:
+            return False
+        owner = found[0]
+        waiters = self._waiting.get(owner)
+        if waiters is not None:
+            waiters.pop(waiter, None)
+            if not waiters:
+                del self._waiting[owner]
+        return True
+
+    def _impatient(self, now: float) -> None:
+        """Wake the parked standbys whose patience has run out."""
+        patience = self._patience
+        while patience and patience[0][0] <= now:
+            _, parking, waiter = heapq.heappop(patience)
+            found = self._parked.get(waiter)
+            if found is not None and found[1] == parking:
+                waiter.chance()
+        if len(patience) > 2 * len(self._parked) + 1000:  # drop the entries of old parkings
+            patience[:] = [entry for entry in patience if self._parked.get(entry[2], ("", -1))[1] == entry[1]]
+            heapq.heapify(patience)
 
     def wake_all(self) -> None:
         """Every quiet standby asks again now (events may have been missed)."""
-        for waiters in list(self._waiting.values()):
-            for waiter in list(waiters):
-                waiter.chance()
+        for waiter in list(self._parked):
+            waiter.chance()
 
     async def probe(self) -> None:
         """Find out, before any standby waits, whether the coordinator counts activity."""
@@ -121,11 +151,13 @@ class Standbys:
                 silence = await self.runner.coordinator.silence(list(self._waiting))
             except CoordinatorUnavailable:
                 silence = {}  # nothing can be taken meanwhile; standbys keep waiting
-            if silence is None:  # not counted here: nothing to watch
+            if silence is None:  # not counted here: nothing to watch, and standbys ask on their own
                 self.counted = False
+                self.wake_all()
                 await self.runner.wait(60.0)
                 continue
             self.counted = True
+            self._impatient(time.monotonic())
             for owner, silent in silence.items():
                 if silent < self.shortest:
                     continue  # the common case: an active owner

@@ -16,6 +16,7 @@ import ostinato
 from ostinato.coordinators.memory import MemoryCoordinator
 from ostinato.coordinators.protocol import Event, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
+from ostinato.keeper import LoopKeeper
 from ostinato.loop import Pass
 from ostinato.runner import Runner
 from tests.runner.test_runner import until
@@ -70,6 +71,9 @@ async def test_standbys_stay_quiet_while_the_holder_is_active_and_take_over_once
             await until(lambda: abs(len(first.held()) - len(second.held())) <= 1, timeout=15)
             # Every loop held by one runner and waited for quietly by the other.
             await until(lambda: all(len(r.held()) + r.standbys.quiet == LOOPS for r in (first, second)))
+            # A quiet standby has no task of its own: each loop has one task, its holder's.
+            names = collections.Counter(task.get_name() for task in asyncio.all_tasks())
+            assert {key: names[key] for key in first.keepers} == dict.fromkeys(first.keepers, 1)
             # Three TTLs of steady state: a standby that asked every third of its TTL would
             # have asked about 9 times, 360 requests in all.
             before = dict(asks)
@@ -89,3 +93,27 @@ async def test_standbys_stay_quiet_while_the_holder_is_active_and_take_over_once
             # Woken by the silence of the owner (after the 1 s TTL), not by their patience
             # (15 s at the soonest).
             await until(lambda: len(second.held()) == LOOPS, timeout=8)
+
+
+async def test_a_runner_joining_a_busy_fleet_starts_no_task_for_a_loop_it_does_not_get() -> None:
+    """The runner asks for every loop's lease in batches, with no task per loop: a loop gets a
+    task only once granted (or to wait out a refusal on its own), and a standby of an active
+    owner is parked straight from the answer."""
+    url = f"memory://{uuid.uuid4().hex}"
+    started: collections.Counter[tuple[str, str]] = collections.Counter()
+    original = LoopKeeper.keep
+
+    async def counting(self: LoopKeeper, answer: Any = None, **kwargs: Any) -> None:
+        started[self.runner.info.id, type(answer).__name__] += 1
+        await original(self, answer, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LoopKeeper, "keep", counting)
+        async with _app(url).running() as first:
+            await until(lambda: len(first.held()) == LOOPS, timeout=10)
+            async with _app(url).running() as second:
+                await until(lambda: abs(len(first.held()) - len(second.held())) <= 1, timeout=15)
+                await until(lambda: len(second.held()) + second.standbys.quiet == LOOPS)
+                theirs = {kind: n for (runner, kind), n in started.items() if runner == second.info.id}
+                # Every task the newcomer started, it started with a grant in hand.
+                assert theirs == {"Grant": len(second.held())}, theirs
