@@ -5,7 +5,7 @@ to pick among ``redis`` and ``postgres``, ``--lease`` for the lease TTL, ``--out
 another file than ``bench/results/fleet.json``). For each coordinator it:
 
 1. starts R ``ostinato run`` processes of an app with one loop of N keys, whose body
-   returns ``ostinato.IDLE`` (``idle=("1s", "30s")``) and appends a record of each pass
+   returns ``ostinato.IDLE`` (``idle=("1s", "30s")``, or ``--idle``) and appends a record of each pass
    (key, fence, pid, start and end on ``CLOCK_MONOTONIC``) to its runner's file;
 2. reads every lease (``loops()``) every half second until all N are held and every
    runner holds within one loop of N / R, rounded down or up (``balanced_in_s``; each
@@ -65,6 +65,8 @@ LIMIT_S = 120.0
 READ_TIMEOUT_S = 60.0
 #: Once balanced, how long each runner's CPU is measured.
 STEADY_S = 30.0
+#: How often every lease is read, at least: a read of 100,000 leases loads the server and
+#: this process for seconds, so the pause between reads grows with the loops (``read_every``).
 READ_EVERY = 0.5
 #: A runner's heartbeat counts it alive this long (``ostinato.host.RUNNER_TTL``): the new
 #: runner joins once the killed one no longer counts, so the join is measured on its own.
@@ -82,8 +84,8 @@ records = os.open(os.environ["FLEET_RECORDS"], os.O_WRONLY | os.O_CREAT | os.O_A
 pid = os.getpid()
 
 
-@app.loop(keys=lambda: [f"k{i}" for i in range(size)], refresh="1h", idle=("1s", "30s"),
-          lease=os.environ["FLEET_LEASE"])
+@app.loop(keys=lambda: [f"k{i}" for i in range(size)], refresh="1h",
+          idle=tuple(os.environ["FLEET_IDLE"].split(",")), lease=os.environ["FLEET_LEASE"])
 async def member(ctx):
     start = time.monotonic_ns()
     os.write(records, f"{ctx.key} {ctx.fence} {pid} {start} {time.monotonic_ns()}\\n".encode())
@@ -94,8 +96,8 @@ async def member(ctx):
 class Fleet:
     """The runner processes of one coordinator's run."""
 
-    def __init__(self, url: str, folder: Path, loops: int, lease: float) -> None:
-        self.url, self.folder, self.loops, self.lease = url, folder, loops, lease
+    def __init__(self, url: str, folder: Path, loops: int, lease: float, idle: str = "1s,30s") -> None:
+        self.url, self.folder, self.loops, self.lease, self.idle = url, folder, loops, lease, idle
         (folder / "fleet_app.py").write_text(APP)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.killed: dict[int, int] = {}  # pid -> CLOCK_MONOTONIC ns of the kill
@@ -108,6 +110,7 @@ class Fleet:
         host = self.folder / f"host-{n}"
         host.mkdir(mode=0o700)
         env = {**os.environ, "FLEET_LOOPS": str(self.loops), "FLEET_LEASE": f"{self.lease:g}s",
+               "FLEET_IDLE": self.idle,
                "FLEET_RECORDS": str(self.folder / f"passes-{n}.log"), "XDG_RUNTIME_DIR": str(host)}
         with (self.folder / f"runner-{n}.log").open("wb") as out:
             proc = subprocess.Popen(
@@ -164,7 +167,9 @@ def balanced(counts: collections.Counter[int], runners: list[int], loops: int) -
             and all(math.floor(share) - 1 <= counts[pid] <= math.ceil(share) + 1 for pid in runners))
 
 
-def wait_for(what: str, check: Any, limit: float | None = None) -> tuple[float | None, Any]:
+def wait_for(
+    what: str, check: Any, limit: float | None = None, every: float = READ_EVERY
+) -> tuple[float | None, Any]:
     limit = LIMIT_S if limit is None else limit
     began = time.monotonic()
     seen = None
@@ -172,7 +177,7 @@ def wait_for(what: str, check: Any, limit: float | None = None) -> tuple[float |
         seen = check()
         if seen[0]:
             return time.monotonic() - began, seen[1]
-        time.sleep(READ_EVERY)
+        time.sleep(every)
     log.warning("%s: not within %.0f s (%s)", what, limit, seen[1] if seen else None)
     return None, seen[1] if seen else None
 
@@ -206,10 +211,12 @@ def check_records(passes: dict[str, list[tuple[int, int, int, int]]]) -> dict[st
 
 def measure(
     backend: str, url: str, folder: Path, loops: int, runners: int, lease: float,
-    settle_limit: float = LIMIT_S,
+    settle_limit: float = LIMIT_S, idle: str = "1s,30s",
 ) -> dict[str, Any]:
-    fleet = Fleet(url, folder, loops, lease)
-    result: dict[str, Any] = {"backend": backend, "loops": loops, "runners": runners, "lease_s": lease}
+    fleet = Fleet(url, folder, loops, lease, idle)
+    every = max(READ_EVERY, loops / 20_000)  # 5 s between reads at 100,000 loops
+    result: dict[str, Any] = {"backend": backend, "loops": loops, "runners": runners, "lease_s": lease,
+                              "idle": idle}
     lost_by_phase: dict[str, int] = {}
     theirs: set[str] = set()
     victim = newcomer = joined_ns = 0
@@ -221,7 +228,8 @@ def measure(
             counts = by_pid(holders(url))
             return balanced(counts, fleet.live(), loops), sorted(counts.values())
 
-        result["balanced_in_s"], result["held_by_runner"] = wait_for("balanced", all_balanced, settle_limit)
+        result["balanced_in_s"], result["held_by_runner"] = wait_for(
+            "balanced", all_balanced, settle_limit, every)
         lost_by_phase["start"] = lost_lines(folder)
         result["steady"] = steady_use(fleet.live(), STEADY_S)
         counts = by_pid(holders(url))
@@ -242,14 +250,15 @@ def measure(
             timeline.append((round(time.monotonic() - killed_at, 2), left))
             return left == 0, left
 
-        took, left = wait_for("failover", moved)
+        took, left = wait_for("failover", moved, None, every)
         result["failover_s"] = None if took is None else time.monotonic() - killed_at
         result["failover_left"] = left
         # How many of the killed runner's loops were still its own at each read: the shape
         # says whether failover waits on one step (silence, then a burst) or trickles.
         result["failover_timeline"] = timeline
         result["failover_goal_s"] = lease + 2.0
-        result["rebalanced_in_s"], result["held_after_failover"] = wait_for("rebalanced", all_balanced)
+        result["rebalanced_in_s"], result["held_after_failover"] = wait_for(
+            "rebalanced", all_balanced, None, every)
         lost_by_phase["failover"] = lost_lines(folder)
         time.sleep(max(0.0, killed_at + RUNNER_TTL + 1.0 - time.monotonic()))
         joined_ns = time.monotonic_ns()
@@ -260,9 +269,10 @@ def measure(
             share = loops / len(fleet.live())
             return counts[newcomer] >= math.floor(share) - 1, counts[newcomer]
 
-        result["join_s"], result["newcomer_held"] = wait_for("join", joined)
+        result["join_s"], result["newcomer_held"] = wait_for("join", joined, None, every)
         result["join_goal_s"] = 30.0
-        result["balanced_after_join_s"], result["held_after_join"] = wait_for("balanced", all_balanced)
+        result["balanced_after_join_s"], result["held_after_join"] = wait_for(
+            "balanced", all_balanced, None, every)
         lost_by_phase["join"] = lost_lines(folder)
     finally:
         result["exit_codes"] = sorted(set((fleet.stop()).values()), key=str)
@@ -361,6 +371,8 @@ def main() -> int:
     parser.add_argument("--lease", type=float, default=10.0, help="lease TTL in seconds")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--idle", default="1s,30s",
+                        help="the loop's idle wait after a pass that found nothing: first,most")
     parser.add_argument("--settle-limit", type=float, default=600.0,
                         help="how long to wait for the first balance, in seconds")
     args = parser.parse_args()
@@ -378,7 +390,7 @@ def main() -> int:
             log.info("%s: %d loops over %d runners", backend, args.loops, args.runners)
             try:
                 row = measure(backend, spaces.url(backend, "fleet"), folder, args.loops,
-                              args.runners, args.lease, args.settle_limit)
+                              args.runners, args.lease, args.settle_limit, args.idle)
             except Exception as exc:  # the coordinator gave out: that is the finding
                 row = {"backend": backend, "loops": args.loops, "runners": args.runners,
                        "error": f"{type(exc).__name__}: {exc}"}

@@ -122,6 +122,7 @@ class LoopKeeper(PassDriver):
             return
         self._step_aside = self._step_aside or step_aside
         lease.revoke()
+        self.runner.lease_ended(self.key, lease)
         self.losses += 1
         log.warning("%s: lease lost (fence %d): %s", self.key, lease.fence, why,
                     extra=self._fields("lease_lost", lease.fence))
@@ -228,12 +229,21 @@ class LoopKeeper(PassDriver):
             # stands by like any other).
             self._just_handed_over = False
             await self._wait_chance(self.spec.lease / 3, chances=False)
-        elif self.runner.at_fair_share():
-            await self._wait_chance(self.yield_delay(), chances=False)
+        elif (delay := self.yield_delay()) > 0:
+            await self._wait_chance(delay, chances=False)
         return not self.runner.stopping
 
     def yield_delay(self) -> float:
-        """How long a runner holding its fair share waits before asking for a free lease."""
+        """How long this runner waits before asking for a lease that may be free, so that a
+        runner with fewer loops gets it first: none below its fair share; a moment at it
+        (a dead holder's loop still resumes within its lease); above it, as after handing
+        a loop over (a runner joining the fleet takes the loops handed to it, rather than
+        the others passing them among themselves)."""
+        share = self.runner.share_held()
+        if share < 0:
+            return 0.0
+        if share > 0:
+            return self.spec.lease / 3
         return min(YIELD_DELAY, self.spec.lease / 10) * random.uniform(0.8, 1.2)
 
     async def _ask(self) -> Grant | Denied | None:
@@ -327,6 +337,7 @@ class LoopKeeper(PassDriver):
                 finished = await self._run_thread(lease, first)
         finally:
             self.lease = None
+            self.runner.lease_ended(self.key, lease)
             if (
                 lease.deadline != REVOKED and not self.runner.stopping
                 and not self._handing_over and not lease.holds()

@@ -150,13 +150,14 @@ class Leases:
         return self.runner.freeze_gc and len(self.runner.keepers) >= FREEZE_FROM
 
     async def renew_forever(self) -> None:
-        began, frozen = time.monotonic(), not self.freezes_gc()
+        began, frozen = time.monotonic(), False
         while not self.runner.stopping:
             self._renew_now.clear()
             started = time.monotonic()
             held = await self.renew_once()
             settled = held + self.runner.standbys.quiet >= len(self.runner.keepers)
-            if not frozen and (settled or started - began > SETTLE_WITHIN):
+            # Asked each round: the members of a ``keys=`` loop come after the start.
+            if not frozen and self.freezes_gc() and (settled or started - began > SETTLE_WITHIN):
                 # The keepers, the leases they hold and the standbys' records now live as
                 # long as the runner: the collector need not look at them again (at 10,000
                 # loops its full rounds over them took a third of the runner's CPU; in a
@@ -192,15 +193,22 @@ class Leases:
             self._due = lease.renew_at
             self._granted.set()
 
-    def held(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
-        """The leases held now (not let go, lost or revoked), by key, with their keepers."""
-        gone = [
-            key for key, (keeper, lease) in self._held.items()
-            if keeper.lease is not lease or lease.deadline == REVOKED
-        ]
-        for key in gone:
+    def ended(self, key: str, lease: LocalLease) -> None:
+        """The keeper of ``key`` no longer holds ``lease`` (let go, lost or revoked)."""
+        found = self._held.get(key)
+        if found is not None and found[1] is lease:
             del self._held[key]
-        return dict(self._held)
+
+    def count(self) -> int:
+        """How many leases are held now."""
+        return len(self._held)
+
+    def held(self) -> dict[str, tuple[LoopKeeper, LocalLease]]:
+        """The leases held now, by key, with their keepers."""
+        return {
+            key: (keeper, lease) for key, (keeper, lease) in self._held.items()
+            if keeper.lease is lease and lease.deadline != REVOKED
+        }
 
     async def renew_once(self) -> int:
         """Extend every lease held here; a lease whose renewal fails stops its passes at once.

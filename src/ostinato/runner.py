@@ -43,7 +43,7 @@ log = logging.getLogger("ostinato.runner")
 
 #: How often statistics and the heartbeat are sent.
 REPORT_EVERY = 1.0
-#: How often the leases held are counted again for ``at_fair_share``.
+#: How often the leases held are counted again for ``share_held``.
 RECOUNT_EVERY = 0.25
 
 
@@ -95,7 +95,7 @@ class Runner:
         #: Calls to the coordinator by kind (acquire: one batch of requests), since start
         #: (metrics).
         self.calls: Counter[str] = Counter()
-        # Leases held and the fair share, as last counted (``at_fair_share``).
+        # Leases held and the fair share, as last counted (``share_held``).
         self._held_count = self._share = 0
         # This runner's exact share when every live runner can run every loop it hosts.
         self._even: int | None = None
@@ -154,15 +154,20 @@ class Runner:
         if self.connected.is_set() and not self.stopping:
             self._start_keeper(keeper)
             if not self._freeze_due and self.leases.freezes_gc():
-                # Members of a ``keys=`` loop come after the start, thousands at a time.
-                self._freeze_due = True
-                self.loop.call_soon(self._freeze_gc)
+                # Members of a ``keys=`` loop come after the start, thousands at a time: no
+                # collection while they are made (a full one each time their number grew
+                # by a quarter: 5 s of CPU for 100,000), then none over them.
+                self._freeze_due, collecting = True, gc.isenabled()
+                gc.disable()
+                self.loop.call_soon(self._freeze_gc, collecting)
 
-    def _freeze_gc(self) -> None:
+    def _freeze_gc(self, collecting: bool = True) -> None:
         """Keep the keepers, which live as long as the runner, out of the collector's rounds
         (at 100,000 loops its full rounds over them took most of a runner's CPU)."""
         self._freeze_due = False
         gc.freeze()
+        if collecting:
+            gc.enable()
 
     def _start_keeper(self, keeper: LoopKeeper) -> None:
         """Start ``keeper``: its request goes in the next batch, and it gets a task of its own
@@ -209,8 +214,9 @@ class Runner:
         found = self.keepers.get(keeper.key)
         if found is not keeper or self.stopping:
             return
-        if self.at_fair_share():
-            self.loop.call_later(found.yield_delay(), self._restart, found)
+        delay = found.yield_delay()
+        if delay > 0:
+            self.loop.call_later(delay, self._restart, found)
         else:
             self._start_keeper(found)
 
@@ -347,6 +353,9 @@ class Runner:
         self._held_count += 1
         self.leases.granted(self.keepers[key], lease)
 
+    def lease_ended(self, key: str, lease: LocalLease) -> None:
+        self.leases.ended(key, lease)
+
     @property
     def renewals(self) -> int:
         return self.leases.renewals
@@ -425,17 +434,18 @@ class Runner:
         share = sum(n / self._candidates.get(family, 1) for family, n in self.members().items())
         return max(1, -(-round(share * 1000) // 1000))
 
-    def at_fair_share(self) -> bool:
-        """Whether this runner holds its fair share already. Every standby asks before each
-        try, so the count is made at most every ``RECOUNT_EVERY`` (grants meanwhile add to
-        it at once), not on every ask: with thousands of standbys that was quadratic."""
+    def share_held(self) -> int:
+        """-1, 0 or 1: this runner holds fewer leases than its fair share, as many, or more
+        (-1 when it runs alone). Every standby asks before each try, so the count is made
+        at most every ``RECOUNT_EVERY`` (grants meanwhile add to it at once), not on every
+        ask: with thousands of standbys that was quadratic."""
         if self.live_runners <= 1:
-            return False
+            return -1
         now = time.monotonic()
         if now >= self._recount_at:
-            self._held_count, self._share = len(self.held()), self.fair_share()
+            self._held_count, self._share = self.leases.count(), self.fair_share()
             self._recount_at = now + RECOUNT_EVERY
-        return self._held_count >= self._share
+        return (self._held_count > self._share) - (self._held_count < self._share)
 
     async def balance(self) -> None:
         """Count the live runners that can run each loop, and hand over the loops held beyond

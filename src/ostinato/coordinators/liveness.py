@@ -23,6 +23,9 @@ from pathlib import Path
 STALE_LOCK_AGE = 60.0
 # How often a death is checked where pidfd is not available.
 POLL = 0.1
+# How long ``died_here`` keeps an answer: a batch of thousands of refusals names a few
+# owners, each looked up on disk once.
+RECALL = 0.05
 
 
 def boot_id() -> str:
@@ -47,6 +50,8 @@ class RunnerLocks:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._held: dict[str, int] = {}
+        # By runner id: the last ``died_here`` answer and when it was found (monotonic).
+        self._recalled: dict[str, tuple[bool | None, float]] = {}
 
     def _path(self, runner_id: str) -> Path:
         return self.folder / f"{runner_id}.lock"
@@ -88,9 +93,16 @@ class RunnerLocks:
         this folder does not know it (another host or user, or long gone)."""
         if runner_id in self._held:
             return False
-        if not self._path(runner_id).exists():
-            return None
-        return _is_free(self._path(runner_id))
+        now = time.monotonic()
+        recalled = self._recalled.get(runner_id)
+        if recalled is not None and (recalled[0] or now - recalled[1] < RECALL):
+            return recalled[0]  # a death is for good; the rest is kept a moment
+        path = self._path(runner_id)
+        died = _is_free(path) if path.exists() else None
+        if len(self._recalled) > 1000:
+            self._recalled.clear()
+        self._recalled[runner_id] = (died, now)
+        return died
 
     def release_all(self) -> None:
         for runner_id, fd in self._held.items():
@@ -115,6 +127,7 @@ class RunnerLocks:
             # still what decides, in case the pid belonged to another process.
             while not self.dead(runner_id):  # noqa: ASYNC110 - a flock has no event to await
                 await asyncio.sleep(POLL)
+            self._recalled[runner_id] = (True, time.monotonic())
         finally:
             if pidfd is not None:
                 os.close(pidfd)
