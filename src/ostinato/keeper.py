@@ -108,7 +108,7 @@ class LoopKeeper(PassDriver):
         """The lease may be free: try for it now instead of at the next retry."""
         if self.runner.standbys.unpark(self):
             self.runner.resume(self)
-        else:
+        elif not self.runner.hurry(self.key):
             self._chance.set()
 
     def lose(self, why: str, *, step_aside: bool = False) -> None:

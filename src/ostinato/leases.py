@@ -82,6 +82,8 @@ class Leases:
         self._due = float("inf")
         #: Lease requests waiting for the next batch: key -> (ttl, answer).
         self._wanted: dict[str, tuple[float, asyncio.Future[Grant | Denied]]] = {}
+        #: Of those, the ones an event said may be free: they go in the next batch first.
+        self._urgent: dict[str, tuple[float, asyncio.Future[Grant | Denied]]] = {}
         self._asking: asyncio.Future[None] | None = None
         #: Leases given back, waiting for the next batch: key -> (fence, done).
         self._returned: dict[str, tuple[int, asyncio.Future[None]]] = {}
@@ -108,6 +110,7 @@ class Leases:
         """``acquire`` with no coroutine: the answer comes in the future returned (a runner
         asks so for loops that have no task yet)."""
         future: asyncio.Future[Grant | Denied] = self.runner.loop.create_future()
+        self._urgent.pop(key, None)
         self._wanted[key] = (ttl, future)
         if self._asking is None or self._asking.done():
             self._asking = asyncio.ensure_future(self._ask_in_batches())
@@ -121,10 +124,21 @@ class Leases:
             await asyncio.wait({self._asking}, timeout=within)
         await asyncio.sleep(0)  # the answers' callbacks run
 
+    def hurry(self, key: str) -> bool:
+        """Put the waiting request for ``key``, if there is one, in the next batch: an event
+        says its lease may be free (a runner joining a fleet asks for every loop once, in
+        batches, and the loops handed to it must not wait for the end of that queue)."""
+        request = self._wanted.pop(key, None)
+        if request is None:
+            return False
+        self._urgent[key] = request
+        return True
+
     async def _ask_in_batches(self) -> None:
         await asyncio.sleep(0)  # the requests of this turn of the event loop go together
-        while self._wanted:
-            batch = _next_batch(self._wanted, ACQUIRE_BATCH)
+        while self._urgent or self._wanted:
+            batch = _next_batch(self._urgent, ACQUIRE_BATCH)
+            batch.update(_next_batch(self._wanted, ACQUIRE_BATCH - len(batch)))
             sent = time.monotonic()
             try:
                 self.runner.calls["acquire"] += 1

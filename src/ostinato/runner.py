@@ -356,6 +356,9 @@ class Runner:
     def lease_ended(self, key: str, lease: LocalLease) -> None:
         self.leases.ended(key, lease)
 
+    def hurry(self, key: str) -> bool:
+        return self.leases.hurry(key)
+
     @property
     def renewals(self) -> int:
         return self.leases.renewals

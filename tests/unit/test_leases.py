@@ -1,0 +1,41 @@
+"""The batching of lease requests (``ostinato.leases.Leases``), against a coordinator that
+only records the batches it is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Mapping
+from types import SimpleNamespace
+
+from ostinato.coordinators.protocol import Denied, RunnerInfo
+from ostinato.leases import ACQUIRE_BATCH, Leases
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.sent = asyncio.Event()
+
+    async def acquire_many(self, runner: RunnerInfo, requests: Mapping[str, float]) -> dict[str, Denied]:
+        self.batches.append(list(requests))
+        self.sent.set()
+        await asyncio.sleep(0.01)
+        return {key: Denied(holder=None, expires_in=None) for key in requests}
+
+
+async def test_a_request_an_event_hurries_goes_in_the_next_batch() -> None:
+    coordinator = Recording()
+    owner = SimpleNamespace(coordinator=coordinator, info=RunnerInfo.here(hosts=()),
+                            calls=collections.Counter(), loop=asyncio.get_running_loop(), stopping=False)
+    leases = Leases(owner, 10.0)
+    keys = [f"k{i}" for i in range(3 * ACQUIRE_BATCH)]
+    futures = [leases.request(key, 10.0) for key in keys]
+    await coordinator.sent.wait()  # the first batch is out
+    last = keys[-1]
+    assert leases.hurry(last)
+    assert not leases.hurry("not asked for")
+    await asyncio.gather(*futures)
+    assert [len(batch) for batch in coordinator.batches] == [ACQUIRE_BATCH] * 3
+    assert coordinator.batches[1][0] == last  # not at the end of the queue
+    assert sorted(key for batch in coordinator.batches for key in batch) == sorted(keys)  # each once
