@@ -233,16 +233,17 @@ class LoopKeeper(PassDriver):
             await self._wait_chance(delay, chances=False)
         return not self.runner.stopping
 
-    def yield_delay(self) -> float:
+    def yield_delay(self, *, released: bool = False) -> float:
         """How long this runner waits before asking for a lease that may be free, so that a
-        runner with fewer loops gets it first: none below its fair share; a moment at it
-        (a dead holder's loop still resumes within its lease); above it, as after handing
-        a loop over (a runner joining the fleet takes the loops handed to it, rather than
-        the others passing them among themselves)."""
+        runner with fewer loops gets it first: none below its fair share, a moment at or
+        above it (a dead holder's loop still resumes within its lease). A lease its holder
+        ``released`` (handed over for balance) waits as long as after handing one over
+        when this runner is above its share: a runner joining the fleet takes the loops
+        handed to it, rather than the others passing them among themselves."""
         share = self.runner.share_held()
         if share < 0:
             return 0.0
-        if share > 0:
+        if share > 0 and released:
             return self.spec.lease / 3
         return min(YIELD_DELAY, self.spec.lease / 10) * random.uniform(0.8, 1.2)
 

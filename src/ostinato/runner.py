@@ -214,7 +214,8 @@ class Runner:
         found = self.keepers.get(keeper.key)
         if found is not keeper or self.stopping:
             return
-        delay = found.yield_delay()
+        # Woken by an event, not by its owner's silence: the lease was let go.
+        delay = found.yield_delay(released=found.silent_owner is None)
         if delay > 0:
             self.loop.call_later(delay, self._restart, found)
         else:
