@@ -161,9 +161,10 @@ class Runner:
                 gc.disable()
                 self.loop.call_soon(self._freeze_gc, collecting)
 
-    def _freeze_gc(self, collecting: bool = True) -> None:
+    def _freeze_gc(self, collecting: bool) -> None:
         """Keep the keepers, which live as long as the runner, out of the collector's rounds
-        (at 100,000 loops its full rounds over them took most of a runner's CPU)."""
+        (at 100,000 loops its full rounds over them took most of a runner's CPU), and
+        collect again if ``collecting`` (it was on before)."""
         self._freeze_due = False
         gc.freeze()
         if collecting:
@@ -259,7 +260,7 @@ class Runner:
         if not await self._until(stop, self.standbys.probe()):
             return
         if self.leases.freezes_gc():
-            self._freeze_gc()
+            self._freeze_gc(gc.isenabled())
         keepers = list(self.keepers.values())
         random.shuffle(keepers)  # asked for in an order of this runner's own (``KeySet.apply``)
         for keeper in keepers:
