@@ -3,7 +3,10 @@
 Each pass appends ``S <loop> <pid> <fence> <start_ns>`` when it starts and
 ``E <loop> <pid> <fence> <start_ns> <end_ns>`` when it ends to
 ``$OSTINATO_TEST_RECORDS/<pid>.log`` (times from CLOCK_MONOTONIC, which every
-process of one host shares).
+process of one host shares). A pass's start is ``ctx.started``, the instant the runner
+found the lease held and started it: a process stopped between that check and the body's
+first line (waiting for the GIL, say) is in that pass while stopped, as it would be in the
+middle of the body.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ def _write(line: str) -> None:
     os.write(_fd, line.encode())
 
 
+def _started(ctx: ostinato.Pass) -> int:
+    return round(ctx.started * 1e9)
+
+
 def _make(name: str) -> None:
     @app.loop(name=name, lease=LEASE)
     def body(ctx: ostinato.Pass) -> None:
-        start = time.monotonic_ns()
+        start = _started(ctx)
         _write(f"S {ctx.loop} {os.getpid()} {ctx.fence} {start}\n")
         time.sleep(WORK)
         _write(f"E {ctx.loop} {os.getpid()} {ctx.fence} {start} {time.monotonic_ns()}\n")
@@ -46,7 +53,7 @@ for _n in range(LOOPS):
 
 
 def drain(ctx: ostinato.Pass) -> object:
-    _write(f"S drain {os.getpid()} {ctx.fence} {time.monotonic_ns()}\n")
+    _write(f"S drain {os.getpid()} {ctx.fence} {_started(ctx)}\n")
     return ostinato.IDLE
 
 
@@ -65,7 +72,7 @@ def _member(ctx: ostinato.Pass) -> str:
 if PARTITIONS:
     @app.loop(partitions=PARTITIONS, lease=LEASE, pause="5ms")
     def shard(ctx: ostinato.Pass) -> None:
-        start = time.monotonic_ns()
+        start = _started(ctx)
         _write(f"S {_member(ctx)} {os.getpid()} {ctx.fence} {start}\n")
         time.sleep(WORK)
         _write(f"E {_member(ctx)} {os.getpid()} {ctx.fence} {start} {time.monotonic_ns()}\n")
@@ -77,7 +84,7 @@ if KEYS_FILE:
 
     @app.loop(keys=_keys, refresh="500ms", lease=LEASE, pause="5ms")
     def tenant(ctx: ostinato.Pass) -> None:
-        start = time.monotonic_ns()
+        start = _started(ctx)
         _write(f"S {_member(ctx)} {os.getpid()} {ctx.fence} {start}\n")
         time.sleep(WORK)
         _write(f"E {_member(ctx)} {os.getpid()} {ctx.fence} {start} {time.monotonic_ns()}\n")
