@@ -104,7 +104,7 @@ def _stop_here(seq: int, name: str, fence: int) -> None:
 
 def _pass(name: str, ctx: ostinato.Pass) -> None:
     seq = next(_seq)
-    start = time.monotonic_ns()
+    start = round(ctx.started * 1e9)  # when the runner found the lease held
     _record("S", seq, name, PID, ctx.fence, start)
     outcome = "raised"
     try:
