@@ -261,13 +261,16 @@ class PostgresCoordinator(PostgresStandbys):
         quiet = self._quiet.wanted()
         async with self._session(self._lease, priority=RENEWAL) as conn:
             with self._promising(quiet):
+                holders = self._holders
                 cursor = await self._run(conn, "renew", {
-                    "keys": list(leases), "fences": [fence for fence, _ in leases.values()],
-                    "ttls": [float(ttl) for _, ttl in leases.values()],
-                    "locks": self._locks_to_take(leases),
+                    "keys": "\n".join(leases),
+                    "fences": ",".join([str(fence) for fence, _ in leases.values()]),
+                    "ttls": ",".join([repr(float(ttl)) for _, ttl in leases.values()]),
+                    "locks": ",".join(["" if lock is None else str(lock)
+                                       for lock in self._locks_to_take(leases)]),
                     "owner": runner.id,
-                    "mine": [self._holders.get(key) == (runner.id, fence)
-                             for key, (fence, _) in leases.items()],
+                    "mine": ",".join(["t" if holders.get(key) == (runner.id, fence) else "f"
+                                      for key, (fence, _) in leases.items()]),
                     "quiet": quiet,
                 })
                 kept = {row["key"]: row for row in await cursor.fetchall()}

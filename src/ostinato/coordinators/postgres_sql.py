@@ -177,14 +177,14 @@ WITH got AS MATERIALIZED (
     SELECT v.key, v.fence, v.lock, pg_try_advisory_lock(v.lock) AS ok
     FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(locks)s::bigint[]) AS v(key, fence, lock)),
 ordered AS MATERIALIZED (
-    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM got WHERE ok)
-    ORDER BY key COLLATE "C" FOR UPDATE),
+    SELECT got.* FROM {s}.loops AS r JOIN got ON got.key = r.key WHERE got.ok
+    ORDER BY r.key COLLATE "C" FOR UPDATE OF r),
 marked AS (
-    UPDATE {s}.loops AS l SET locked = true, quiet = %(quiet)s FROM got
-    WHERE got.ok AND l.key = got.key AND l.key IN (SELECT key FROM ordered)
-      AND l.owner = %(owner)s AND l.fence = got.fence
+    UPDATE {s}.loops AS l SET locked = true, quiet = %(quiet)s FROM ordered AS got
+    WHERE l.key = got.key AND l.owner = %(owner)s AND l.fence = got.fence
     RETURNING l.key)
-SELECT got.key, got.ok, got.key IN (SELECT key FROM marked) AS marked FROM got
+SELECT got.key, got.ok, marked.key IS NOT NULL AS marked
+FROM got LEFT JOIN marked ON marked.key = got.key
 """,
     # Rows are locked in key order first (by code point, "C"), as a report locks them (its
     # rows sorted by key in Python): two statements of many rows that lock in different
@@ -193,19 +193,24 @@ SELECT got.key, got.ok, got.key IN (SELECT key FROM marked) AS marked FROM got
     # holding its lock (%(mine)s, one flag per key: a list to search would cost the
     # product of the two lengths), so a replaced connection cannot go unnoticed; an
     # unlocked one takes its lock now if it is free (locks: NULL where this session
-    # already holds that loop's lock for another grant).
+    # already holds that loop's lock for another grant). Its columns come as text, split
+    # by the server: ten thousand keys adapted one by one as an array cost the runner more
+    # than the statement (a key is printable: never a newline).
     "renew": """
 WITH bumped AS (
     INSERT INTO {s}.activity AS a (owner, count)
     VALUES (%(owner)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
     ON CONFLICT (owner) DO UPDATE SET count = a.count + 1),
 v AS MATERIALIZED (
-    SELECT * FROM unnest(%(keys)s::text[], %(fences)s::bigint[], %(ttls)s::float8[],
-                         %(locks)s::bigint[], %(mine)s::boolean[])
+    SELECT * FROM unnest(string_to_array(%(keys)s, E'\\n'),
+                         string_to_array(%(fences)s, ',')::bigint[],
+                         string_to_array(%(ttls)s, ',')::float8[],
+                         string_to_array(%(locks)s, ',', '')::bigint[],
+                         string_to_array(%(mine)s, ',')::boolean[])
         AS v(key, fence, ttl, lock, mine)),
 ordered AS MATERIALIZED (
-    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM v) ORDER BY key COLLATE "C"
-    FOR UPDATE)
+    SELECT v.* FROM {s}.loops AS r JOIN v ON v.key = r.key ORDER BY r.key COLLATE "C"
+    FOR UPDATE OF r)
 UPDATE {s}.loops AS l SET
     expires = CASE WHEN l.paused THEN NULL
                    ELSE clock_timestamp() + make_interval(secs => v.ttl) END,
@@ -214,8 +219,8 @@ UPDATE {s}.loops AS l SET
     holder = CASE WHEN l.paused THEN NULL ELSE l.holder END,
     locked = CASE WHEN l.paused THEN false WHEN l.locked THEN true
                   ELSE coalesce(pg_try_advisory_lock(v.lock), false) END
-FROM v
-WHERE l.key = v.key AND l.key IN (SELECT key FROM ordered)
+FROM ordered AS v
+WHERE l.key = v.key
   AND l.fence = v.fence AND l.owner = %(owner)s
   AND l.expires > clock_timestamp() AND (NOT l.locked OR v.mine)
 RETURNING l.key, l.paused, l.locked
@@ -236,12 +241,12 @@ SELECT EXISTS (SELECT 1 FROM released) AS released, (SELECT count(*) FROM unlock
 WITH v AS MATERIALIZED (
     SELECT * FROM unnest(%(keys)s::text[], %(fences)s::bigint[]) AS v(key, fence)),
 ordered AS MATERIALIZED (
-    SELECT key FROM {s}.loops WHERE key IN (SELECT key FROM v) ORDER BY key COLLATE "C"
-    FOR UPDATE),
+    SELECT v.* FROM {s}.loops AS r JOIN v ON v.key = r.key ORDER BY r.key COLLATE "C"
+    FOR UPDATE OF r),
 released AS (
     UPDATE {s}.loops AS l SET owner = NULL, holder = NULL, expires = NULL, locked = false
-    FROM v
-    WHERE l.key = v.key AND l.key IN (SELECT key FROM ordered) AND l.fence = v.fence
+    FROM ordered AS v
+    WHERE l.key = v.key AND l.fence = v.fence
       AND l.owner = %(owner)s
     RETURNING l.key),
 unlocked AS (SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x)

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, cast
@@ -121,6 +122,15 @@ LINGER_MS = 60_000
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _json(value: object) -> str:
+    """``json.dumps(value)``, without its cost for the numbers that most stats fields are
+    (a report of a thousand loops encodes ten thousand of them)."""
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):  # type: ignore[arg-type]
+        return repr(value)
+    return json.dumps(value)
 
 
 def _decode(value: str | None) -> Any:
@@ -292,26 +302,24 @@ class RedisCoordinator(RedisConnections):
         if not leases:
             return {}
         # Up to RENEW_CHUNK leases per script call (the server runs each call alone, so a
-        # chunk keeps it short), every chunk in one pipeline: one round trip in all.
+        # chunk keeps it short), every chunk in one pipeline: one round trip in all. A call
+        # carries its leases as one string and is answered with the few not held.
         keys = list(leases)
-        chunks = [keys[i:i + RENEW_CHUNK] for i in range(0, len(keys), RENEW_CHUNK)]
+        activity = [self._key("activity", runner.id)]
+        prefixes = [self._key("lease") + ":", self._key("loop") + ":"]
         calls = []
-        for chunk in chunks:
-            names = [self._key("activity", runner.id)]
-            names += [name for key in chunk for name in (self._key("lease", key), self._key("loop", key))]
-            values: list[str | int] = [runner.id, LINGER_MS]
-            for key in chunk:
-                fence, ttl = leases[key]
-                values += [str(fence), _ms(ttl)]
-            calls.append((chunk, names, values))
-        answers: dict[str, Renewal] = {}
+        for start in range(0, len(keys), RENEW_CHUNK):
+            chunk = keys[start:start + RENEW_CHUNK]
+            lines = "".join([f"{key}\t{leases[key][0]}\t{_ms(leases[key][1])}\n" for key in chunk])
+            calls.append((chunk, lines))
+        answers = dict.fromkeys(keys, Renewal.HELD)
         with self._reaching():
             # EVALSHA straight into one pipeline: redis-py's script-aware pipeline would
             # spend a SCRIPT EXISTS round trip first on every renewal.
             for _ in range(2):
                 pipe = self._client.pipeline(transaction=False)
-                for _chunk, names, values in calls:
-                    pipe.evalsha(self._renew_many.sha, len(names), *names, *values)
+                for _chunk, lines in calls:
+                    pipe.evalsha(self._renew_many.sha, 1, *activity, runner.id, LINGER_MS, *prefixes, lines)
                 results = await pipe.execute(raise_on_error=False)
                 missing = []
                 for call, result in zip(calls, results, strict=True):
@@ -320,11 +328,12 @@ class RedisCoordinator(RedisConnections):
                         continue
                     if isinstance(result, BaseException):
                         raise result
-                    for key, said in zip(call[0], result, strict=True):
-                        answers[key] = Renewal(said)
-                        if answers[key] is not Renewal.HELD:
-                            self._held.pop(key, None)
-                            self._unwatched.discard(key)
+                    chunk = call[0]
+                    for i in range(0, len(result), 2):
+                        key = chunk[int(result[i]) - 1]
+                        answers[key] = Renewal(result[i + 1])
+                        self._held.pop(key, None)
+                        self._unwatched.discard(key)
                 if not missing:
                     break
                 self._renew_many.sha = await self._client.script_load(RENEW_MANY)
@@ -401,7 +410,7 @@ class RedisCoordinator(RedisConnections):
                     fields = stats_fields(item)
                     entries.append([
                         item.key, item.passes, item.errors,
-                        {name: json.dumps(value) for name, value in fields.items() if value is not None},
+                        {name: _json(value) for name, value in fields.items() if value is not None},
                         [name for name, value in fields.items() if value is None],
                     ])
                 names = [self._key("loops"), *(self._key("loop", item.key) for item in chunk)]

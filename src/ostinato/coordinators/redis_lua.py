@@ -71,30 +71,36 @@ return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
 
 # Extends many leases in one call. A renewal after the claim ended by the server's clock is
 # refused, and changes nothing; a paused loop's lease is given up. KEYS: the owner's activity
-# count, then the lease and loop hash of each lease, in pairs. ARGV: owner, linger ms, then
-# the fence and ttl ms of each lease. Returns 'held', 'lost' or 'paused' for each lease, in
-# order.
+# count. ARGV: owner, linger ms, the prefix of lease keys, the prefix of loop hashes, then
+# the leases as one string of lines ``key TAB fence TAB ttl-ms`` (a key is printable: no tab
+# or newline; one string per call, where three arguments a lease made packing the call the
+# renewer's main cost). The names are made here, so the script wants one Redis, not a
+# cluster (as every other script here). Returns only the leases not held: their line
+# numbers (from 1) with 'lost' or 'paused', flat; every other lease is held.
 RENEW_MANY = BUMP + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local linger = tonumber(ARGV[2])
+local owner, linger = ARGV[1], tonumber(ARGV[2])
+local lease_prefix, loop_prefix = ARGV[3], ARGV[4]
 local out = {}
+local i = 0
 bump(KEYS[1], t)
-for i = 1, (#KEYS - 1) / 2 do
-  local lease, loop = KEYS[2 * i], KEYS[2 * i + 1]
-  local fence, ttl = ARGV[2 * i + 1], tonumber(ARGV[2 * i + 2])
+for key, fence, ttl in string.gmatch(ARGV[5], '([^\\t\\n]+)\\t(%d+)\\t(%d+)\\n') do
+  i = i + 1
+  local lease = lease_prefix .. key
   local held = redis.call('HMGET', lease, 'owner', 'fence', 'ends')
   local ends = tonumber(held[3] or '')
-  if held[1] ~= ARGV[1] or held[2] ~= fence or (ends and ends <= now) then
-    out[i] = 'lost'
-  elseif redis.call('HGET', loop, 'paused') == '1' then
+  if held[1] ~= owner or held[2] ~= fence or (ends and ends <= now) then
+    out[#out + 1] = i
+    out[#out + 1] = 'lost'
+  elseif redis.call('HGET', loop_prefix .. key, 'paused') == '1' then
     redis.call('DEL', lease)
-    out[i] = 'paused'
+    out[#out + 1] = i
+    out[#out + 1] = 'paused'
   else
     redis.call('HINCRBY', lease, 'beat', 1)
-    redis.call('HSET', lease, 'ttl', ARGV[2 * i + 2], 'ends', string.format('%d', now + ttl))
-    redis.call('PEXPIRE', lease, ttl + linger)
-    out[i] = 'held'
+    redis.call('HSET', lease, 'ttl', ttl, 'ends', string.format('%d', now + tonumber(ttl)))
+    redis.call('PEXPIRE', lease, tonumber(ttl) + linger)
   end
 end
 return out
