@@ -109,6 +109,28 @@ async def test_renew_many_at_once(make: Make) -> None:
     assert isinstance(await b.acquire("app:three", rb, 5.0), Denied)
 
 
+async def test_a_renewal_of_ten_thousand_leases_answers_each_on_its_merits(make: Make) -> None:
+    """At the size a runner holds, one renewal still answers every lease rightly (split in
+    chunks by some coordinators: wrong fences and a pause land in several of them) and in
+    time (a statement whose cost grows with the square of the leases runs past the
+    coordinator's timeout here)."""
+    a = await make()
+    ra = runner(1)
+    keys = [f"app:many[{i:05d}]" for i in range(10_000)]
+    fences: dict[str, int] = {}
+    for start in range(0, len(keys), 1000):
+        answers = await a.acquire_many(ra, dict.fromkeys(keys[start:start + 1000], 30.0))
+        fences.update({key: grant.fence for key, grant in answers.items() if isinstance(grant, Grant)})
+    assert len(fences) == len(keys)
+    wrong, paused = set(keys[7::997]), keys[5003]
+    await a.set_paused(paused, True)
+    answers = await a.renew(ra, {key: (fences[key] + (key in wrong), 30.0) for key in keys})
+    assert answers == {
+        key: Renewal.LOST if key in wrong else Renewal.PAUSED if key == paused else Renewal.HELD
+        for key in keys
+    }
+
+
 async def test_release_checks_owner_and_fence(make: Make) -> None:
     """A runner can give back only its own lease; the fence counter survives the release."""
     a, b = await make(), await make()
