@@ -35,7 +35,7 @@ from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
 from ostinato.notices import Stall as Stall
 from ostinato.notices import StallHook as StallHook
-from ostinato.standbys import Standbys
+from ostinato.standbys import Standbys, rank
 from ostinato.stats import StatsBook, wall_offset
 from ostinato.watchdog import Watchdog
 
@@ -90,6 +90,8 @@ class Runner:
         #: Live runners (this one included) that can run each loop, from the last count, by
         #: loop declared (``app:loop``: its partitions and keys all count alike).
         self._candidates: dict[str, int] = {}
+        # The other live runners that can run each loop hosted here, by id.
+        self._rivals: dict[str, list[str]] = {}
         # How many loops hosted here each declared loop makes, counted when they change.
         self._members: Counter[str] | None = None
         #: Calls to the coordinator by kind (acquire: one batch of requests), since start
@@ -439,6 +441,11 @@ class Runner:
         share = sum(n / self._candidates.get(family, 1) for family, n in self.members().items())
         return max(1, -(-round(share * 1000) // 1000))
 
+    def rank(self, key: str, family: str, owner: str) -> int:
+        """How many live runners that can run ``key`` (``owner`` aside) come before this one
+        for it, by ``standbys.rank``: 0 for the first."""
+        return rank(key, self.info.id, (r for r in self._rivals.get(family, ()) if r != owner))
+
     def share_held(self) -> int:
         """-1, 0 or 1: this runner holds fewer leases than its fair share, as many, or more
         (-1 when it runs alone). Every standby asks before each try, so the count is made
@@ -460,7 +467,7 @@ class Runner:
         runners = await self.coordinator.runners()
         self.live_ids = {record.id for record in runners}
         members = self.members()
-        candidates: dict[str, int] = {}  # the other runners that can run each loop
+        rivals: dict[str, list[str]] = {}  # the other runners that can run each loop
         others = 0
         for record in runners:
             if record.id == self.info.id:
@@ -468,7 +475,9 @@ class Runner:
             shares = [family for family in members if record.can_run(family)]
             others += bool(shares)
             for family in shares:
-                candidates[family] = candidates.get(family, 0) + 1
+                rivals.setdefault(family, []).append(record.id)
+        self._rivals = rivals
+        candidates = {family: len(ids) for family, ids in rivals.items()}
         # Alone, nothing to count: every loop falls to this runner (``get(family, 1)``).
         self._candidates = {family: count + 1 for family, count in candidates.items()}
         self.live_runners = 1 + others

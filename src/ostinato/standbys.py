@@ -11,7 +11,13 @@ moves its owner's count. A parked standby's keeper starts again when
 
 * an event says its lease may be free (``released``, ``resumed``, ``revoked``),
 * its owner has been silent for the lease's TTL: its claims may then be taken (the
-  coordinator checks that the count is still the one it saw), or
+  coordinator checks that the count is still the one it saw). Not every runner asks for
+  every such loop at once: the live runners that can run it are ranked for each loop, the
+  same way on every runner (rendezvous hashing), and the runner ranked first asks at once,
+  the next ``RANK_STEP`` later, and so on. A runner killed in a fleet of ten leaves ten
+  thousand loops of 100,000; all nine others asking for all of them made 90,000 requests
+  at the moment they could first be taken, where ten thousand suffice. A runner that
+  does not take its loops (dead too, or cut off) delays them by a step, or
 * the events connection came back after a loss (``missed``), or
 * it has waited ``patience()`` (randomly between half and all of it): an event lost
   otherwise costs at most that long.
@@ -24,11 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import itertools
 import logging
 import random
 import time
+from collections.abc import Iterable
 from typing import Protocol
 
 from ostinato.coordinators.clocks import drift_margin
@@ -45,6 +53,9 @@ LOOK_EVERY = (0.05, 0.5)
 #: standbys ask: the acquire must find the silence at least as long as the claim's TTL,
 #: with no rounding (the TTL travels in milliseconds) to refuse it.
 MATURE = 0.01
+#: How much later each runner asks for a silent owner's loop than the runner ranked just
+#: before it for that loop: at most this, and at most this fraction of the lease.
+RANK_STEP = (1.0, 0.1)
 #: A quiet standby asks anyway after about this long, in case an event was lost without
 #: its connection dropping (a connection that drops and comes back wakes every standby)...
 PATIENCE = 60.0
@@ -53,11 +64,27 @@ PATIENCE = 60.0
 QUIET_ASKS = 20.0
 
 
+def rank(key: str, me: str, rivals: Iterable[str]) -> int:
+    """How many of ``rivals`` (runner ids) come before runner ``me`` for ``key``: the order
+    is the same on every runner that knows the same runners, and spreads the keys evenly
+    among them (rendezvous hashing)."""
+    mine = _score(key, me)
+    return sum(1 for rival in rivals if _score(key, rival) > mine)
+
+
+def _score(key: str, runner: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{runner}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 class Waiter(Protocol):
     """A keeper standing by, as this module sees it."""
 
     #: The owner whose silence woke it, if that is why it asks.
     silent_owner: str | None
+    #: Its lease's name, and its loop's (``app:loop``).
+    key: str
+    family: str
 
     def chance(self) -> None: ...
 
@@ -69,6 +96,11 @@ class Watcher(Protocol):
     stopping: bool
 
     async def wait(self, seconds: float, *early: asyncio.Event) -> None: ...
+
+    def rank(self, key: str, family: str, owner: str) -> int:
+        """How many live runners that can run ``key`` (``owner`` aside) come before this one
+        for it: 0 for the first."""
+        ...
 
 
 class Standbys:
@@ -89,6 +121,8 @@ class Standbys:
         # When each parked standby's patience runs out: (monotonic time, parking, standby).
         self._patience: list[tuple[float, int, Waiter]] = []
         self._parkings = itertools.count()
+        # Each standby of a silent owner: that owner and this runner's rank for its loop.
+        self._ranks: dict[Waiter, tuple[str, int]] = {}
 
     @property
     def quiet(self) -> int:
@@ -114,6 +148,7 @@ class Standbys:
         found = self._parked.pop(waiter, None)
         if found is None:
             return False
+        self._ranks.pop(waiter, None)
         owner = found[0]
         waiters = self._waiting.get(owner)
         if waiters is not None:
@@ -162,7 +197,17 @@ class Standbys:
                 if silent < self.shortest:
                     continue  # the common case: an active owner
                 for waiter, ttl in list(self._waiting.get(owner, {}).items()):
-                    if silent >= ttl + drift_margin(ttl) + MATURE:
+                    over = silent - (ttl + drift_margin(ttl) + MATURE)
+                    step = min(RANK_STEP[0], RANK_STEP[1] * ttl)
+                    if over >= 0 and over >= self._rank(waiter, owner) * step:
                         waiter.silent_owner = owner
                         waiter.chance()
             await self.runner.wait(self.look_every)
+
+    def _rank(self, waiter: Waiter, owner: str) -> int:
+        """This runner's rank for ``waiter``'s loop among those that may take it from
+        ``owner``, found once per parking."""
+        found = self._ranks.get(waiter)
+        if found is None or found[0] != owner:
+            found = self._ranks[waiter] = (owner, self.runner.rank(waiter.key, waiter.family, owner))
+        return found[1]

@@ -18,7 +18,9 @@ from ostinato.coordinators.protocol import Event, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
 from ostinato.keeper import LoopKeeper
 from ostinato.loop import Pass
+from ostinato import standbys
 from ostinato.runner import Runner
+from ostinato.standbys import rank
 from tests.runner.test_runner import until
 
 LOOPS = 40
@@ -117,3 +119,42 @@ async def test_a_runner_joining_a_busy_fleet_starts_no_task_for_a_loop_it_does_n
                 theirs = {kind: n for (runner, kind), n in started.items() if runner == second.info.id}
                 # Every task the newcomer started, it started with a grant in hand.
                 assert theirs == {"Grant": len(second.held())}, theirs
+
+
+async def test_a_silent_owners_loops_go_first_to_the_runner_ranked_first_for_each() -> None:
+    """Once an owner is silent, the runner ranked first for each of its loops asks at once and
+    the others a step later each: every loop is taken by its first-ranked runner, where all
+    asking at once left each to whoever asked first."""
+    url = f"memory://{uuid.uuid4().hex}"
+    with pytest.MonkeyPatch.context() as patch:
+        # Steps long against the standbys' looks (a tenth of the 1 s lease): the order holds
+        # whatever the runners' clocks of the owner's silence differ by.
+        patch.setattr(standbys, "RANK_STEP", (2.0, 0.6))
+        async with _app(url).running() as first, _app(url).running() as second, \
+                _app(url).running() as third:
+            runners = (first, second, third)
+            await until(lambda: sum(len(r.held()) for r in runners) == LOOPS, timeout=10)
+            await until(lambda: all(r.standbys.counted and r.live_runners == 3 for r in runners), timeout=10)
+            await until(lambda: all(abs(len(r.held()) - LOOPS / 3) <= 1 for r in runners), timeout=15)
+            orphans = {keeper.key for keeper in first.held()}
+            _cut_off(first)
+            await until(lambda: {k.key for k in second.held()} | {k.key for k in third.held()} >= orphans,
+                        timeout=10)
+            ids = {second: second.info.id, third: third.info.id}
+            for key in orphans:
+                holder = second if key in {k.key for k in second.held()} else third
+                other = third if holder is second else second
+                assert rank(key, ids[holder], [ids[other]]) == 0, key
+            # Both took some: the order spreads the loops.
+            assert all(orphans & {k.key for k in r.held()} for r in (second, third))
+
+
+def test_rank_orders_every_key_the_same_way_on_every_runner_and_spreads_them() -> None:
+    ids = [f"runner-{n}" for n in range(9)]
+    firsts = collections.Counter()
+    for n in range(10_000):
+        key = f"app:loop[{n}]"
+        ranks = sorted(rank(key, me, [other for other in ids if other != me]) for me in ids)
+        assert ranks == list(range(9)), key
+        firsts[next(me for me in ids if rank(key, me, [o for o in ids if o != me]) == 0)] += 1
+    assert all(abs(count - 10_000 / 9) < 150 for count in firsts.values()), firsts
