@@ -70,6 +70,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, cast
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
@@ -92,6 +93,7 @@ from ostinato.coordinators.protocol import (
 from ostinato.coordinators.redis_connections import RedisConnections
 from ostinato.coordinators.redis_lua import (
     ACQUIRE,
+    ACQUIRE_MANY,
     FORGET,
     HAND_OVER,
     HEARTBEAT,
@@ -106,6 +108,9 @@ from ostinato.coordinators.redis_lua import (
 log = logging.getLogger("ostinato.redis")
 #: The most leases one renewal script call extends.
 RENEW_CHUNK = 500
+#: Lease requests per script call.
+ACQUIRE_CHUNK = 500
+TAB = "\t"
 
 # Seconds a freshly (re)started server waits before granting a lease it has no fence
 # for, time for holders of leases it forgot to hear ``dropped`` and stop starting
@@ -143,6 +148,7 @@ class RedisCoordinator(RedisConnections):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._acquire = self._client.register_script(ACQUIRE)
+        self._acquire_many = self._client.register_script(ACQUIRE_MANY)
         self._renew_many = self._client.register_script(RENEW_MANY)
         self._report = self._client.register_script(REPORT)
         self._release_many = self._client.register_script(RELEASE_MANY)
@@ -268,17 +274,24 @@ class RedisCoordinator(RedisConnections):
     async def _ask_many(
         self, runner: RunnerInfo, requests: Mapping[str, float], unchanged: Mapping[str, tuple[str, ...]]
     ) -> list[list[Any]]:
-        """The acquire script for every request, in one pipeline."""
+        """The requests in calls of up to ``ACQUIRE_CHUNK`` (one string each), in one pipeline."""
+        keys = list(requests)
+        calls = []
+        for start in range(0, len(keys), ACQUIRE_CHUNK):
+            chunk = keys[start:start + ACQUIRE_CHUNK]
+            # Each line: key, ttl, no dead holder (two empty fields), what was seen unchanged.
+            lines = "".join([f"{key}\t{_ms(requests[key])}\t\t\t{TAB.join(unchanged[key])}\n"
+                             for key in chunk])
+            calls.append((chunk, lines))
+        head: list[EncodableT] = [runner.id, runner.label, RESTART_QUIET, runner.pid, LINGER_MS,
+                                  f"{self.prefix}:"]
+        names = [self._key("loops"), self._key("activity", runner.id)]
+        answers: dict[str, list[Any]] = {}
         with self._reaching():
-            pipe = self._client.pipeline(transaction=False)
-            for key, ttl in requests.items():
-                await self._acquire(
-                    self._acquire_keys(key, runner, unchanged[key]),
-                    self._acquire_args(key, runner, ttl, unchanged=unchanged[key]),
-                    client=pipe,
-                )
-            answers: list[list[Any]] = await pipe.execute()
-        return answers
+            for said in await self._each_chunk(self._acquire_many, names, head, calls):
+                for key, answer in zip(said[0], said[1], strict=True):
+                    answers[key] = answer.split("\t")
+        return [answers[key] for key in keys]
 
     def _acquire_keys(self, key: str, runner: RunnerInfo, unchanged: tuple[str, ...]) -> list[str]:
         """The script's keys; ``unchanged[2]`` names the silent owner whose count it reads."""
@@ -306,39 +319,49 @@ class RedisCoordinator(RedisConnections):
         # carries its leases as one string and is answered with the few not held.
         keys = list(leases)
         activity = [self._key("activity", runner.id)]
-        prefixes = [self._key("lease") + ":", self._key("loop") + ":"]
         calls = []
         for start in range(0, len(keys), RENEW_CHUNK):
             chunk = keys[start:start + RENEW_CHUNK]
             lines = "".join([f"{key}\t{leases[key][0]}\t{_ms(leases[key][1])}\n" for key in chunk])
             calls.append((chunk, lines))
         answers = dict.fromkeys(keys, Renewal.HELD)
+        head: list[EncodableT] = [runner.id, LINGER_MS, self._key("lease") + ":", self._key("loop") + ":"]
         with self._reaching():
-            # EVALSHA straight into one pipeline: redis-py's script-aware pipeline would
-            # spend a SCRIPT EXISTS round trip first on every renewal.
-            for _ in range(2):
-                pipe = self._client.pipeline(transaction=False)
-                for _chunk, lines in calls:
-                    pipe.evalsha(self._renew_many.sha, 1, *activity, runner.id, LINGER_MS, *prefixes, lines)
-                results = await pipe.execute(raise_on_error=False)
-                missing = []
-                for call, result in zip(calls, results, strict=True):
-                    if isinstance(result, NoScriptError):
-                        missing.append(call)
-                        continue
-                    if isinstance(result, BaseException):
-                        raise result
-                    chunk = call[0]
-                    for i in range(0, len(result), 2):
-                        key = chunk[int(result[i]) - 1]
-                        answers[key] = Renewal(result[i + 1])
-                        self._held.pop(key, None)
-                        self._unwatched.discard(key)
-                if not missing:
-                    break
-                self._renew_many.sha = await self._client.script_load(RENEW_MANY)
-                calls = missing
+            for chunk, result in await self._each_chunk(self._renew_many, activity, head, calls):
+                for i in range(0, len(result), 2):
+                    key = chunk[int(result[i]) - 1]
+                    answers[key] = Renewal(result[i + 1])
+                    self._held.pop(key, None)
+                    self._unwatched.discard(key)
         return answers
+
+    async def _each_chunk(
+        self, script: AsyncScript, names: list[str], head: list[EncodableT],
+        calls: list[tuple[list[str], str]],
+    ) -> list[tuple[list[str], Any]]:
+        """``script`` once per call (its keys, and its lines after ``head``), every call in
+        one pipeline: one round trip in all. EVALSHA straight into the pipeline (redis-py's
+        script-aware pipeline would spend a SCRIPT EXISTS round trip first, every time); a
+        server that lost the script is given it and asked again."""
+        out: list[tuple[list[str], Any]] = []
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for _chunk, lines in calls:
+                pipe.evalsha(script.sha, len(names), *names, *head, lines)
+            results = await pipe.execute(raise_on_error=False)
+            missing = []
+            for call, result in zip(calls, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    missing.append(call)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    out.append((call[0], result))
+            if not missing:
+                break
+            script.sha = await self._client.script_load(script.script)
+            calls = missing
+        return out
 
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
         return key in await self.release_many(runner, {key: fence})

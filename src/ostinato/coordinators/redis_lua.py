@@ -24,49 +24,78 @@ local function bump(key, t)
 end
 """.replace("ACTIVITY_KEEP_MS", str(ACTIVITY_KEEP_MS))
 
-# KEYS: lease, fence, loop hash, loop set, the caller's activity count, the activity count
-# of the owner of ARGV[12]. ARGV: owner, holder, ttl ms, loop key, quiet s, pid, the owner
-# and fence of a holder known to be dead, the fence and renewal count of a claim the
-# caller saw unchanged for its TTL ('' for none), linger ms, and an owner whose activity
-# count the caller saw unchanged, that count, and the longest claim TTL (ms) its silence
-# covers ('' for none). A refusal says who holds it, ms left by the server's clock, owner,
-# fence, pid, renewal count and TTL ms.
-ACQUIRE = BUMP + """
-redis.call('SADD', KEYS[4], ARGV[4])
-if redis.call('HGET', KEYS[3], 'paused') == '1' then return {'paused'} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local owner = redis.call('HGET', KEYS[1], 'owner')
-local held = redis.call('HGET', KEYS[1], 'fence')
-local beat = redis.call('HGET', KEYS[1], 'beat') or '0'
-local silent = ARGV[12] ~= '' and owner == ARGV[12]
-  and (redis.call('GET', KEYS[6]) or '') == ARGV[13]
-  and tonumber(redis.call('HGET', KEYS[1], 'ttl') or 'x') ~= nil
-  and tonumber(redis.call('HGET', KEYS[1], 'ttl')) <= tonumber(ARGV[14])
-if owner and owner ~= ARGV[1] and not (owner == ARGV[7] and held == ARGV[8])
-   and not (held == ARGV[9] and beat == ARGV[10]) and not silent then
-  local ends = tonumber(redis.call('HGET', KEYS[1], 'ends') or '')
-  local left = ends and string.format('%d', ends - now) or redis.call('PTTL', KEYS[1])
-  return {'denied', redis.call('HGET', KEYS[1], 'holder') or '', left, owner, held or '',
-    redis.call('HGET', KEYS[1], 'pid') or '', beat, redis.call('HGET', KEYS[1], 'ttl') or ''}
+# The rules of a lease request, for one call (KEYS and ARGV as K and A) or many. K: lease,
+# fence, loop hash, loop set, the caller's activity count, the activity count of the owner
+# of A[12]. A: owner, holder, ttl ms, loop key, quiet s, pid, the owner and fence of a
+# holder known to be dead, the fence and renewal count of a claim the caller saw unchanged
+# for its TTL ('' for none), linger ms, and an owner whose activity count the caller saw
+# unchanged, that count, and the longest claim TTL (ms) its silence covers ('' for none).
+# A refusal says who holds it, ms left by the server's clock, owner, fence, pid, renewal
+# count and TTL ms.
+ACQUIRE_ONE = """
+local function acquire(K, A)
+  redis.call('SADD', K[4], A[4])
+  if redis.call('HGET', K[3], 'paused') == '1' then return {'paused'} end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local owner = redis.call('HGET', K[1], 'owner')
+  local held = redis.call('HGET', K[1], 'fence')
+  local beat = redis.call('HGET', K[1], 'beat') or '0'
+  local silent = A[12] ~= '' and owner == A[12]
+    and (redis.call('GET', K[6]) or '') == A[13]
+    and tonumber(redis.call('HGET', K[1], 'ttl') or 'x') ~= nil
+    and tonumber(redis.call('HGET', K[1], 'ttl')) <= tonumber(A[14])
+  if owner and owner ~= A[1] and not (owner == A[7] and held == A[8])
+     and not (held == A[9] and beat == A[10]) and not silent then
+    local ends = tonumber(redis.call('HGET', K[1], 'ends') or '')
+    local left = ends and string.format('%d', ends - now) or redis.call('PTTL', K[1])
+    return {'denied', redis.call('HGET', K[1], 'holder') or '', left, owner, held or '',
+      redis.call('HGET', K[1], 'pid') or '', beat, redis.call('HGET', K[1], 'ttl') or ''}
+  end
+  if redis.call('EXISTS', K[2]) == 0 then
+    -- A server that refuses INFO to scripts (some hosted ones) is taken to be up long.
+    local info = redis.pcall('INFO', 'server')
+    local up = type(info) == 'string' and string.match(info, 'uptime_in_seconds:(%d+)')
+    if up and tonumber(up) <= tonumber(A[5]) then return {'denied', '', 250} end
+    redis.call('SET', K[2], t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  redis.call('INCR', K[2])
+  -- GET returns the counter as a string, never as a rounded Lua number.
+  local fence = redis.call('GET', K[2])
+  redis.call('DEL', K[1])
+  redis.call('HSET', K[1], 'owner', A[1], 'holder', A[2], 'fence', fence, 'pid', A[6],
+    'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', A[3],
+    'ends', string.format('%d', now + tonumber(A[3])))
+  redis.call('PEXPIRE', K[1], tonumber(A[3]) + tonumber(A[11]))
+  bump(K[5], t)
+  return {'granted', fence, redis.call('HGET', K[3], 'last_start') or ''}
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  -- A server that refuses INFO to scripts (some hosted ones) is taken to be up long.
-  local info = redis.pcall('INFO', 'server')
-  local up = type(info) == 'string' and string.match(info, 'uptime_in_seconds:(%d+)')
-  if up and tonumber(up) <= tonumber(ARGV[5]) then return {'denied', '', 250} end
-  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+"""
+ACQUIRE = BUMP + ACQUIRE_ONE + "return acquire(KEYS, ARGV)\n"
+
+# Many leases asked for in one call, each by the rules of ``acquire``. KEYS: the loop set,
+# the caller's activity count. ARGV: owner, holder, quiet s, pid, linger ms, the prefix of
+# every key name (``<prefix>:``), then the requests as one string of lines: key, ttl ms,
+# dead holder's owner and fence, the claim seen unchanged (fence, renewal count), the
+# silent owner, its count and longest TTL ms, TAB between fields ('' for none; a key is
+# printable: no tab or newline). Returns each request's answer, in order, as the single
+# call's list joined by TAB: one string each, which the caller splits (a list per request
+# cost more to read than the rest of the call).
+ACQUIRE_MANY = BUMP + ACQUIRE_ONE + """
+local answers = {}
+local field = '([^\\t\\n]*)'
+local line = '([^\\t\\n]+)\\t(%d+)' .. string.rep('\\t' .. field, 7) .. '\\n'
+local p = ARGV[6]
+for key, ttl, dead, dead_fence, fence, beat, silent, count, silent_ttl in string.gmatch(ARGV[7], line) do
+  local answer = acquire(
+    {p .. 'lease:' .. key, p .. 'fence:' .. key, p .. 'loop:' .. key, KEYS[1], KEYS[2],
+     p .. 'activity:' .. (silent ~= '' and silent or ARGV[1])},
+    {ARGV[1], ARGV[2], ttl, key, ARGV[3], ARGV[4], dead, dead_fence, fence, beat, ARGV[5],
+     silent, count, silent_ttl})
+  for i = 1, #answer do answer[i] = tostring(answer[i]) end
+  answers[#answers + 1] = table.concat(answer, '\\t')
 end
-redis.call('INCR', KEYS[2])
--- GET returns the counter as a string, never as a rounded Lua number.
-local fence = redis.call('GET', KEYS[2])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'fence', fence, 'pid', ARGV[6],
-  'since', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'beat', '0', 'ttl', ARGV[3],
-  'ends', string.format('%d', now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[11]))
-bump(KEYS[5], t)
-return {'granted', fence, redis.call('HGET', KEYS[3], 'last_start') or ''}
+return answers
 """
 
 # Extends many leases in one call. A renewal after the claim ended by the server's clock is
