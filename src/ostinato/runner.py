@@ -31,7 +31,7 @@ from ostinato.host import RUNNER_TTL as RUNNER_TTL
 from ostinato.host import Member
 from ostinato.keeper import LoopKeeper
 from ostinato.leases import FREEZE_FROM as FREEZE_FROM
-from ostinato.leases import Leases
+from ostinato.leases import Leases, freeze_gc
 from ostinato.logs import fields
 from ostinato.loop import LocalLease, LoopSpec
 from ostinato.notices import Stall as Stall
@@ -164,7 +164,7 @@ class Runner(Fleet):
         (at 100,000 loops its full rounds over them took most of a runner's CPU), and
         collect again if ``collecting`` (it was on before)."""
         self._freeze_due = False
-        gc.freeze()
+        freeze_gc()
         if collecting:
             gc.enable()
 

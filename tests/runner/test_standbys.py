@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 import ostinato
+from ostinato import standbys
 from ostinato.coordinators.memory import MemoryCoordinator
 from ostinato.coordinators.protocol import Event, RunnerInfo
 from ostinato.errors import CoordinatorUnavailable
 from ostinato.keeper import LoopKeeper
 from ostinato.loop import Pass
-from ostinato import standbys
 from ostinato.runner import Runner
 from ostinato.standbys import rank
 from tests.runner.test_runner import until
