@@ -68,42 +68,34 @@ import logging
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
 from ostinato.coordinators.clocks import Sightings, Silence
 from ostinato.coordinators.network import RECONNECT_MIN
 from ostinato.coordinators.protocol import (
-    STAT_FIELDS,
     Denied,
     Grant,
-    LoopRecord,
     LoopStats,
     Renewal,
     RunnerInfo,
-    RunnerRecord,
-    Setting,
-    hosts_from,
     hosts_text,
     stats_fields,
 )
-from ostinato.coordinators.redis_connections import RedisConnections
 from ostinato.coordinators.redis_lua import (
     ACQUIRE,
     ACQUIRE_MANY,
     FORGET,
     HAND_OVER,
     HEARTBEAT,
-    LIVE_RUNNERS,
     RELEASE_MANY,
     RENEW_MANY,
     REPORT,
     REVOKE,
     WRITE_SETTING,
 )
+from ostinato.coordinators.redis_reads import RedisReads, decode
 
 log = logging.getLogger("ostinato.redis")
 #: The most leases one renewal script call extends.
@@ -138,11 +130,7 @@ def _json(value: object) -> str:
     return json.dumps(value)
 
 
-def _decode(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-class RedisCoordinator(RedisConnections):
+class RedisCoordinator(RedisReads):
     """Leases in Redis keys with server-side expiry, guarded by Lua scripts."""
 
     def __init__(self, url: str) -> None:
@@ -155,7 +143,6 @@ class RedisCoordinator(RedisConnections):
         self._hand_over = self._client.register_script(HAND_OVER)
         self._revoke = self._client.register_script(REVOKE)
         self._heartbeat = self._client.register_script(HEARTBEAT)
-        self._live_runners = self._client.register_script(LIVE_RUNNERS)
         self._forget_loop = self._client.register_script(FORGET)
         self._write_setting = self._client.register_script(WRITE_SETTING)
         self._liveness_broken = False
@@ -246,7 +233,7 @@ class RedisCoordinator(RedisConnections):
             # ``dropped`` once it is back.
             self._unwatched.add(key)
             self._events.kick()
-        return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
+        return Grant(fence=int(answer[1]), last_start=decode(answer[2] or None))
 
     def _hold_liveness(self, runner: RunnerInfo) -> None:
         """Take this runner's liveness lock before its first grant: standbys on this host
@@ -335,34 +322,6 @@ class RedisCoordinator(RedisConnections):
                     self._unwatched.discard(key)
         return answers
 
-    async def _each_chunk(
-        self, script: AsyncScript, names: list[str], head: list[EncodableT],
-        calls: list[tuple[list[str], str]],
-    ) -> list[tuple[list[str], Any]]:
-        """``script`` once per call (its keys, and its lines after ``head``), every call in
-        one pipeline: one round trip in all. EVALSHA straight into the pipeline (redis-py's
-        script-aware pipeline would spend a SCRIPT EXISTS round trip first, every time); a
-        server that lost the script is given it and asked again."""
-        out: list[tuple[list[str], Any]] = []
-        for _ in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for _chunk, lines in calls:
-                pipe.evalsha(script.sha, len(names), *names, *head, lines)
-            results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for call, result in zip(calls, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    missing.append(call)
-                elif isinstance(result, BaseException):
-                    raise result
-                else:
-                    out.append((call[0], result))
-            if not missing:
-                break
-            script.sha = await self._client.script_load(script.script)
-            calls = missing
-        return out
-
     async def release(self, key: str, runner: RunnerInfo, fence: int) -> bool:
         return key in await self.release_many(runner, {key: fence})
 
@@ -402,7 +361,7 @@ class RedisCoordinator(RedisConnections):
         # Taken once granted (a standby that looks before sees no lock file, and waits).
         self._hold_liveness(heir)
         self._held[key] = int(answer[1])
-        return Grant(fence=int(answer[1]), last_start=_decode(answer[2] or None))
+        return Grant(fence=int(answer[1]), last_start=decode(answer[2] or None))
 
     async def revoke(self, key: str) -> int | None:
         with self._reaching():
@@ -439,17 +398,6 @@ class RedisCoordinator(RedisConnections):
                 names = [self._key("loops"), *(self._key("loop", item.key) for item in chunk)]
                 await self._report(names, [json.dumps(entries)])
 
-    async def runners(self) -> list[RunnerRecord]:
-        with self._reaching():
-            rows = await self._live_runners(
-                [self._key("runners"), self._key("runner-labels"), self._key("runner-hosts")]
-            )
-        return [
-            RunnerRecord(id=rows[i], label=rows[i + 2], seen=float(rows[i + 1]),
-                         hosts=hosts_from(rows[i + 3]))
-            for i in range(0, len(rows), 4)
-        ]
-
     async def set_paused(self, key: str, paused: bool) -> None:
         with self._reaching():
             pipe = self._client.pipeline(transaction=True)
@@ -457,43 +405,7 @@ class RedisCoordinator(RedisConnections):
             pipe.hset(self._key("loop", key), "paused", "1" if paused else "0")
             await pipe.execute()
 
-    async def loops(self) -> list[LoopRecord]:
-        with self._reaching():
-            keys = sorted(str(k) for k in await self._client.smembers(self._key("loops")))
-            seconds, micros = await self._client.time()
-            now_ms = seconds * 1000 + micros // 1000
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(self._key("lease", key))
-                pipe.get(self._key("fence", key))
-                pipe.hgetall(self._key("loop", key))
-            rows = await pipe.execute()
-        records = []
-        for n, key in enumerate(keys):
-            lease, fence, loop = rows[3 * n: 3 * n + 3]
-            if "ends" in lease and int(lease["ends"]) <= now_ms:
-                lease = {}  # kept for standbys to judge, but no longer held
-            records.append(
-                LoopRecord(
-                    key=key,
-                    fence=int(fence or 0),
-                    paused=loop.get("paused") == "1",
-                    holder=lease.get("holder"),
-                    held_since=float(lease["since"]) if "since" in lease else None,
-                    passes=int(loop.get("passes", 0)),
-                    errors=int(loop.get("errors", 0)),
-                    **{name: _decode(loop.get(name)) for name in STAT_FIELDS},
-                )
-            )
-        return records
-
     # -- settings ----------------------------------------------------------------------
-
-    async def read_setting(self, name: str) -> Setting | None:
-        with self._reaching():
-            row = await self._client.hmget(self._key("setting", name), ["value", "fence"])
-        value, fence = cast("list[str | None]", row)  # text: the client decodes replies
-        return None if value is None or fence is None else Setting(value, int(fence))
 
     async def write_setting(self, name: str, value: str, fence: int) -> bool:
         with self._reaching():

@@ -25,15 +25,18 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AuthenticationError,
     InvalidResponse,
+    NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 
 from ostinato.coordinators.liveness import RunnerLocks, host_folder
 from ostinato.coordinators.network import EventFeed, take_options, unavailable
@@ -223,3 +226,31 @@ class RedisConnections(Coordinator):
                 await client.delete(name)
         finally:
             await client.aclose()
+
+    async def _each_chunk(
+        self, script: AsyncScript, names: list[str], head: list[EncodableT],
+        calls: list[tuple[list[str], str]],
+    ) -> list[tuple[list[str], Any]]:
+        """``script`` once per call (its keys, and its lines after ``head``), every call in
+        one pipeline: one round trip in all. EVALSHA straight into the pipeline (redis-py's
+        script-aware pipeline would spend a SCRIPT EXISTS round trip first, every time); a
+        server that lost the script is given it and asked again."""
+        out: list[tuple[list[str], Any]] = []
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for _chunk, lines in calls:
+                pipe.evalsha(script.sha, len(names), *names, *head, lines)
+            results = await pipe.execute(raise_on_error=False)
+            missing = []
+            for call, result in zip(calls, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    missing.append(call)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    out.append((call[0], result))
+            if not missing:
+                break
+            script.sha = await self._client.script_load(script.script)
+            calls = missing
+        return out
