@@ -282,6 +282,7 @@ def measure(
         result.update(moved_runs(passes, theirs, victim, fleet.killed[victim]))
     if newcomer:
         result["join_runs_s"] = joined_runs(passes, newcomer, joined_ns, loops // runners - 1)
+        result["join_runs_timeline"] = joined_timeline(passes, newcomer, joined_ns, loops // runners - 1)
     result["leases_lost_lines"] = lost_lines(folder)
     result["leases_lost_reasons"] = lost_reasons(folder)
     # Counted at the end of each phase: start-up, failover, join, then the stop.
@@ -339,6 +340,28 @@ def joined_runs(
         for runs in passes.values() if any(pid == newcomer for _, _, pid, _ in runs)
     )
     return (firsts[share - 1] - started_ns) / 1e9 if len(firsts) >= share else None
+
+
+def joined_timeline(
+    passes: dict[str, list[tuple[int, int, int, int]]], newcomer: int, started_ns: int, share: int
+) -> dict[str, float]:
+    """From the pass records: how long after its start the new runner had run passes of its
+    first loop, of a tenth, half and nine tenths of its share, and of all of it: the shape
+    says whether joining waits on one step or trickles."""
+    firsts = sorted(
+        next(start for start, _, pid, _ in runs if pid == newcomer)
+        for runs in passes.values() if any(pid == newcomer for _, _, pid, _ in runs)
+    )
+    marks = {"first": 1, "10%": share // 10, "50%": share // 2, "90%": share * 9 // 10, "all": share}
+    out: dict[str, float] = {name: round((firsts[n - 1] - started_ns) / 1e9, 2)
+                             for name, n in marks.items() if 0 < n <= len(firsts)}
+    # Loops that changed runner more than once after the join (passed back and forth).
+    out["moved_twice_or_more"] = sum(
+        1 for runs in passes.values()
+        if len([pid for i, (start, _, pid, _) in enumerate(runs) if start > started_ns
+                and (i == 0 or runs[i - 1][2] != pid)]) > 1
+    )
+    return out
 
 
 def moved_runs(
