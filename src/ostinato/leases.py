@@ -120,12 +120,15 @@ class Leases:
         loops starting at once cost a few round trips, not thousands."""
         return await self.request(key, ttl)
 
-    def request(self, key: str, ttl: float) -> asyncio.Future[Grant | Denied]:
+    def request(self, key: str, ttl: float, *, urgent: bool = False) -> asyncio.Future[Grant | Denied]:
         """``acquire`` with no coroutine: the answer comes in the future returned (a runner
-        asks so for loops that have no task yet)."""
+        asks so for loops that have no task yet). An ``urgent`` request (its lease may be
+        free: a standby woken by an event or by its owner's silence) goes in the next batch,
+        before those that were already waiting."""
         future: asyncio.Future[Grant | Denied] = self.runner.loop.create_future()
         self._urgent.pop(key, None)
-        self._wanted[key] = (ttl, future)
+        self._wanted.pop(key, None)
+        (self._urgent if urgent else self._wanted)[key] = (ttl, future)
         if self._asking is None or self._asking.done():
             self._asking = asyncio.ensure_future(self._ask_in_batches())
         return future

@@ -6,8 +6,9 @@ runners sharing 100,000 loops, 90,000 of them. Asking for each every third of it
 be thousands of requests a second for nothing. Instead a standby refused by an owner is
 parked here, with no task of its own (a task and its timers for each of 90,000 standbys
 cost a runner hundreds of megabytes), and the runner reads the activity counts of the
-owners waited on (``Coordinator.silence``) twice a second: every grant and every renewal
-moves its owner's count. A parked standby's keeper starts again when
+owners waited on (``Coordinator.silence``) every tenth of its shortest lease, at most 0.25 s
+apart: every grant and every renewal moves its owner's count. A parked standby's keeper
+starts again when
 
 * an event says its lease may be free (``released``, ``resumed``, ``revoked``),
 * its owner has been silent for the lease's TTL: its claims may then be taken (the
@@ -48,7 +49,7 @@ log = logging.getLogger("ostinato.runner")
 #: How often the activity counts of the owners standbys wait on are read: a tenth of the
 #: shortest lease, within these bounds. A standby wakes within about two of these of the
 #: moment its owner has been silent for the TTL.
-LOOK_EVERY = (0.05, 0.5)
+LOOK_EVERY = (0.05, 0.25)
 #: Past the TTL and its drift margin, how much longer an owner must be silent before its
 #: standbys ask: the acquire must find the silence at least as long as the claim's TTL,
 #: with no rounding (the TTL travels in milliseconds) to refuse it.
@@ -193,16 +194,24 @@ class Standbys:
                 continue
             self.counted = True
             self._impatient(time.monotonic())
+            # Looked at again at the next regular look, or sooner when a silent owner's
+            # standby comes due before it (not a look later).
+            soonest = self.look_every
             for owner, silent in silence.items():
                 if silent < self.shortest:
                     continue  # the common case: an active owner
                 for waiter, ttl in list(self._waiting.get(owner, {}).items()):
                     over = silent - (ttl + drift_margin(ttl) + MATURE)
-                    step = min(RANK_STEP[0], RANK_STEP[1] * ttl)
-                    if over >= 0 and over >= self._rank(waiter, owner) * step:
+                    if over < 0:
+                        soonest = min(soonest, -over)
+                        continue
+                    due = self._rank(waiter, owner) * min(RANK_STEP[0], RANK_STEP[1] * ttl)
+                    if over >= due:
                         waiter.silent_owner = owner
                         waiter.chance()
-            await self.runner.wait(self.look_every)
+                    else:
+                        soonest = min(soonest, due - over)
+            await self.runner.wait(max(soonest, LOOK_EVERY[0] / 5))
 
     def _rank(self, waiter: Waiter, owner: str) -> int:
         """This runner's rank for ``waiter``'s loop among those that may take it from

@@ -39,3 +39,22 @@ async def test_a_request_an_event_hurries_goes_in_the_next_batch() -> None:
     assert [len(batch) for batch in coordinator.batches] == [ACQUIRE_BATCH] * 3
     assert coordinator.batches[1][0] == last  # not at the end of the queue
     assert sorted(key for batch in coordinator.batches for key in batch) == sorted(keys)  # each once
+
+
+async def test_an_urgent_request_goes_in_the_next_batch_before_those_waiting() -> None:
+    """A standby woken because its lease may be free asks again as urgent: it must not wait
+    behind the thousands of first requests of a runner that just joined."""
+    coordinator = Recording()
+    owner = SimpleNamespace(coordinator=coordinator, info=RunnerInfo.here(hosts=()),
+                            calls=collections.Counter(), loop=asyncio.get_running_loop(), stopping=False)
+    leases = Leases(owner, 10.0)
+    keys = [f"k{i}" for i in range(3 * ACQUIRE_BATCH)]
+    futures = [leases.request(key, 10.0) for key in keys]
+    await coordinator.sent.wait()  # the first batch is out
+    futures.append(leases.request("woken", 10.0, urgent=True))
+    futures.append(leases.request("asked late", 10.0))
+    await asyncio.gather(*futures)
+    assert coordinator.batches[1][0] == "woken"
+    assert coordinator.batches[-1][-1] == "asked late"
+    assert sorted(key for batch in coordinator.batches for key in batch) == sorted(
+        [*keys, "woken", "asked late"])
