@@ -67,7 +67,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from redis.typing import EncodableT
@@ -84,7 +84,6 @@ from ostinato.coordinators.protocol import (
     stats_fields,
 )
 from ostinato.coordinators.redis_lua import (
-    ACQUIRE,
     ACQUIRE_MANY,
     FORGET,
     HAND_OVER,
@@ -103,6 +102,8 @@ RENEW_CHUNK = 500
 #: Lease requests per script call.
 ACQUIRE_CHUNK = 500
 TAB = "\t"
+# A request that names no dead holder.
+NO_DEAD = ("", "")
 
 # Seconds a freshly (re)started server waits before granting a lease it has no fence
 # for, time for holders of leases it forgot to hear ``dropped`` and stop starting
@@ -121,6 +122,13 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _calls(keys: list[str], size: int, line: Callable[[str], str]) -> list[tuple[list[str], str]]:
+    """``keys`` in chunks of ``size``, each with the one string its script call carries:
+    ``line(key)`` for each key, in order."""
+    chunks = [keys[start:start + size] for start in range(0, len(keys), size)]
+    return [(chunk, "".join([line(key) for key in chunk])) for chunk in chunks]
+
+
 def _json(value: object) -> str:
     """``json.dumps(value)``, without its cost for the numbers that most stats fields are
     (a report of a thousand loops encodes ten thousand of them)."""
@@ -135,7 +143,6 @@ class RedisCoordinator(RedisReads):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self._acquire = self._client.register_script(ACQUIRE)
         self._acquire_many = self._client.register_script(ACQUIRE_MANY)
         self._renew_many = self._client.register_script(RENEW_MANY)
         self._report = self._client.register_script(REPORT)
@@ -251,25 +258,20 @@ class RedisCoordinator(RedisReads):
         self, key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
         unchanged: tuple[str, ...] = ("", "", "", "", ""),
     ) -> list[Any]:
-        with self._reaching():
-            answer: list[Any] = await self._acquire(
-                self._acquire_keys(key, runner, unchanged),
-                self._acquire_args(key, runner, ttl, dead, unchanged),
-            )
-        return answer
+        """One request, asked again with the holder known to be ``dead`` (owner, fence)."""
+        return (await self._ask_many(runner, {key: ttl}, {key: unchanged}, dead={key: dead}))[0]
 
     async def _ask_many(
-        self, runner: RunnerInfo, requests: Mapping[str, float], unchanged: Mapping[str, tuple[str, ...]]
+        self, runner: RunnerInfo, requests: Mapping[str, float],
+        unchanged: Mapping[str, tuple[str, ...]], dead: Mapping[str, tuple[str, str]] | None = None,
     ) -> list[list[Any]]:
-        """The requests in calls of up to ``ACQUIRE_CHUNK`` (one string each), in one pipeline."""
-        keys = list(requests)
-        calls = []
-        for start in range(0, len(keys), ACQUIRE_CHUNK):
-            chunk = keys[start:start + ACQUIRE_CHUNK]
-            # Each line: key, ttl, no dead holder (two empty fields), what was seen unchanged.
-            lines = "".join([f"{key}\t{_ms(requests[key])}\t\t\t{TAB.join(unchanged[key])}\n"
-                             for key in chunk])
-            calls.append((chunk, lines))
+        """The requests in calls of up to ``ACQUIRE_CHUNK`` (one string each), in one pipeline.
+        Each line: key, ttl, a dead holder (owner, fence; two empty fields for none), what
+        was seen unchanged."""
+        dead = dead or {}
+        calls = _calls(list(requests), ACQUIRE_CHUNK, lambda key: (
+            f"{key}\t{_ms(requests[key])}\t{TAB.join(dead.get(key, NO_DEAD))}\t{TAB.join(unchanged[key])}\n"
+        ))
         head: list[EncodableT] = [runner.id, runner.label, RESTART_QUIET, runner.pid, LINGER_MS,
                                   f"{self.prefix}:"]
         names = [self._key("loops"), self._key("activity", runner.id)]
@@ -278,23 +280,7 @@ class RedisCoordinator(RedisReads):
             for said in await self._each_chunk(self._acquire_many, names, head, calls):
                 for key, answer in zip(said[0], said[1], strict=True):
                     answers[key] = answer.split("\t")
-        return [answers[key] for key in keys]
-
-    def _acquire_keys(self, key: str, runner: RunnerInfo, unchanged: tuple[str, ...]) -> list[str]:
-        """The script's keys; ``unchanged[2]`` names the silent owner whose count it reads."""
-        return [self._key("lease", key), self._key("fence", key), self._key("loop", key),
-                self._key("loops"), self._key("activity", runner.id),
-                self._key("activity", unchanged[2] or runner.id)]
-
-    @staticmethod
-    def _acquire_args(
-        key: str, runner: RunnerInfo, ttl: float, dead: tuple[str, str] = ("", ""),
-        unchanged: tuple[str, ...] = ("", "", "", "", ""),
-    ) -> list[EncodableT]:
-        """``unchanged``: a claim seen unchanged (fence, renewal count), then a silent owner
-        (owner, count, longest TTL ms)."""
-        return [runner.id, runner.label, _ms(ttl), key, RESTART_QUIET, runner.pid, *dead,
-                *unchanged[:2], LINGER_MS, *unchanged[2:]]
+        return [answers[key] for key in requests]
 
     async def renew(
         self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
@@ -306,11 +292,7 @@ class RedisCoordinator(RedisReads):
         # carries its leases as one string and is answered with the few not held.
         keys = list(leases)
         activity = [self._key("activity", runner.id)]
-        calls = []
-        for start in range(0, len(keys), RENEW_CHUNK):
-            chunk = keys[start:start + RENEW_CHUNK]
-            lines = "".join([f"{key}\t{leases[key][0]}\t{_ms(leases[key][1])}\n" for key in chunk])
-            calls.append((chunk, lines))
+        calls = _calls(keys, RENEW_CHUNK, lambda key: f"{key}\t{leases[key][0]}\t{_ms(leases[key][1])}\n")
         answers = dict.fromkeys(keys, Renewal.HELD)
         head: list[EncodableT] = [runner.id, LINGER_MS, self._key("lease") + ":", self._key("loop") + ":"]
         with self._reaching():

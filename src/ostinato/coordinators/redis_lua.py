@@ -24,14 +24,14 @@ local function bump(key, t)
 end
 """.replace("ACTIVITY_KEEP_MS", str(ACTIVITY_KEEP_MS))
 
-# The rules of a lease request, for one call (KEYS and ARGV as K and A) or many. K: lease,
-# fence, loop hash, loop set, the caller's activity count, the activity count of the owner
-# of A[12]. A: owner, holder, ttl ms, loop key, quiet s, pid, the owner and fence of a
-# holder known to be dead, the fence and renewal count of a claim the caller saw unchanged
-# for its TTL ('' for none), linger ms, and an owner whose activity count the caller saw
-# unchanged, that count, and the longest claim TTL (ms) its silence covers ('' for none).
-# A refusal says who holds it, ms left by the server's clock, owner, fence, pid, renewal
-# count and TTL ms.
+# The rules of a lease request, called once per request (its keys and arguments as K and
+# A). K: lease, fence, loop hash, loop set, the caller's activity count, the activity count
+# of the owner of A[12]. A: owner, holder, ttl ms, loop key, quiet s, pid, the owner and
+# fence of a holder known to be dead, the fence and renewal count of a claim the caller saw
+# unchanged for its TTL ('' for none), linger ms, and an owner whose activity count the
+# caller saw unchanged, that count, and the longest claim TTL (ms) its silence covers (''
+# for none). A refusal says who holds it, ms left by the server's clock, owner, fence, pid,
+# renewal count and TTL ms.
 ACQUIRE_ONE = """
 local function acquire(K, A)
   redis.call('SADD', K[4], A[4])
@@ -71,8 +71,6 @@ local function acquire(K, A)
   return {'granted', fence, redis.call('HGET', K[3], 'last_start') or ''}
 end
 """
-ACQUIRE = BUMP + ACQUIRE_ONE + "return acquire(KEYS, ARGV)\n"
-
 # Many leases asked for in one call, each by the rules of ``acquire``. KEYS: the loop set,
 # the caller's activity count. ARGV: owner, holder, quiet s, pid, linger ms, the prefix of
 # every key name (``<prefix>:``), then the requests as one string of lines: key, ttl ms,
