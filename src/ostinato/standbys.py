@@ -18,7 +18,11 @@ starts again when
   the next ``RANK_STEP`` later, and so on. A runner killed in a fleet of ten leaves ten
   thousand loops of 100,000; all nine others asking for all of them made 90,000 requests
   at the moment they could first be taken, where ten thousand suffice. A runner that
-  does not take its loops (dead too, or cut off) delays them by a step, or
+  does not take its loops (dead too, or cut off) delays them by a step. Each runner
+  times an owner's silence from its own first sight of the count, so a runner that came
+  to stand by late (busy, or waiting for balance) sees the owner silent late: ranks are
+  kept only where more than ``RANKED_FROM`` standbys wait on the owner, and a few ask at
+  once, the first to see the owner silent taking the loop, or
 * the events connection came back after a loss (``missed``), or
 * it has waited ``patience()`` (randomly between half and all of it): an event lost
   otherwise costs at most that long.
@@ -57,6 +61,11 @@ MATURE = 0.01
 #: How much later each runner asks for a silent owner's loop than the runner ranked just
 #: before it for that loop: at most this, and at most this fraction of the lease.
 RANK_STEP = (1.0, 0.1)
+#: Standbys of a silent owner take their turns by rank only when more than this many of
+#: them wait in this runner: a few requests more cost nothing, and the standby that saw the
+#: owner fall silent first (its silence is timed from its own first sight of the owner's
+#: count) takes the loop soonest.
+RANKED_FROM = 100
 #: A quiet standby asks anyway after about this long, in case an event was lost without
 #: its connection dropping (a connection that drops and comes back wakes every standby)...
 PATIENCE = 60.0
@@ -200,12 +209,14 @@ class Standbys:
             for owner, silent in silence.items():
                 if silent < self.shortest:
                     continue  # the common case: an active owner
-                for waiter, ttl in list(self._waiting.get(owner, {}).items()):
+                waiting = self._waiting.get(owner, {})
+                ranked = len(waiting) > RANKED_FROM
+                for waiter, ttl in list(waiting.items()):
                     over = silent - (ttl + drift_margin(ttl) + MATURE)
                     if over < 0:
                         soonest = min(soonest, -over)
                         continue
-                    due = self._rank(waiter, owner) * min(RANK_STEP[0], RANK_STEP[1] * ttl)
+                    due = self._rank(waiter, owner) * min(RANK_STEP[0], RANK_STEP[1] * ttl) if ranked else 0.0
                     if over >= due:
                         waiter.silent_owner = owner
                         waiter.chance()

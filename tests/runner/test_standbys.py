@@ -121,32 +121,66 @@ async def test_a_runner_joining_a_busy_fleet_starts_no_task_for_a_loop_it_does_n
                 assert theirs == {"Grant": len(second.held())}, theirs
 
 
-async def test_a_silent_owners_loops_go_first_to_the_runner_ranked_first_for_each() -> None:
-    """Once an owner is silent, the runner ranked first for each of its loops asks at once and
-    the others a step later each: every loop is taken by its first-ranked runner, where all
-    asking at once left each to whoever asked first."""
+def _late(runner: Runner, lag: float) -> None:
+    """The runner sees each owner's silence ``lag`` seconds late, as a runner that came to
+    stand by late (busy, or waiting for balance) first sees the owner's count late."""
+    silence = runner.coordinator.silence
+
+    async def late(owners: list[str]) -> dict[str, float] | None:
+        found = await silence(owners)
+        return None if found is None else {owner: silent - lag for owner, silent in found.items()}
+
+    runner.coordinator.silence = late  # type: ignore[method-assign]
+
+
+async def _orphans_taken(within: float, lag: float = 0.0) -> tuple[set[str], dict[str, set[str]]]:
+    """Three runners split the loops; one is cut off, and the third sees owners' silence
+    ``lag`` late. The cut-off runner's loops, and the loops each of the two others (by id)
+    holds once they hold all of those, within ``within`` seconds of the cut."""
     url = f"memory://{uuid.uuid4().hex}"
+    async with _app(url).running() as first, _app(url).running() as second, \
+            _app(url).running() as third:
+        _late(third, lag)
+        runners = (first, second, third)
+        await until(lambda: sum(len(r.held()) for r in runners) == LOOPS, timeout=10)
+        await until(lambda: all(r.standbys.counted and r.live_runners == 3 for r in runners), timeout=10)
+        await until(lambda: all(abs(len(r.held()) - LOOPS / 3) <= 1 for r in runners), timeout=15)
+        orphans = {keeper.key for keeper in first.held()}
+        _cut_off(first)
+        await until(lambda: {k.key for k in second.held()} | {k.key for k in third.held()} >= orphans,
+                    timeout=within)
+        return orphans, {r.info.id: {k.key for k in r.held()} for r in (second, third)}
+
+
+async def test_a_silent_owners_loops_go_first_to_the_runner_ranked_first_for_each() -> None:
+    """Once many standbys wait on a silent owner, the runner ranked first for each of its loops
+    asks at once and the others a step later each: every loop is taken by its first-ranked
+    runner, where all asking at once left each to whoever asked first."""
     with pytest.MonkeyPatch.context() as patch:
         # Steps long against the standbys' looks (a tenth of the 1 s lease): the order holds
-        # whatever the runners' clocks of the owner's silence differ by.
+        # whatever the runners' clocks of the owner's silence differ by. Ranked however few
+        # standbys wait.
         patch.setattr(standbys, "RANK_STEP", (2.0, 0.6))
-        async with _app(url).running() as first, _app(url).running() as second, \
-                _app(url).running() as third:
-            runners = (first, second, third)
-            await until(lambda: sum(len(r.held()) for r in runners) == LOOPS, timeout=10)
-            await until(lambda: all(r.standbys.counted and r.live_runners == 3 for r in runners), timeout=10)
-            await until(lambda: all(abs(len(r.held()) - LOOPS / 3) <= 1 for r in runners), timeout=15)
-            orphans = {keeper.key for keeper in first.held()}
-            _cut_off(first)
-            await until(lambda: {k.key for k in second.held()} | {k.key for k in third.held()} >= orphans,
-                        timeout=10)
-            ids = {second: second.info.id, third: third.info.id}
-            for key in orphans:
-                holder = second if key in {k.key for k in second.held()} else third
-                other = third if holder is second else second
-                assert rank(key, ids[holder], [ids[other]]) == 0, key
-            # Both took some: the order spreads the loops.
-            assert all(orphans & {k.key for k in r.held()} for r in (second, third))
+        patch.setattr(standbys, "RANKED_FROM", 0)
+        orphans, held = await _orphans_taken(within=10)
+    (one, theirs), (other, _) = held.items()
+    for key in orphans:
+        holder, rival = (one, other) if key in theirs else (other, one)
+        assert rank(key, holder, [rival]) == 0, key
+    # Both took some: the order spreads the loops.
+    assert all(orphans & keys for keys in held.values())
+
+
+async def test_a_few_standbys_of_a_silent_owner_ask_at_once_whatever_their_rank() -> None:
+    """Where few standbys wait on a silent owner, none waits for its rank: the survivor that
+    sees the owner silent first takes all of its loops. Ranked, the loops ranked first for
+    the survivor that sees the silence 5 s late would wait 5 s (late, or a step of 5 s)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(standbys, "RANK_STEP", (5.0, 5.0))
+        assert LOOPS < standbys.RANKED_FROM
+        orphans, held = await _orphans_taken(within=4, lag=5.0)
+    assert orphans
+    assert orphans <= set().union(*held.values())
 
 
 def test_rank_orders_every_key_the_same_way_on_every_runner_and_spreads_them() -> None:
