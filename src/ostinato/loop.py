@@ -104,9 +104,14 @@ class LocalLease:
         self.bound = bound
         # A pass may start only while at least this much of the lease is left.
         self.margin = ttl / 10
+        self.deadline = 0.0
         self.extend(sent_at)
 
     def extend(self, sent_at: float) -> None:
+        if self.deadline == REVOKED:
+            # Revoked while its renewal was out (an event said so, or its session ended):
+            # a renewal that reached the server before that must not revive it.
+            return
         self.deadline = sent_at + self.ttl - drift_margin(self.ttl)
         #: When the next renewal is due: a third of the way into the lease.
         self.renew_at = sent_at + self.ttl / 3

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Mapping
 from types import SimpleNamespace
 
-from ostinato.coordinators.protocol import Denied, RunnerInfo
+from ostinato.coordinators.protocol import Denied, Renewal, RunnerInfo
 from ostinato.leases import ACQUIRE_BATCH, Leases
+from ostinato.loop import REVOKED, LocalLease
 
 
 class Recording:
@@ -58,3 +60,31 @@ async def test_an_urgent_request_goes_in_the_next_batch_before_those_waiting() -
     assert coordinator.batches[-1][-1] == "asked late"
     assert sorted(key for batch in coordinator.batches for key in batch) == sorted(
         [*keys, "woken", "asked late"])
+
+
+async def test_a_lease_revoked_while_its_renewal_is_out_stays_revoked() -> None:
+    """The renewal reached the server before the revocation and answers HELD: the holder must
+    not start passes again under that fence (a successor may hold the lease already)."""
+    renewing, answer = asyncio.Event(), asyncio.Event()
+
+    class Slow:
+        async def renew(
+            self, runner: RunnerInfo, leases: Mapping[str, tuple[int, float]]
+        ) -> dict[str, Renewal]:
+            renewing.set()
+            await answer.wait()
+            return dict.fromkeys(leases, Renewal.HELD)
+
+    owner = SimpleNamespace(coordinator=Slow(), info=RunnerInfo.here(hosts=()),
+                            calls=collections.Counter(), loop=asyncio.get_running_loop(), stopping=False)
+    leases = Leases(owner, 10.0)
+    lease = LocalLease(7, 10.0, time.monotonic())
+    keeper = SimpleNamespace(key="app:loop", lease=lease)
+    leases.granted(keeper, lease)  # type: ignore[arg-type]
+    renewal = asyncio.ensure_future(leases.renew_once())
+    await renewing.wait()
+    lease.revoke()  # as ``LoopKeeper.lose`` does on a ``revoked`` event
+    answer.set()
+    await renewal
+    assert not lease.holds()
+    assert lease.deadline == REVOKED
