@@ -259,6 +259,32 @@ async def test_report_adds_counts_and_shows_in_loops(make: Make) -> None:
     assert record.name == "loop"
 
 
+async def test_a_report_of_many_loops_keeps_every_field_as_sent(make: Make) -> None:
+    """Every field of every loop reported comes back as it was sent: text of any kind, whole
+    numbers and timings; a loop's fields never land on another's."""
+    a = await make()
+    ra = runner(1)
+    now = time.time()
+    sent = [
+        LoopStats(f"app:loop[{n}]", passes=n, errors=n % 3, last_start=now - n, last_end=now - n + 0.25,
+                  last_duration=0.25 + n / 1000, last_outcome=("worked", "idle", "failed")[n % 3],
+                  last_error=f'ValueError: "quoted", \\ back\nnew line, tab\t, {n} é ✓',
+                  last_error_at=now - n / 7, p50=n / 3, p99=n / 2, running_since=now - 0.5,
+                  stall_after=30.0 + n, fail_streak=n % 4, fail_after=5, next_start=now + n,
+                  zone="Europe/Paris" if n % 2 else None)
+        for n in range(1, 301)
+    ]
+    await a.report(ra, 5.0, sent)
+    found = {r.key: r for r in await a.loops()}
+    for stats in sent:
+        record = found[stats.key]
+        assert (record.passes, record.errors) == (stats.passes, stats.errors), stats.key
+        for name in ("last_start", "last_end", "last_duration", "last_outcome", "last_error",
+                     "last_error_at", "p50", "p99", "stall_after", "fail_streak", "fail_after",
+                     "next_start", "zone"):
+            assert getattr(record, name) == getattr(stats, name), (stats.key, name)
+
+
 async def test_runners_are_listed_while_their_heartbeat_lasts(make: Make) -> None:
     """A runner's report registers it for its TTL; after that it is gone."""
     a = await make()

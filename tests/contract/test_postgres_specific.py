@@ -807,3 +807,15 @@ async def test_a_batch_skips_a_row_another_statement_holds_instead_of_waiting(
         await holder.rollback()
     again = await b.acquire_many(rb, {"app:free": 60.0})
     assert isinstance(again["app:free"], Grant)
+
+
+async def test_a_report_with_an_infinite_figure_leaves_that_figure_unknown(make: MakePostgres) -> None:
+    """JSON, in which reports travel, has no infinity: such a figure is stored as unknown and
+    the rest of the report as sent."""
+    a = await make()
+    ra = runner(1)
+    await a.report(ra, 5.0, [LoopStats(KEY, passes=2, stall_after=float("inf"), p99=0.5),
+                             LoopStats(f"{KEY}[2]", passes=1, p50=float("nan"))])
+    found = {r.key: r for r in await a.loops()}
+    assert (found[KEY].passes, found[KEY].stall_after, found[KEY].p99) == (2, None, 0.5)
+    assert (found[f"{KEY}[2]"].passes, found[f"{KEY}[2]"].p50) == (1, None)

@@ -49,7 +49,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
+import math
+import operator
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,6 +91,14 @@ BUSY_RETRY = 0.05
 _BATCH_COLUMNS = (("ttls", "ttl"), ("seen_fences", "seen_fence"), ("seen_expires", "seen_expires"),
                   ("silent", "silent"), ("silent_counts", "silent_count"),
                   ("silent_ttls", "silent_ttl"), ("probes", "probe"))
+
+
+#: A report's fields of one loop, in the order of the statement's columns.
+_REPORTED = operator.attrgetter("key", "passes", "errors", *STAT_COLUMNS)
+
+
+def _finite(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class PostgresCoordinator(PostgresStandbys):
@@ -273,19 +284,18 @@ class PostgresCoordinator(PostgresStandbys):
                                       for key, (fence, _) in leases.items()]),
                     "quiet": quiet,
                 })
-                kept = {row["key"]: row for row in await cursor.fetchall()}
-            answers = {}
-            for key, (fence, _) in leases.items():
-                row = kept.get(key)
-                answers[key] = (Renewal.LOST if row is None
-                                else Renewal.PAUSED if row["paused"] else Renewal.HELD)
-                if row is not None and row["locked"]:
-                    self._held(key, runner, fence, quiet)
-                elif row is None or row["paused"]:
+                told = await cursor.fetchall()
+            answers = dict.fromkeys(leases, Renewal.HELD)
+            given_up: dict[str, int] = {}
+            for row in told:
+                key, fence = row["key"], leases[row["key"]][0]
+                if row["paused"] is None or row["paused"]:
+                    answers[key] = Renewal.LOST if row["paused"] is None else Renewal.PAUSED
                     self._unbound.pop(key, None)
-            await self._unlock(conn, runner, {
-                key: leases[key][0] for key, answer in answers.items() if answer is not Renewal.HELD
-            })
+                    given_up[key] = fence
+                else:
+                    self._held(key, runner, fence, quiet)
+            await self._unlock(conn, runner, given_up)
         return answers
 
     def _locks_to_take(self, leases: Mapping[str, tuple[int, float]]) -> list[int | None]:
@@ -354,9 +364,11 @@ class PostgresCoordinator(PostgresStandbys):
         params: dict[str, Any] = {"id": runner.id, "label": runner.label, "ttl": ttl,
                                   "hosts": hosts_text(runner)}
         # In key order, as a renewal locks its rows: no deadlock between the two.
-        stats = sorted(stats, key=lambda item: item.key)
-        for column in ("key", "passes", "errors", *STAT_COLUMNS):
-            params[column] = [getattr(item, column) for item in stats]
+        rows = sorted(map(_REPORTED, stats), key=operator.itemgetter(0))
+        try:
+            params["rows"] = json.dumps(rows, allow_nan=False)
+        except ValueError:  # JSON has no infinity: such a figure is left out, as unknown
+            params["rows"] = json.dumps([[_finite(value) for value in row] for row in rows])
         async with self._session() as conn:
             await self._run(conn, "report", params)
 
