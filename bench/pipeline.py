@@ -387,8 +387,9 @@ def report(result: dict[str, Any]) -> list[str]:
         lines.append(f"  aggregation capacity {c['bundles_per_s']:.0f} bundles/s "
                      f"({c['bundles']} in {c['seconds']}s)")
         k = r["kills"]
+        takeover = max(k["takeover_s"], default="-")
         lines.append(f"  {k['kills']} kill -9s: lost or double-counted samples "
-                     f"{k['lost_or_double_counted_samples']}, takeover max {max(k['takeover_s'])} s")
+                     f"{k['lost_or_double_counted_samples']}, takeover max {takeover} s")
         lines.append(f"  wake-up: {r['wake']['open_connection_mean_ms']} ms on an open connection, "
                      f"{r['wake']['app_wake_per_call_ms']} ms by app.wake()")
     for goal in result["goals"]:
