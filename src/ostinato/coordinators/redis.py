@@ -296,7 +296,8 @@ class RedisCoordinator(RedisReads):
         answers = dict.fromkeys(keys, Renewal.HELD)
         head: list[EncodableT] = [runner.id, LINGER_MS, self._key("lease") + ":", self._key("loop") + ":"]
         with self._reaching():
-            for chunk, result in await self._each_chunk(self._renew_many, activity, head, calls):
+            for chunk, result in await self._each_chunk(self._renew_many, activity, head, calls,
+                                                        client=self._renewals):
                 for i in range(0, len(result), 2):
                     key = chunk[int(result[i]) - 1]
                     answers[key] = Renewal(result[i + 1])

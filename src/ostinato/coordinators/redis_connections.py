@@ -60,6 +60,12 @@ class RedisConnections(Coordinator):
             raise ConfigurationError(f"bad Redis URL {self.display_url!r}: empty prefix")
         self._password = urlsplit(url).password
         self._client = self._make_client(self.timeout)
+        # Renewals go on a client of their own, one round at a time, so its connection stays
+        # open from one round to the next: a renewal never waits for a connection to be
+        # opened because other calls hold the shared ones. Opening one costs two round trips
+        # before the command (CLIENT SETNAME, then CLIENT SETINFO); with 0.1 s of latency
+        # each way that made a renewal take 0.65 s, and a TTL of 1 s ran out meanwhile.
+        self._renewals = self._make_client(self.timeout)
         # No read timeout for pub/sub: it waits for messages for as long as it takes.
         self._events_client = self._make_client(None)
         self.channel = f"{self.prefix}:events"
@@ -130,6 +136,7 @@ class RedisConnections(Coordinator):
             await asyncio.wait(mourners, timeout=self.timeout)
         await self._events.stop(self.timeout)
         await self._client.aclose()
+        await self._renewals.aclose()
         await self._events_client.aclose()
         self.locks.release_all()
 
@@ -229,15 +236,16 @@ class RedisConnections(Coordinator):
 
     async def _each_chunk(
         self, script: AsyncScript, names: list[str], head: list[EncodableT],
-        calls: list[tuple[list[str], str]],
+        calls: list[tuple[list[str], str]], *, client: aioredis.Redis | None = None,
     ) -> list[tuple[list[str], Any]]:
         """``script`` once per call (its keys, and its lines after ``head``), every call in
         one pipeline: one round trip in all. EVALSHA straight into the pipeline (redis-py's
         script-aware pipeline would spend a SCRIPT EXISTS round trip first, every time); a
-        server that lost the script is given it and asked again."""
+        server that lost the script is given it and asked again. On ``client``, if given."""
+        client = client or self._client
         out: list[tuple[list[str], Any]] = []
         for _ in range(2):
-            pipe = self._client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for _chunk, lines in calls:
                 pipe.evalsha(script.sha, len(names), *names, *head, lines)
             results = await pipe.execute(raise_on_error=False)
@@ -251,6 +259,6 @@ class RedisConnections(Coordinator):
                     out.append((call[0], result))
             if not missing:
                 break
-            script.sha = await self._client.script_load(script.script)
+            script.sha = await client.script_load(script.script)
             calls = missing
         return out
