@@ -510,3 +510,25 @@ async def test_a_lease_handed_over_is_never_seen_free(make: MakeRedis) -> None:
     await reading
     assert len(seen) >= 50, len(seen)
     assert None not in seen, f"{seen.count(None)} of {len(seen)} reads saw no holder"
+
+
+async def test_a_renewal_does_not_wait_for_the_connections_other_calls_hold(make: MakeRedis) -> None:
+    """Renewals have a client of their own: a renewal never goes through the shared one,
+    whose connections other calls hold (each waiting out added latency, or a new
+    connection's handshake round trips)."""
+    coordinator = await make()
+    ra = runner(1)
+    grant = await coordinator.acquire("app:loop", ra, 5.0)
+    assert isinstance(grant, Grant)
+    assert await coordinator.renew(ra, {"app:loop": (grant.fence, 5.0)}) == {"app:loop": Renewal.HELD}
+
+    def pipeline(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a renewal used the shared client")
+
+    original = coordinator._client.pipeline
+    coordinator._client.pipeline = pipeline  # type: ignore[method-assign]
+    try:
+        answer = await asyncio.wait_for(coordinator.renew(ra, {"app:loop": (grant.fence, 5.0)}), 1.0)
+    finally:
+        coordinator._client.pipeline = original  # type: ignore[method-assign]
+    assert answer == {"app:loop": Renewal.HELD}
