@@ -1,7 +1,8 @@
 """The Redis coordinator's connections, which ``redis.py`` builds its leases on.
 
-Two clients: one for commands, whose every reply is bounded by the URL's
-``timeout``, and one for pub/sub, which waits for events as long as it takes.
+Three clients: one for commands, whose every reply is bounded by the URL's
+``timeout``, one like it for renewals alone (its connection stays open between
+rounds), and one for pub/sub, which waits for events as long as it takes.
 Keys are named under the coordinator's prefix (``_key``), and an error that
 means "no Redis to talk to right now" becomes ``CoordinatorUnavailable``.
 
