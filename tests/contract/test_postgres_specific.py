@@ -819,3 +819,43 @@ async def test_a_report_with_an_infinite_figure_leaves_that_figure_unknown(make:
     found = {r.key: r for r in await a.loops()}
     assert (found[KEY].passes, found[KEY].stall_after, found[KEY].p99) == (2, None, 0.5)
     assert (found[f"{KEY}[2]"].passes, found[f"{KEY}[2]"].p50) == (1, None)
+
+
+async def test_a_renewal_may_take_as_long_as_its_leases_last(url: str) -> None:
+    """On a busy server a renewal of thousands of leases can run past the coordinator's
+    ``timeout``: it is allowed as long as its leases last, not cut off at ``timeout`` (and
+    every lease lost with it). Here a row it must lock is held for three timeouts."""
+    import psycopg
+    from psycopg import sql
+
+    from ostinato.coordinators.postgres import PostgresCoordinator
+
+    a = from_url(f"{url}&timeout=0.5")
+    assert isinstance(a, PostgresCoordinator)
+    await a.open()
+    try:
+        ra = runner(1)
+        keys = [f"app:loop[{i}]" for i in range(3)]
+        granted = await a.acquire_many(ra, dict.fromkeys(keys, 10.0))
+        fences = {key: answer.fence for key, answer in granted.items() if isinstance(answer, Grant)}
+        assert len(fences) == 3
+        async with await psycopg.AsyncConnection.connect(postgres_url()) as holder:
+            await holder.execute(sql.SQL("SELECT 1 FROM {}.loops WHERE key = %s FOR UPDATE").format(
+                sql.Identifier(a.schema)), [keys[1]])
+            renewal = asyncio.ensure_future(a.renew(ra, {key: (fences[key], 10.0) for key in keys}))
+            await asyncio.sleep(1.5)  # past the server's statement and lock timeouts, and ours
+            assert not renewal.done(), renewal.result()
+            await holder.rollback()
+        assert await asyncio.wait_for(renewal, 5) == dict.fromkeys(keys, Renewal.HELD)
+        # The longer timeouts are the lease connection's; the main connection keeps ``timeout``.
+        started = time.monotonic()
+        async with await psycopg.AsyncConnection.connect(postgres_url()) as holder:
+            await holder.execute(sql.SQL("SELECT 1 FROM {}.loops WHERE key = %s FOR UPDATE").format(
+                sql.Identifier(a.schema)), [keys[1]])
+            with pytest.raises(CoordinatorUnavailable):
+                await a.revoke(keys[1])
+            await holder.rollback()
+        assert time.monotonic() - started < 3.0
+    finally:
+        await a.close()
+        await a.drop_everything()

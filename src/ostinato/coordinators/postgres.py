@@ -270,7 +270,11 @@ class PostgresCoordinator(PostgresStandbys):
         if not leases:
             return {}
         quiet = self._quiet.wanted()
-        async with self._session(self._lease, priority=RENEWAL) as conn:
+        # As long as the leases last (the caller stops waiting at the latest deadline): a
+        # busy server slows a renewal of thousands of leases past ``timeout``, and cutting it
+        # short there lost them all although they had most of their time left.
+        patience = max(ttl for _, ttl in leases.values())
+        async with self._session(self._lease, priority=RENEWAL, patience=patience) as conn:
             with self._promising(quiet):
                 holders = self._holders
                 cursor = await self._run(conn, "renew", {

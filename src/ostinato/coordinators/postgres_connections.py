@@ -76,6 +76,8 @@ class Link:
     def __init__(self, name: str) -> None:
         self.name = name
         self.conn: Connection | None = None
+        #: The server-side statement timeout set on ``conn`` (seconds).
+        self.patience = 0.0
         self._busy = False
         self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
@@ -184,12 +186,17 @@ class PostgresConnections(Coordinator):
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, link: Link | None = None, *, priority: int = URGENT, tables: bool = True
+        self, link: Link | None = None, *, priority: int = URGENT, tables: bool = True,
+        patience: float | None = None,
     ) -> AsyncIterator[Connection]:
         """A connection (``main`` unless told), one caller at a time, with the schema
         made sure of first unless the statement uses no ``tables``. A failure drops it
         (the lease connection's advisory locks with it) and becomes
-        ``CoordinatorUnavailable``."""
+        ``CoordinatorUnavailable``.
+
+        The statement is given ``timeout`` seconds, or ``patience`` where that is longer
+        (a renewal may take as long as its leases last): in the server, whose statement
+        timeout is raised for it on this connection and stays raised, and here."""
         link = link or self._main
         async with link.turn(priority):
             if self._closed:  # checked once it is our turn: close() may have come first
@@ -200,11 +207,17 @@ class PostgresConnections(Coordinator):
                 if link.conn is None or link.conn.closed:
                     await self._drop(link)
                     link.conn = await self._connect()
+                    link.patience = self.timeout
                     self._schema_ready = False  # after a reconnect, look again
                 if tables and not self._schema_ready:
                     await self._ensure_schema(link.conn)
                     self._schema_ready = True
-                async with asyncio.timeout(self.timeout * 2):
+                limit = max(self.timeout, patience or 0.0)
+                if limit > link.patience:
+                    async with asyncio.timeout(self.timeout * 2):
+                        await self._run(link.conn, "patience", {"ms": str(math.ceil(limit * 1000))})
+                    link.patience = limit
+                async with asyncio.timeout(max(self.timeout * 2, limit)):
                     sent = time.monotonic()
                     yield link.conn
                 if link is self._lease:

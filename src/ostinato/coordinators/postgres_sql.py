@@ -316,6 +316,11 @@ RETURNING key
 """,
     "known": "SELECT 1 FROM {s}.loops WHERE key = %(key)s",
     "activity": "SELECT owner, count FROM {s}.activity WHERE owner = ANY(%(owners)s::text[])",
+    # Longer statement and lock timeouts for this session: a renewal may run, or wait for
+    # a report's row locks on a busy server, as long as its leases last.
+    "patience": """
+SELECT set_config('statement_timeout', %(ms)s, false), set_config('lock_timeout', %(ms)s, false)
+""",
     "unlock": "SELECT pg_advisory_unlock(x) FROM unnest(%(locks)s::bigint[]) AS x",
     "notify_many": "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p",
     "listen": "LISTEN {channel}",
