@@ -163,6 +163,41 @@ async def test_standby_hears_released_when_the_holder_session_ends(make: MakePos
     assert isinstance(await b.acquire(KEY, runner(2), 60.0), Grant)  # no second wait
 
 
+async def test_a_standby_waiting_on_a_holder_never_holds_a_snapshot_for_long(
+    make: MakePostgres,
+) -> None:
+    """A running statement holds a snapshot, and while it runs VACUUM keeps every row
+    version the database discards: a standby's wait for its holder (which can last days)
+    is a statement of at most ``WAIT_SLICE`` at a time, and it still hears the holder go."""
+    from ostinato.coordinators.postgres import lock_id
+    from ostinato.coordinators.postgres_standbys import WAIT_SLICE
+
+    a, b = await make(), await make()
+    lock = lock_id(a.schema, KEY) & 0xFFFFFFFFFFFFFFFF
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    await b.subscribe(runner(2), got.put_nowait)
+    assert isinstance(await a.acquire(KEY, runner(1), 60.0), Grant)
+    assert isinstance(await b.acquire(KEY, runner(2), 60.0), Denied)
+    oldest, waits = 0.0, set()
+    deadline = time.monotonic() + 3 * WAIT_SLICE
+    while time.monotonic() < deadline:
+        for pid, age, xmin in await admin(
+            "SELECT a.pid, extract(epoch FROM clock_timestamp() - a.query_start)::float8,"
+            " a.backend_xmin FROM pg_stat_activity AS a JOIN pg_locks AS l ON l.pid = a.pid"
+            " WHERE a.state = 'active' AND l.locktype = 'advisory' AND NOT l.granted"
+            " AND l.classid::bigint = %s AND l.objid::bigint = %s",
+            lock >> 32, lock & 0xFFFFFFFF,
+        ):
+            waits.add(pid)
+            assert xmin is not None  # it is the statement that holds the snapshot
+            oldest = max(oldest, age)
+        await asyncio.sleep(0.05)
+    assert waits, "the standby never waited for the holder's lock"
+    assert oldest < WAIT_SLICE + 0.5
+    await kill_holder_session(a.schema, KEY)
+    assert await asyncio.wait_for(got.get(), 2.0) == Event("released", KEY)
+
+
 async def test_renewals_go_first_and_lease_requests_last() -> None:
     """On a busy connection, a renewal goes before reports, and both before lease requests
     that were waiting longer."""

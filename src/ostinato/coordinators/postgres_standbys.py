@@ -23,6 +23,11 @@ from ostinato.coordinators.quiet import MIN_QUIET
 # the waits are capped to spare the server's connection slots; past the cap a
 # standby retries when the lease expires, as it would without advisory locks.
 MAX_WAITERS = 4
+#: A wait for a holder's lock is a statement, and a running statement holds a snapshot that
+#: keeps VACUUM from removing any row version the whole database discards meanwhile: one
+#: wait lasting as long as its holder (days) bloats every table. So it waits this long at a
+#: time (the lock timeout), then again.
+WAIT_SLICE = 1.0
 
 
 class PostgresStandbys(PostgresConnections):
@@ -169,8 +174,13 @@ class PostgresStandbys(PostgresConnections):
         its session ended."""
         conn: Connection | None = None
         try:
-            conn = await self._connect(statement_timeout=0)
-            await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
+            conn = await self._connect(statement_timeout=WAIT_SLICE)
+            while True:
+                try:
+                    await conn.execute("SELECT pg_advisory_lock(%s)", [lock])
+                    break
+                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                    continue  # a slice of the wait over, the holder still there
             await conn.execute("SELECT pg_advisory_unlock(%s)", [lock])
             self._freed[key] = (owner, fence, time.monotonic())
             await asyncio.sleep(MIN_QUIET)
