@@ -41,6 +41,7 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -398,6 +399,8 @@ def main() -> int:
                         help="the loop's idle wait after a pass that found nothing: first,most")
     parser.add_argument("--settle-limit", type=float, default=600.0,
                         help="how long to wait for the first balance, in seconds")
+    parser.add_argument("--keep-logs", type=Path, default=None,
+                        help="copy the runners' logs here (by coordinator)")
     args = parser.parse_args()
     set_up_process()
     logging.getLogger("ostinato").setLevel(logging.WARNING)
@@ -418,6 +421,9 @@ def main() -> int:
                 row = {"backend": backend, "loops": args.loops, "runners": args.runners,
                        "error": f"{type(exc).__name__}: {exc}"}
             log.info("%s", row)
+            if args.keep_logs is not None:
+                shutil.copytree(folder, args.keep_logs / backend, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("host-*", "passes-*"))
             result["runs"].append(row)
     result["cleanup"] = cleanup
     write_json(args.out, result)
