@@ -76,7 +76,7 @@ class Link:
     def __init__(self, name: str) -> None:
         self.name = name
         self.conn: Connection | None = None
-        #: The server-side statement timeout set on ``conn`` (seconds).
+        #: The server-side statement and lock timeouts set on ``conn`` (seconds).
         self.patience = 0.0
         self._busy = False
         self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
